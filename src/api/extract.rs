@@ -1,0 +1,178 @@
+//! Parsing at the edge: request bodies and headers become typed, checked
+//! values before any handler logic runs, and every failure is an
+//! `invalid_input` that names the field.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::limits::{Limit, LimitType};
+
+/// Largest request body accepted. The biggest legitimate body names a human
+/// and three limits, well under a kilobyte.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Longest human identifier accepted, in bytes.
+pub const MAX_HUMAN_BYTES: usize = 256;
+
+/// A JSON body, whatever its `Content-Type`, deserialised with the path of
+/// any bad field in the error (`limits[1].type: unknown variant ...`).
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                let reason = if rejection.into_response().status() == StatusCode::PAYLOAD_TOO_LARGE
+                {
+                    "larger than the 64 KiB limit"
+                } else {
+                    "could not be read"
+                };
+                ApiError::InvalidInput(format!("request body: {reason}"))
+            })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let field = if path == "." {
+            "request body".to_owned()
+        } else {
+            path
+        };
+        ApiError::InvalidInput(format!("{field}: {}", error.into_inner()))
+    })?;
+    deserializer
+        .end()
+        .map_err(|error| ApiError::InvalidInput(format!("request body: {error}")))?;
+    Ok(value)
+}
+
+/// A limit as a request carries it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitInput {
+    #[serde(rename = "type")]
+    pub limit_type: LimitType,
+    pub value: f64,
+}
+
+/// Converts a request's limits to base units, refusing bad values and a
+/// type named twice.
+pub fn limits(inputs: Vec<LimitInput>) -> Result<Vec<Limit>, ApiError> {
+    let mut limits: Vec<Limit> = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.into_iter().enumerate() {
+        let value = input
+            .limit_type
+            .to_base(input.value)
+            .map_err(|reason| ApiError::InvalidInput(format!("limits[{i}].value: {reason}")))?;
+        if limits
+            .iter()
+            .any(|limit| limit.limit_type == input.limit_type)
+        {
+            return Err(ApiError::InvalidInput(format!(
+                "limits[{i}].type: {} is named twice",
+                input.limit_type.as_str()
+            )));
+        }
+        limits.push(Limit {
+            limit_type: input.limit_type,
+            value,
+        });
+    }
+    Ok(limits)
+}
+
+/// Checks a human identifier from a body field or header.
+pub fn human(name: String, field: &str) -> Result<String, ApiError> {
+    if name.is_empty() || name.len() > MAX_HUMAN_BYTES {
+        return Err(ApiError::InvalidInput(format!(
+            "{field}: must be 1 to {MAX_HUMAN_BYTES} bytes long"
+        )));
+    }
+    Ok(name)
+}
+
+/// A token lifetime in seconds, checked against the server's maximum, as
+/// milliseconds.
+pub fn ttl_millis(seconds: f64, max_seconds: f64) -> Result<i64, ApiError> {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= max_seconds) {
+        return Err(ApiError::InvalidInput(format!(
+            "ttl_seconds: must be more than 0 and at most {max_seconds}"
+        )));
+    }
+    Ok((seconds * 1000.0).round() as i64)
+}
+
+/// A header's value as UTF-8, if present.
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    std::str::from_utf8(value.as_bytes())
+        .map(Some)
+        .map_err(|_| ApiError::InvalidInput(format!("{name}: must be UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Body {
+        human: String,
+        limits: Vec<LimitInput>,
+    }
+
+    fn error_of(json: &str) -> String {
+        match parse_json::<Body>(json.as_bytes()) {
+            Err(ApiError::InvalidInput(message)) => message,
+            other => panic!("expected invalid_input, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_field_is_named_in_the_error() {
+        let message = error_of(r#"{"human": "a", "limits": [{"type": "bogus", "value": 1}]}"#);
+        assert!(
+            message.starts_with("limits[0].type: unknown variant `bogus`"),
+            "{message}"
+        );
+        let message = error_of(r#"{"human": 7, "limits": []}"#);
+        assert!(message.starts_with("human: invalid type"), "{message}");
+    }
+
+    #[test]
+    fn truncated_and_trailing_json_are_refused() {
+        assert!(error_of(r#"{"human": "a", "limits": ["#).starts_with("limits"));
+        assert!(error_of(r#"{"human": "a", "limits": []} x"#).starts_with("request body:"));
+        assert!(error_of("").starts_with("request body:"));
+    }
+
+    #[test]
+    fn a_type_named_twice_is_refused() {
+        let twice = vec![
+            LimitInput {
+                limit_type: LimitType::TokenCnt,
+                value: 1.0,
+            },
+            LimitInput {
+                limit_type: LimitType::TokenCnt,
+                value: 2.0,
+            },
+        ];
+        assert!(matches!(limits(twice), Err(ApiError::InvalidInput(m)) if m.contains("twice")));
+    }
+}

@@ -1,0 +1,22 @@
+//! `GET /healthz`: whether the store answers and usage is being recorded.
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+
+pub async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    state
+        .store
+        .ping()
+        .await
+        .map_err(|_| ApiError::Unavailable("the store does not answer"))?;
+    if !state.health.is_recording() {
+        return Err(ApiError::Unavailable(
+            "usage cannot be recorded; new sessions are refused",
+        ));
+    }
+    Ok(Json(json!({ "status": "ok" })))
+}

@@ -1,0 +1,71 @@
+//! The HTTP API: routes, shared state and the request span. Every route is
+//! served under both `/v1` and `/api/v1`.
+
+mod auth;
+pub mod error;
+mod extract;
+mod health;
+mod realtime;
+mod tokens;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::Request;
+use axum::routing::{get, post};
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+use tracing::debug_span;
+
+use crate::config::Settings;
+use crate::meter::{Health, MeterHandle};
+use crate::store::Store;
+use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub meter: MeterHandle,
+    pub settings: Arc<Settings>,
+    pub health: Arc<Health>,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+}
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/usage/token",
+            post(tokens::create).put(tokens::change_limits),
+        )
+        .route("/usage/limits", get(tokens::limits))
+        .route("/usage/token/revoke", post(tokens::revoke))
+        .route("/usage/token/check", post(tokens::check))
+        .route("/usage/token/update_ttl", post(tokens::update_ttl))
+        .route("/realtime/session", get(realtime::open));
+    Router::new()
+        .nest("/v1", v1.clone())
+        .nest("/api/v1", v1)
+        .route("/healthz", get(health::healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .with_state(state)
+}
+
+/// A span per request with the method and path only: the query string can
+/// carry a usage token and is never recorded.
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    debug_span!("request", method = %request.method(), path = request.uri().path())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,150 @@
+//! Admission of realtime sessions: `GET /v1/realtime/session`. Everything
+//! that can refuse a session is checked before the upgrade, so a refused
+//! client gets an HTTP status and an error body, never a socket.
+
+use std::net::SocketAddr;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+use tracing::info_span;
+
+use super::AppState;
+use super::auth::{self, HumanCredential};
+use super::error::ApiError;
+use crate::clock;
+use crate::limits::SessionKind;
+use crate::session::{self, SessionContext, Ticket};
+use crate::store::{Admission, Human, NewSession};
+
+/// Largest message (and frame) a client may send. Audio frames are a few
+/// kilobytes; a megabyte leaves room for anything a voice protocol sends
+/// while bounding what one connection can make the server buffer.
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Read buffer per connection. tungstenite's default of 128 KiB would cost
+/// that much per idle session; frames larger than this still arrive, in
+/// several reads.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
+#[derive(Deserialize)]
+pub struct SessionQuery {
+    kind: Option<String>,
+    token: Option<String>,
+    events: Option<String>,
+}
+
+/// `GET /v1/realtime/session?kind=conversational|voice_synthesis`
+pub async fn open(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    query: Result<Query<SessionQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|_| ApiError::InvalidInput("query string: could not be parsed".into()))?;
+    let kind = parse_kind(query.kind.as_deref())?;
+    let events = parse_events(query.events.as_deref())?;
+    let upgrade = upgrade.map_err(|_| {
+        ApiError::InvalidInput("this endpoint takes a WebSocket upgrade request".into())
+    })?;
+    let (human, token) = caller(&state, &headers, query.token.as_deref()).await?;
+    if !state.health.is_recording() || state.shutdown.is_cancelled() {
+        return Err(ApiError::Unavailable(
+            "usage cannot be recorded right now; try again later",
+        ));
+    }
+
+    let public_id = session_id();
+    let admission = state
+        .store
+        .open_session(NewSession {
+            human: human.id,
+            kind,
+            public_id: public_id.clone(),
+            token,
+            max_sessions_per_human: state.settings.max_sessions_per_human,
+            now: clock::now_millis(),
+        })
+        .await?;
+    let (key, remaining, revocation_epoch) = match admission {
+        Admission::Admitted {
+            key,
+            remaining,
+            revocation_epoch,
+        } => (key, remaining, revocation_epoch),
+        Admission::LimitExhausted => {
+            return Err(ApiError::UsageLimitExceeded(kind.limit_type().as_str()));
+        }
+        Admission::TooManySessions => return Err(ApiError::TooManySessions),
+        Admission::TokenRevoked => return Err(ApiError::TokenRevoked),
+        Admission::TokenExpired => return Err(ApiError::TokenExpired),
+    };
+
+    let span = info_span!(parent: None, "session", id = %public_id, human = %human.name,
+                          kind = kind.as_str(), %peer);
+    let ticket = Ticket::new(key, state.meter.clone());
+    let context = SessionContext {
+        key,
+        public_id,
+        human: human.id,
+        human_name: human.name,
+        kind,
+        remaining,
+        revocation_epoch,
+        events,
+        ping: state.settings.ping,
+        max_duration: state.settings.max_session,
+        meter: state.meter.clone(),
+        span,
+    };
+    Ok(upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| session::run(socket, context, ticket)))
+}
+
+/// The human a session is for, and the token it was opened with.
+async fn caller(
+    state: &AppState,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<(Human, Option<i64>), ApiError> {
+    Ok(match auth::human(state, headers, query_token).await? {
+        HumanCredential::Token(token) => (token.human, Some(token.id)),
+        HumanCredential::Key { project, human } => (
+            state.store.find_or_create_human(project, &human).await?,
+            None,
+        ),
+    })
+}
+
+fn parse_kind(kind: Option<&str>) -> Result<SessionKind, ApiError> {
+    let kind = kind.ok_or_else(|| {
+        ApiError::InvalidInput("kind: required, conversational or voice_synthesis".into())
+    })?;
+    SessionKind::parse(kind).ok_or_else(|| {
+        ApiError::InvalidInput("kind: must be conversational or voice_synthesis".into())
+    })
+}
+
+fn parse_events(events: Option<&str>) -> Result<bool, ApiError> {
+    match events {
+        None | Some("all") => Ok(true),
+        Some("none") => Ok(false),
+        Some(_) => Err(ApiError::InvalidInput("events: must be all or none".into())),
+    }
+}
+
+/// A public session id: `ses_` and 32 random hex digits.
+fn session_id() -> String {
+    let mut random = [0u8; 16];
+    rand::fill(&mut random[..]);
+    let hex: String = random.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("ses_{hex}")
+}

@@ -1,0 +1,202 @@
+//! The usage-token endpoints: minting tokens, reading and changing a
+//! human's limits, revoking, and checking or moving token expiry.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::{self, Backend};
+use super::error::ApiError;
+use super::extract::{self, JsonBody, LimitInput};
+use crate::clock;
+use crate::limits::{ChangeMode, Limit, LimitView};
+use crate::secret::{Secret, SecretKind};
+use crate::store::MintRequest;
+
+const DEFAULT_TTL_SECONDS: f64 = 86_400.0;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    #[serde(alias = "human_id")]
+    human: String,
+    ttl_seconds: Option<f64>,
+    limits: Option<Vec<LimitInput>>,
+}
+
+#[derive(Serialize)]
+pub struct CreatedToken {
+    token: String,
+    human: String,
+    expires_at: String,
+    ttl_seconds: f64,
+    limits: Vec<LimitView>,
+}
+
+/// `POST /v1/usage/token`
+pub async fn create(
+    State(state): State<AppState>,
+    Backend(project): Backend,
+    JsonBody(body): JsonBody<CreateToken>,
+) -> Result<Json<CreatedToken>, ApiError> {
+    let human = extract::human(body.human, "human")?;
+    let ttl_seconds = body
+        .ttl_seconds
+        .unwrap_or(DEFAULT_TTL_SECONDS.min(max_ttl(&state)));
+    let ttl = extract::ttl_millis(ttl_seconds, max_ttl(&state))?;
+    let limits = body.limits.map(extract::limits).transpose()?;
+
+    let token = Secret::generate(SecretKind::UsageToken);
+    let now = clock::now_millis();
+    let request = MintRequest {
+        project,
+        human: human.clone(),
+        token_hash: token.hash(),
+        now,
+        expires_at: now + ttl,
+        limits,
+    };
+    let limits = state.store.mint_token(request).await?;
+    Ok(Json(CreatedToken {
+        token: token.expose().to_owned(),
+        human,
+        expires_at: clock::rfc3339(now + ttl),
+        ttl_seconds: ttl as f64 / 1000.0,
+        limits: views(limits),
+    }))
+}
+
+/// `GET /v1/usage/limits`
+pub async fn limits(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<LimitView>>, ApiError> {
+    let human = match auth::human(&state, &headers, None).await? {
+        auth::HumanCredential::Token(token) => Some(token.human),
+        auth::HumanCredential::Key { project, human } => {
+            state.store.find_human(project, &human).await?
+        }
+    };
+    let limits = match human {
+        Some(human) => state.store.limits(human.id).await?,
+        None => Vec::new(),
+    };
+    Ok(Json(views(limits)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeLimits {
+    #[serde(alias = "human_id")]
+    human: String,
+    limits: Vec<LimitInput>,
+    #[serde(default)]
+    mode: ChangeMode,
+}
+
+/// `PUT /v1/usage/token`
+pub async fn change_limits(
+    State(state): State<AppState>,
+    Backend(project): Backend,
+    JsonBody(body): JsonBody<ChangeLimits>,
+) -> Result<Json<Value>, ApiError> {
+    let human = extract::human(body.human, "human")?;
+    if body.limits.is_empty() {
+        return Err(ApiError::InvalidInput(
+            "limits: must name at least one limit".into(),
+        ));
+    }
+    let changes = extract::limits(body.limits)?;
+    let now = clock::now_millis();
+    let limits = state
+        .store
+        .change_limits(project, &human, changes, body.mode, now)
+        .await?;
+    Ok(Json(json!({ "human": human, "limits": views(limits) })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HumanOnly {
+    #[serde(alias = "human_id")]
+    human: String,
+}
+
+/// `POST /v1/usage/token/revoke`
+pub async fn revoke(
+    State(state): State<AppState>,
+    Backend(project): Backend,
+    JsonBody(body): JsonBody<HumanOnly>,
+) -> Result<Json<Value>, ApiError> {
+    let human = extract::human(body.human, "human")?;
+    let revoked = state
+        .store
+        .revoke(project, &human, clock::now_millis())
+        .await?
+        .ok_or(ApiError::NotFound("no such human"))?;
+    Ok(Json(json!({ "human": human, "revoked_tokens": revoked })))
+}
+
+/// `POST /v1/usage/token/check`
+pub async fn check(
+    State(state): State<AppState>,
+    Backend(project): Backend,
+    JsonBody(body): JsonBody<HumanOnly>,
+) -> Result<Json<Value>, ApiError> {
+    let human = extract::human(body.human, "human")?;
+    let now = clock::now_millis();
+    let expires_at = state
+        .store
+        .newest_live_token(project, &human, now)
+        .await?
+        .ok_or(ApiError::NotFound("the human has no live usage token"))?;
+    Ok(Json(expiry(&human, expires_at, now)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTtl {
+    #[serde(alias = "human_id")]
+    human: String,
+    ttl_seconds: f64,
+}
+
+/// `POST /v1/usage/token/update_ttl`
+pub async fn update_ttl(
+    State(state): State<AppState>,
+    Backend(project): Backend,
+    JsonBody(body): JsonBody<UpdateTtl>,
+) -> Result<Json<Value>, ApiError> {
+    let human = extract::human(body.human, "human")?;
+    let ttl = extract::ttl_millis(body.ttl_seconds, max_ttl(&state))?;
+    let now = clock::now_millis();
+    let updated = state
+        .store
+        .set_token_expiry(project, &human, now, now + ttl)
+        .await?;
+    if updated == 0 {
+        return Err(ApiError::NotFound("the human has no live usage token"));
+    }
+    let mut answer = expiry(&human, now + ttl, now);
+    answer["updated_tokens"] = json!(updated);
+    Ok(Json(answer))
+}
+
+fn expiry(human: &str, expires_at: i64, now: i64) -> Value {
+    json!({
+        "human": human,
+        "ttl_seconds": (expires_at - now) as f64 / 1000.0,
+        "expires_at": clock::rfc3339(expires_at),
+    })
+}
+
+fn max_ttl(state: &AppState) -> f64 {
+    state.settings.max_token_ttl.as_secs_f64()
+}
+
+fn views(limits: Vec<Limit>) -> Vec<LimitView> {
+    limits.into_iter().map(Limit::view).collect()
+}

@@ -1,0 +1,169 @@
+//! Putting the server together: open the store, close what a previous run
+//! left open, start the meter and the listener, and take it all down again
+//! in order on shutdown.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{self, AppState};
+use crate::config::Settings;
+use crate::listener;
+use crate::meter::{self, Health, MeterSettings};
+use crate::secret::{Secret, SecretKind};
+use crate::store::Store;
+use crate::store::sqlite::{SqliteStore, WriterThread};
+
+/// The project an empty database starts with.
+pub const DEFAULT_PROJECT: &str = "default";
+
+/// How long shutdown waits for sessions to finish their closing handshake
+/// once their usage is recorded. A client that never answers its close
+/// frame cannot hold the process up longer than this.
+const SESSION_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// A server that is listening.
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    first_api_key: Option<Secret>,
+    shutdown: CancellationToken,
+    done: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The key of the `default` project, when this start created it.
+    pub fn first_api_key(&self) -> Option<&Secret> {
+        self.first_api_key.as_ref()
+    }
+
+    /// Closes every session with 1001, records their final usage and
+    /// stops. Fails if that usage could not be recorded.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.done.await.context("the server task failed")?
+    }
+}
+
+/// Opens the database and starts serving.
+pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
+    let (store, writer) = SqliteStore::open(&settings.db)?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let abandoned = store.close_abandoned_sessions().await?;
+    if abandoned > 0 {
+        info!(
+            sessions = abandoned,
+            "closed sessions the previous run left open"
+        );
+    }
+    let first_api_key = create_first_project(store.as_ref()).await?;
+
+    let health = Health::new();
+    let meter_settings = MeterSettings {
+        tick: settings.tick,
+        warn_millis: settings.warn.as_millis() as i64,
+    };
+    let (meter, meter_task) = meter::spawn(store.clone(), meter_settings, health.clone());
+    let shutdown = CancellationToken::new();
+    let listener = listener::bind(settings.listen)
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let local_addr = listener.local_addr()?;
+    let state = AppState {
+        store,
+        meter: meter.clone(),
+        settings: Arc::new(settings),
+        health,
+        shutdown: shutdown.clone(),
+    };
+    info!(address = %local_addr, "listening");
+
+    let http = tokio::spawn(listener::serve(
+        listener,
+        api::router(state),
+        shutdown.clone(),
+    ));
+    let done = tokio::spawn(stop_when_asked(
+        shutdown.clone(),
+        http,
+        meter,
+        meter_task,
+        writer,
+    ));
+    Ok(RunningServer {
+        local_addr,
+        first_api_key,
+        shutdown,
+        done,
+    })
+}
+
+/// Waits for the shutdown signal, then stops in order: the meter ends and
+/// records every session, the listener drains, the sessions finish their
+/// close, and the store's writer closes the database.
+async fn stop_when_asked(
+    shutdown: CancellationToken,
+    http: JoinHandle<()>,
+    meter: meter::MeterHandle,
+    meter_task: JoinHandle<()>,
+    writer: WriterThread,
+) -> anyhow::Result<()> {
+    shutdown.cancelled().await;
+    info!("shutting down");
+    let recorded = meter.shutdown().await;
+    drop(meter);
+    http.await.context("the listener task failed")?;
+    if tokio::time::timeout(SESSION_CLOSE_GRACE, meter_task)
+        .await
+        .is_err()
+    {
+        warn!("some sessions did not finish closing in time; their usage is recorded");
+        return finish(recorded);
+    }
+    tokio::task::spawn_blocking(move || writer.join()).await?;
+    finish(recorded)
+}
+
+fn finish(recorded: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        recorded,
+        "the final usage of the open sessions could not be recorded"
+    );
+    info!("stopped");
+    Ok(())
+}
+
+/// On an empty database, creates the `default` project with one API key.
+async fn create_first_project(store: &dyn Store) -> anyhow::Result<Option<Secret>> {
+    if store.has_projects().await? {
+        return Ok(None);
+    }
+    let key = Secret::generate(SecretKind::ApiKey);
+    store
+        .add_api_key(DEFAULT_PROJECT, key.hash(), key.hint())
+        .await?;
+    Ok(Some(key))
+}
+
+/// Creates the project if needed and a new API key for it, in the database
+/// at `db`, for `tollgate keys create`.
+pub async fn create_api_key(db: &Path, project: &str) -> anyhow::Result<Secret> {
+    anyhow::ensure!(
+        !project.is_empty() && project.len() <= 100,
+        "--project must be 1 to 100 bytes long"
+    );
+    let (store, writer) = SqliteStore::open(db)?;
+    let key = Secret::generate(SecretKind::ApiKey);
+    store.add_api_key(project, key.hash(), key.hint()).await?;
+    drop(store);
+    tokio::task::spawn_blocking(move || writer.join()).await?;
+    Ok(key)
+}

@@ -1,0 +1,23 @@
+//! Tollgate: a self-hosted gateway that meters end users' realtime voice
+//! sessions and LLM usage against limits an app's backend sets.
+//!
+//! The data path, module by module: [`listener`] accepts connections and
+//! hands requests to [`api`], which authenticates them and either answers
+//! from the [`store`] or admits a realtime [`session`]; the [`meter`]
+//! charges every open session on each tick and cuts sessions off when
+//! their human's limit runs out.
+
+pub mod api;
+mod app;
+pub mod clock;
+pub mod close;
+pub mod config;
+pub mod limits;
+mod listener;
+pub mod meter;
+pub mod secret;
+pub mod session;
+pub mod store;
+pub mod telemetry;
+
+pub use app::{DEFAULT_PROJECT, RunningServer, create_api_key, start};

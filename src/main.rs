@@ -1,0 +1,61 @@
+//! The `tollgate` binary: parse the command line and run the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tollgate::config::{Cli, Command, KeysCommand, ServeArgs, Settings};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tollgate::telemetry::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
+        Command::Serve(args) => serve(args).await,
+        Command::Keys(KeysCommand::Create { project, db }) => {
+            let key = tollgate::create_api_key(&db, &project).await?;
+            println!("{}", key.expose());
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = Settings::try_from(args).map_err(anyhow::Error::msg)?;
+    let server = tollgate::start(settings).await?;
+    if let Some(key) = server.first_api_key() {
+        println!(
+            "Created project \"{}\". Its API key, shown only this once:\n\n    {}\n",
+            tollgate::DEFAULT_PROJECT,
+            key.expose()
+        );
+    }
+    stop_signal().await?;
+    server.shutdown().await
+}
+
+/// Resolves on SIGTERM or Ctrl-C (SIGINT).
+async fn stop_signal() -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        result = tokio::signal::ctrl_c() => result?,
+    }
+    Ok(())
+}

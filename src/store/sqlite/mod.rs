@@ -1,0 +1,291 @@
+//! The SQLite backend: one connection owned by one writer thread, fed by a
+//! bounded channel of jobs, so that SQLite never blocks the async runtime
+//! and every transaction is serialised without locks of our own. Pragmas
+//! and the schema are applied here when the database is opened.
+
+mod accounts;
+mod usage;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::thread;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Admission, Human, HumanId, MintRequest, NewSession, PoolState, ProjectId, Store, StoreError,
+    StoreResult, UnixMillis, UsageBatch, UsageTokenRecord,
+};
+use crate::limits::{ChangeMode, Limit};
+use crate::secret::SecretHash;
+
+/// The schema this build writes and understands; recorded in the database.
+pub const SCHEMA_VERSION: i64 = 1;
+const SCHEMA: &str = include_str!("../../../schema.sql");
+
+/// How many jobs may wait for the writer. Callers past this wait for room
+/// (backpressure on HTTP handlers and the meter) rather than queueing
+/// without bound; at tens of microseconds a job, a full queue drains in
+/// well under a tick.
+const JOB_QUEUE: usize = 1024;
+
+/// How long a write waits for a lock held by another process (a backup
+/// tool, an operator's `sqlite3` shell) before it fails. Failing makes the
+/// meter close its sessions rather than meter blind, so the wait is short.
+const BUSY_TIMEOUT_MS: u64 = 1000;
+
+type Job = Box<dyn FnOnce(&mut Writer) + Send>;
+
+/// The writer thread's state: the connection and what the usage recorder
+/// remembers between ticks.
+pub(crate) struct Writer {
+    conn: Connection,
+    segments: HashMap<i64, usage::Segment>,
+}
+
+/// A handle on the writer thread; cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    jobs_tx: mpsc::Sender<Job>,
+}
+
+/// The writer thread itself. Join it after every [`SqliteStore`] handle is
+/// dropped to be sure the database was closed cleanly.
+pub struct WriterThread(thread::JoinHandle<()>);
+
+impl WriterThread {
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("the store's writer thread panicked");
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, applies the
+    /// schema to an empty one, and starts the writer thread.
+    pub fn open(path: &Path) -> anyhow::Result<(SqliteStore, WriterThread)> {
+        let mut conn = Connection::open(path)
+            .with_context(|| format!("cannot open the database {}", path.display()))?;
+        configure(&conn).context("cannot configure the database")?;
+        migrate(&mut conn)?;
+
+        let (jobs_tx, mut jobs_rx) = mpsc::channel::<Job>(JOB_QUEUE);
+        let mut writer = Writer {
+            conn,
+            segments: HashMap::new(),
+        };
+        let handle = thread::Builder::new()
+            .name("tollgate-store".into())
+            .spawn(move || {
+                while let Some(job) = jobs_rx.blocking_recv() {
+                    job(&mut writer);
+                }
+            })
+            .context("cannot start the store's writer thread")?;
+        Ok((SqliteStore { jobs_tx }, WriterThread(handle)))
+    }
+
+    /// Runs `f` on the writer thread and waits for its answer.
+    async fn call<R, F>(&self, f: F) -> StoreResult<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static,
+    {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let job: Job = Box::new(move |writer| {
+            let _ = reply_tx.send(f(writer));
+        });
+        self.jobs_tx
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        reply_rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    // WAL lets readers of the file (backups, an operator's shell) run
+    // beside the writer. synchronous = NORMAL keeps every committed
+    // transaction across a process crash; a power cut may lose the last
+    // few, which FULL would keep at the cost of an fsync per transaction.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+}
+
+/// Applies the schema to an empty database, or checks the recorded version
+/// of an existing one.
+fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'schema_version')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !exists {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA)
+            .context("cannot apply schema.sql")?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+            params![SCHEMA_VERSION, crate::clock::now_millis()],
+        )?;
+        tx.commit()?;
+        return Ok(());
+    }
+    let version: Option<i64> = conn
+        .query_row("SELECT MAX(version) FROM schema_version", [], |row| {
+            row.get(0)
+        })
+        .optional()?
+        .flatten();
+    match version {
+        Some(SCHEMA_VERSION) => Ok(()),
+        Some(v) => anyhow::bail!(
+            "the database has schema version {v}, and this build of Tollgate only knows \
+             version {SCHEMA_VERSION}"
+        ),
+        None => anyhow::bail!("the database has a schema_version table with no version in it"),
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> StoreError {
+        match error.sqlite_error_code() {
+            Some(
+                ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::ReadOnly
+                | ErrorCode::DiskFull
+                | ErrorCode::CannotOpen
+                | ErrorCode::SystemIoFailure,
+            ) => StoreError::Unavailable(error.to_string()),
+            _ => StoreError::Other(error.to_string()),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.call(|w| Ok(w.conn.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+    }
+
+    async fn add_api_key(&self, project: &str, key: SecretHash, hint: String) -> StoreResult<()> {
+        let project = project.to_owned();
+        self.call(move |w| accounts::add_api_key(&mut w.conn, &project, key, &hint))
+            .await
+    }
+
+    async fn has_projects(&self) -> StoreResult<bool> {
+        self.call(|w| accounts::has_projects(&w.conn)).await
+    }
+
+    async fn find_api_key(&self, key: SecretHash) -> StoreResult<Option<ProjectId>> {
+        self.call(move |w| accounts::find_api_key(&w.conn, key))
+            .await
+    }
+
+    async fn find_usage_token(&self, token: SecretHash) -> StoreResult<Option<UsageTokenRecord>> {
+        self.call(move |w| accounts::find_usage_token(&w.conn, token))
+            .await
+    }
+
+    async fn find_human(&self, project: ProjectId, name: &str) -> StoreResult<Option<Human>> {
+        let name = name.to_owned();
+        self.call(move |w| accounts::find_human(&w.conn, project, &name))
+            .await
+    }
+
+    async fn find_or_create_human(&self, project: ProjectId, name: &str) -> StoreResult<Human> {
+        let name = name.to_owned();
+        let now = crate::clock::now_millis();
+        self.call(move |w| accounts::find_or_create_human(&w.conn, project, &name, now))
+            .await
+    }
+
+    async fn mint_token(&self, request: MintRequest) -> StoreResult<Vec<Limit>> {
+        self.call(move |w| accounts::mint_token(&mut w.conn, request))
+            .await
+    }
+
+    async fn limits(&self, human: HumanId) -> StoreResult<Vec<Limit>> {
+        self.call(move |w| accounts::limits(&w.conn, human)).await
+    }
+
+    async fn change_limits(
+        &self,
+        project: ProjectId,
+        human: &str,
+        changes: Vec<Limit>,
+        mode: ChangeMode,
+        now: UnixMillis,
+    ) -> StoreResult<Vec<Limit>> {
+        let human = human.to_owned();
+        self.call(move |w| {
+            let tx = w.conn.transaction()?;
+            let found = accounts::find_or_create_human(&tx, project, &human, now)?;
+            accounts::apply_limits(&tx, found.id, &changes, mode, now)?;
+            let after = accounts::limits(&tx, found.id)?;
+            tx.commit()?;
+            Ok(after)
+        })
+        .await
+    }
+
+    async fn revoke(
+        &self,
+        project: ProjectId,
+        human: &str,
+        now: UnixMillis,
+    ) -> StoreResult<Option<u64>> {
+        let human = human.to_owned();
+        self.call(move |w| accounts::revoke(&mut w.conn, project, &human, now))
+            .await
+    }
+
+    async fn newest_live_token(
+        &self,
+        project: ProjectId,
+        human: &str,
+        now: UnixMillis,
+    ) -> StoreResult<Option<UnixMillis>> {
+        let human = human.to_owned();
+        self.call(move |w| accounts::newest_live_token(&w.conn, project, &human, now))
+            .await
+    }
+
+    async fn set_token_expiry(
+        &self,
+        project: ProjectId,
+        human: &str,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<u64> {
+        let human = human.to_owned();
+        self.call(move |w| accounts::set_token_expiry(&w.conn, project, &human, now, expires_at))
+            .await
+    }
+
+    async fn open_session(&self, session: NewSession) -> StoreResult<Admission> {
+        self.call(move |w| usage::open_session(&mut w.conn, session))
+            .await
+    }
+
+    async fn record_usage(
+        &self,
+        batch: UsageBatch,
+        now: UnixMillis,
+    ) -> StoreResult<Vec<PoolState>> {
+        self.call(move |w| usage::record(w, batch, now)).await
+    }
+
+    async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
+        self.call(|w| usage::close_abandoned(&w.conn)).await
+    }
+}

@@ -1,0 +1,312 @@
+//! Sessions and their usage: admission, the meter's batches, and the
+//! clean-up of sessions a crashed run left open.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::Writer;
+use super::accounts;
+use crate::close::EndReason;
+use crate::limits::LimitType;
+use crate::store::{
+    Admission, Charge, HumanId, NewSession, PoolState, SessionKey, StoreError, StoreResult,
+    UnixMillis, UsageBatch,
+};
+
+/// A debit row stays open for this long of wall-clock time, growing with
+/// each tick; then the session's next debit starts a new row. One row a
+/// minute keeps the ledger small while still showing a long session's use
+/// as it happens.
+const SEGMENT_MILLIS: i64 = 60_000;
+
+/// The ledger row a session's debits currently go to.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    ledger_id: i64,
+    started_at: UnixMillis,
+}
+
+pub fn open_session(conn: &mut Connection, session: NewSession) -> StoreResult<Admission> {
+    let tx = conn.transaction()?;
+    if let Some(refusal) = check_token(&tx, session.token, session.now)? {
+        return Ok(refusal);
+    }
+
+    let limit_type = session.kind.limit_type();
+    tx.prepare_cached(
+        "INSERT INTO limits (human_id, limit_type, balance, limited, updated_at)
+         VALUES (?1, ?2, 0, 0, ?3) ON CONFLICT (human_id, limit_type) DO NOTHING",
+    )?
+    .execute(params![session.human.0, limit_type.as_str(), session.now])?;
+    let (balance, limited) = accounts::pool(&tx, session.human, limit_type)?
+        .ok_or_else(|| StoreError::Other("a pool vanished right after it was created".into()))?;
+    if limited && balance <= 0 {
+        return Ok(Admission::LimitExhausted);
+    }
+    if let Some(cap) = session.max_sessions_per_human
+        && open_sessions(&tx, session.human)? >= u64::from(cap)
+    {
+        return Ok(Admission::TooManySessions);
+    }
+
+    tx.prepare_cached(
+        "INSERT INTO sessions (public_id, human_id, kind, token_id, started_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        session.public_id,
+        session.human.0,
+        session.kind.as_str(),
+        session.token,
+        session.now
+    ])?;
+    let key = SessionKey(tx.last_insert_rowid());
+    let revocation_epoch: i64 = tx.query_row(
+        "SELECT revocation_epoch FROM humans WHERE id = ?1",
+        [session.human.0],
+        |row| row.get(0),
+    )?;
+    tx.commit()?;
+    Ok(Admission::Admitted {
+        key,
+        remaining: limited.then_some(balance),
+        revocation_epoch,
+    })
+}
+
+/// Refuses a session whose token was revoked or expired since the caller
+/// looked it up.
+fn check_token(
+    conn: &Connection,
+    token: Option<i64>,
+    now: UnixMillis,
+) -> StoreResult<Option<Admission>> {
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    let (revoked, expires_at): (bool, i64) = conn.query_row(
+        "SELECT revoked_at IS NOT NULL, expires_at FROM usage_tokens WHERE id = ?1",
+        [token],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    Ok(if revoked {
+        Some(Admission::TokenRevoked)
+    } else if expires_at <= now {
+        Some(Admission::TokenExpired)
+    } else {
+        None
+    })
+}
+
+fn open_sessions(conn: &Connection, human: HumanId) -> StoreResult<u64> {
+    let mut stmt = conn
+        .prepare_cached("SELECT COUNT(*) FROM sessions WHERE human_id = ?1 AND ended_at IS NULL")?;
+    let count: i64 = stmt.query_row([human.0], |row| row.get(0))?;
+    Ok(count as u64)
+}
+
+/// Applies one batch in one transaction. Segments started by the batch are
+/// remembered only once it has committed, so a failed batch leaves nothing
+/// pointing at rows that were rolled back.
+pub fn record(
+    writer: &mut Writer,
+    batch: UsageBatch,
+    now: UnixMillis,
+) -> StoreResult<Vec<PoolState>> {
+    let tx = writer.conn.transaction()?;
+    let mut started = Vec::new();
+    let mut states = Vec::new();
+    for pool in group_by_pool(&batch.charges) {
+        let state = charge_pool(&tx, &writer.segments, &mut started, pool, now)?;
+        states.push(state);
+    }
+    for end in &batch.ends {
+        end_session(&tx, end.session, end.reason, now)?;
+    }
+    tx.commit()?;
+
+    writer.segments.extend(started);
+    for end in &batch.ends {
+        writer.segments.remove(&end.session.0);
+    }
+    Ok(states)
+}
+
+/// The charges of one batch grouped by pool, keeping the batch's order.
+fn group_by_pool(charges: &[Charge]) -> Vec<Vec<Charge>> {
+    let mut pools: Vec<Vec<Charge>> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for charge in charges {
+        let slot = *index
+            .entry((charge.human, charge.limit_type))
+            .or_insert_with(|| {
+                pools.push(Vec::new());
+                pools.len() - 1
+            });
+        pools[slot].push(*charge);
+    }
+    pools
+}
+
+/// Charges the sessions of one pool. An enforced pool is never taken below
+/// zero by time: a debit larger than what remains is cut to what remains,
+/// and the meter closes the pool's sessions when it sees zero.
+fn charge_pool(
+    conn: &Connection,
+    segments: &std::collections::HashMap<i64, Segment>,
+    started: &mut Vec<(i64, Segment)>,
+    charges: Vec<Charge>,
+    now: UnixMillis,
+) -> StoreResult<PoolState> {
+    let (human, limit_type) = (charges[0].human, charges[0].limit_type);
+    let (mut balance, limited, revocation_epoch) = pool_for_update(conn, human, limit_type)?;
+    for charge in charges {
+        if charge.amount >= 0 {
+            let applied = if limited {
+                charge.amount.min(balance.max(0))
+            } else {
+                charge.amount
+            };
+            let segment = segments.get(&charge.session.0).copied();
+            if let Some(new) = debit(conn, &charge, applied, segment, now)? {
+                started.push((charge.session.0, new));
+            }
+            balance -= applied;
+        } else {
+            balance += refund(conn, &charge, now)?;
+        }
+    }
+    conn.prepare_cached(
+        "UPDATE limits SET balance = ?3, updated_at = ?4 WHERE human_id = ?1 AND limit_type = ?2",
+    )?
+    .execute(params![human.0, limit_type.as_str(), balance, now])?;
+    Ok(PoolState {
+        human,
+        limit_type,
+        remaining: limited.then_some(balance),
+        revocation_epoch,
+    })
+}
+
+fn pool_for_update(
+    conn: &Connection,
+    human: HumanId,
+    limit_type: LimitType,
+) -> StoreResult<(i64, bool, i64)> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT l.balance, l.limited, h.revocation_epoch
+         FROM limits l JOIN humans h ON h.id = l.human_id
+         WHERE l.human_id = ?1 AND l.limit_type = ?2",
+    )?;
+    stmt.query_row(params![human.0, limit_type.as_str()], |row| {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+    })
+    .optional()?
+    .ok_or_else(|| {
+        StoreError::Other(format!(
+            "no {} pool for human {}",
+            limit_type.as_str(),
+            human.0
+        ))
+    })
+}
+
+/// Adds `applied` to the session's current debit row, or starts a new row
+/// (returned, to be remembered after commit) when there is none, it is a
+/// minute old, or it has gone.
+fn debit(
+    conn: &Connection,
+    charge: &Charge,
+    applied: i64,
+    segment: Option<Segment>,
+    now: UnixMillis,
+) -> StoreResult<Option<Segment>> {
+    if applied == 0 {
+        return Ok(None);
+    }
+    if let Some(segment) = segment.filter(|s| now - s.started_at < SEGMENT_MILLIS) {
+        let grown = conn
+            .prepare_cached(
+                "UPDATE ledger SET amount = amount - ?2, updated_at = ?3
+                 WHERE id = ?1 AND entry = 'debit'",
+            )?
+            .execute(params![segment.ledger_id, applied, now])?;
+        if grown == 1 {
+            return Ok(None);
+        }
+    }
+    conn.prepare_cached(
+        "INSERT INTO ledger (human_id, limit_type, entry, amount, session_id, created_at, updated_at)
+         VALUES (?1, ?2, 'debit', ?3, ?4, ?5, ?5)",
+    )?
+    .execute(params![
+        charge.human.0,
+        charge.limit_type.as_str(),
+        -applied,
+        charge.session.0,
+        now
+    ])?;
+    Ok(Some(Segment {
+        ledger_id: conn.last_insert_rowid(),
+        started_at: now,
+    }))
+}
+
+/// Gives back up to `-charge.amount`, never more than the session was
+/// debited in all. Returns what was given back.
+fn refund(conn: &Connection, charge: &Charge, now: UnixMillis) -> StoreResult<i64> {
+    let applied = (-charge.amount).min(session_charged(conn, charge.session)?);
+    if applied > 0 {
+        conn.prepare_cached(
+            "INSERT INTO ledger
+                 (human_id, limit_type, entry, amount, session_id, created_at, updated_at)
+             VALUES (?1, ?2, 'refund', ?3, ?4, ?5, ?5)",
+        )?
+        .execute(params![
+            charge.human.0,
+            charge.limit_type.as_str(),
+            applied,
+            charge.session.0,
+            now
+        ])?;
+    }
+    Ok(applied.max(0))
+}
+
+/// What the session has been charged so far, refunds taken off.
+fn session_charged(conn: &Connection, session: SessionKey) -> StoreResult<i64> {
+    let mut stmt =
+        conn.prepare_cached("SELECT -COALESCE(SUM(amount), 0) FROM ledger WHERE session_id = ?1")?;
+    Ok(stmt.query_row([session.0], |row| row.get(0))?)
+}
+
+fn end_session(
+    conn: &Connection,
+    session: SessionKey,
+    reason: EndReason,
+    now: UnixMillis,
+) -> StoreResult<()> {
+    let charged = session_charged(conn, session)?;
+    conn.prepare_cached(
+        "UPDATE sessions SET ended_at = ?2, end_reason = ?3, charged = ?4
+         WHERE id = ?1 AND ended_at IS NULL",
+    )?
+    .execute(params![session.0, now, reason.as_str(), charged])?;
+    Ok(())
+}
+
+/// Ends every session still open in the database. They were charged up to
+/// the last tick that recorded them, which is taken as their end.
+pub fn close_abandoned(conn: &Connection) -> StoreResult<u64> {
+    let closed = conn.execute(
+        "UPDATE sessions SET
+             end_reason = ?1,
+             charged = (SELECT -COALESCE(SUM(amount), 0) FROM ledger
+                        WHERE ledger.session_id = sessions.id),
+             ended_at = MAX(started_at, COALESCE((SELECT MAX(updated_at) FROM ledger
+                                                  WHERE ledger.session_id = sessions.id),
+                                                 started_at))
+         WHERE ended_at IS NULL",
+        [EndReason::ServerRestart.as_str()],
+    )?;
+    Ok(closed as u64)
+}
