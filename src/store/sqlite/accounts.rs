@@ -16,7 +16,7 @@ pub fn add_api_key(
     hint: &str,
 ) -> StoreResult<()> {
     let now = crate::clock::now_millis();
-    let tx = conn.transaction()?;
+    let tx = super::write_transaction(conn)?;
     tx.execute(
         "INSERT INTO projects (name, created_at) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
         params![project, now],
@@ -121,7 +121,7 @@ pub fn find_or_create_human(
 }
 
 pub fn mint_token(conn: &mut Connection, request: MintRequest) -> StoreResult<Vec<Limit>> {
-    let tx = conn.transaction()?;
+    let tx = super::write_transaction(conn)?;
     let human = find_or_create_human(&tx, request.project, &request.human, request.now)?;
     if let Some(changes) = &request.limits {
         apply_limits(&tx, human.id, changes, ChangeMode::Set, request.now)?;
@@ -220,7 +220,7 @@ pub fn revoke(
     name: &str,
     now: UnixMillis,
 ) -> StoreResult<Option<u64>> {
-    let tx = conn.transaction()?;
+    let tx = super::write_transaction(conn)?;
     let Some(human) = find_human(&tx, project, name)? else {
         return Ok(None);
     };

@@ -12,7 +12,9 @@ use std::thread;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use rusqlite::{
+    Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -127,7 +129,7 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         |row| row.get(0),
     )?;
     if !exists {
-        let tx = conn.transaction()?;
+        let tx = write_transaction(conn)?;
         tx.execute_batch(SCHEMA)
             .context("cannot apply schema.sql")?;
         tx.execute(
@@ -151,6 +153,14 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         ),
         None => anyhow::bail!("the database has a schema_version table with no version in it"),
     }
+}
+
+/// Starts a transaction that takes the write lock at once. A deferred one
+/// that reads first and writes later cannot wait for a lock another
+/// process holds (SQLite answers busy at once), so every transaction here
+/// that writes begins immediate and waits up to the busy timeout instead.
+fn write_transaction(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -228,7 +238,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<Limit>> {
         let human = human.to_owned();
         self.call(move |w| {
-            let tx = w.conn.transaction()?;
+            let tx = write_transaction(&mut w.conn)?;
             let found = accounts::find_or_create_human(&tx, project, &human, now)?;
             accounts::apply_limits(&tx, found.id, &changes, mode, now)?;
             let after = accounts::limits(&tx, found.id)?;

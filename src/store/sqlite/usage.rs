@@ -26,7 +26,7 @@ pub struct Segment {
 }
 
 pub fn open_session(conn: &mut Connection, session: NewSession) -> StoreResult<Admission> {
-    let tx = conn.transaction()?;
+    let tx = super::write_transaction(conn)?;
     if let Some(refusal) = check_token(&tx, session.token, session.now)? {
         return Ok(refusal);
     }
@@ -112,7 +112,7 @@ pub fn record(
     batch: UsageBatch,
     now: UnixMillis,
 ) -> StoreResult<Vec<PoolState>> {
-    let tx = writer.conn.transaction()?;
+    let tx = super::write_transaction(&mut writer.conn)?;
     let mut started = Vec::new();
     let mut states = Vec::new();
     for pool in group_by_pool(&batch.charges) {
