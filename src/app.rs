@@ -84,7 +84,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         health,
         shutdown: shutdown.clone(),
     };
-    info!(address = %local_addr, "listening");
 
     let http = tokio::spawn(listener::serve(
         listener,

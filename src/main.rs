@@ -46,6 +46,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             key.expose()
         );
     }
+    // Logged only after the key is printed: what waits for this line can
+    // rely on standard output being complete.
+    tracing::info!(address = %server.local_addr(), "listening");
     stop_signal().await?;
     server.shutdown().await
 }

@@ -284,15 +284,18 @@ impl Session {
 
 /// The end reason for a failed read.
 fn classify(error: axum::Error) -> EndReason {
-    let Ok(error) = error.into_inner().downcast::<tungstenite::Error>() else {
+    use tungstenite::error::{Error, ProtocolError};
+
+    let Ok(error) = error.into_inner().downcast::<Error>() else {
         return EndReason::ClientDisconnected;
     };
     match *error {
-        tungstenite::Error::Capacity(_) => EndReason::MessageTooBig,
-        tungstenite::Error::Utf8(_) => EndReason::InvalidPayload,
-        tungstenite::Error::Protocol(_) | tungstenite::Error::AttackAttempt => {
-            EndReason::ProtocolError
+        Error::Capacity(_) => EndReason::MessageTooBig,
+        Error::Utf8(_) => EndReason::InvalidPayload,
+        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            EndReason::ClientDisconnected
         }
+        Error::Protocol(_) | Error::AttackAttempt => EndReason::ProtocolError,
         _ => EndReason::ClientDisconnected,
     }
 }
