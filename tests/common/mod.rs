@@ -1,0 +1,373 @@
+//! Helpers shared by the integration tests: a real server on 127.0.0.1:0
+//! with a fresh database, an HTTP client for its API, a WebSocket client
+//! for its sessions, and direct reads of its database for the checks that
+//! only the rows can answer.
+
+#![allow(dead_code)]
+
+pub mod binary;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tollgate::RunningServer;
+use tollgate::config::Settings;
+
+/// The tick used by tests, short so that they run fast.
+pub const TEST_TICK: Duration = Duration::from_millis(50);
+
+/// A real server in this process, with its own database.
+pub struct TestServer {
+    pub api: Api,
+    pub db_path: PathBuf,
+    server: Option<RunningServer>,
+    _dir: tempfile::TempDir,
+}
+
+/// The way to a server's API, in-process or a child process.
+pub struct Api {
+    pub base: String,
+    pub ws_base: String,
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+impl std::ops::Deref for TestServer {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    /// Starts a server with the test defaults changed by `adjust`.
+    pub async fn start_with(adjust: impl FnOnce(&mut Settings)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("tollgate.db");
+        let mut settings = Settings::new(db_path.clone());
+        settings.listen = "127.0.0.1:0".parse().unwrap();
+        settings.tick = TEST_TICK;
+        adjust(&mut settings);
+        let server = tollgate::start(settings).await.unwrap();
+        let addr = server.local_addr();
+        let key = server
+            .first_api_key()
+            .expect("a new database gets a key")
+            .expose()
+            .to_owned();
+        TestServer {
+            api: Api::new(&addr.to_string(), key),
+            db_path,
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    /// A read-only connection to the server's database.
+    pub fn db(&self) -> rusqlite::Connection {
+        open_db(&self.db_path)
+    }
+
+    /// Shuts the server down cleanly. The returned directory holds the
+    /// database until it is dropped.
+    pub async fn shutdown(mut self) -> tempfile::TempDir {
+        self.server.take().unwrap().shutdown().await.unwrap();
+        self._dir
+    }
+}
+
+impl Api {
+    pub fn new(addr: &str, key: String) -> Api {
+        Api {
+            base: format!("http://{addr}"),
+            ws_base: format!("ws://{addr}"),
+            key,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a backend request with the API key and returns status and body.
+    pub async fn backend(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        let request = self
+            .http
+            .request(method, self.url(path))
+            .header("x-api-key", &self.key);
+        send(request.json(&body)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.backend(reqwest::Method::POST, path, body).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.backend(reqwest::Method::PUT, path, body).await
+    }
+
+    /// Mints a token for `human` with the given limits, returning the token.
+    pub async fn mint(&self, human: &str, limits: Value) -> String {
+        let (status, body) = self
+            .post(
+                "/v1/usage/token",
+                json!({ "human": human, "limits": limits }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// A token with `seconds` of conversational time.
+    pub async fn mint_seconds(&self, human: &str, seconds: f64) -> String {
+        self.mint(
+            human,
+            json!([{ "type": "conversational_seconds", "value": seconds }]),
+        )
+        .await
+    }
+
+    /// The human's limits as the backend reads them.
+    pub async fn limits_of(&self, human: &str) -> Value {
+        let request = self
+            .http
+            .get(self.url("/v1/usage/limits"))
+            .header("x-api-key", &self.key)
+            .header("x-human-id", human);
+        let (status, body) = send(request).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// The remaining value of one limit type of the human.
+    pub async fn remaining(&self, human: &str, limit_type: &str) -> f64 {
+        let limits = self.limits_of(human).await;
+        let limits = limits.as_array().unwrap();
+        let entry = limits.iter().find(|l| l["type"] == limit_type);
+        entry.unwrap_or_else(|| panic!("no {limit_type} in {limits:?}"))["value"]
+            .as_f64()
+            .unwrap()
+    }
+
+    /// Opens a conversational session with a token in the query string.
+    pub async fn connect(&self, token: &str) -> Client {
+        self.connect_to(&format!(
+            "/v1/realtime/session?kind=conversational&token={token}"
+        ))
+        .await
+    }
+
+    /// Opens a session at `path_and_query`, panicking if it is refused.
+    pub async fn connect_to(&self, path_and_query: &str) -> Client {
+        let request = format!("{}{path_and_query}", self.ws_base)
+            .into_client_request()
+            .unwrap();
+        self.connect_request(request)
+            .await
+            .expect("the session was refused")
+    }
+
+    /// Opens a session, or returns the refusal's status and body.
+    pub async fn connect_request(
+        &self,
+        request: tungstenite::handshake::client::Request,
+    ) -> Result<Client, (StatusCode, Value)> {
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(Client {
+                ws,
+                opened: Instant::now(),
+            }),
+            Err(tungstenite::Error::Http(response)) => {
+                let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+                let body = response.body().clone().unwrap_or_default();
+                Err((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+            }
+            Err(other) => panic!("cannot connect: {other}"),
+        }
+    }
+
+    /// Tries to open a session and returns the refusal.
+    pub async fn refused(&self, path_and_query: &str) -> (StatusCode, Value) {
+        let request = format!("{}{path_and_query}", self.ws_base)
+            .into_client_request()
+            .unwrap();
+        match self.connect_request(request).await {
+            Ok(_) => panic!("the session to {path_and_query} was admitted"),
+            Err(refusal) => refusal,
+        }
+    }
+}
+
+pub fn open_db(path: &std::path::Path) -> rusqlite::Connection {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let conn = rusqlite::Connection::open_with_flags(path, flags).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn
+}
+
+/// Asserts that every pool's balance is the sum of its ledger rows, and
+/// that no ledger row belongs to a pool that does not exist.
+pub fn assert_ledger_identity(db: &rusqlite::Connection) {
+    let broken: Vec<(i64, String, i64, i64)> = db
+        .prepare(
+            "SELECT l.human_id, l.limit_type, l.balance,
+                    (SELECT COALESCE(SUM(amount), 0) FROM ledger g
+                     WHERE g.human_id = l.human_id AND g.limit_type = l.limit_type)
+             FROM limits l",
+        )
+        .unwrap()
+        .query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|(_, _, balance, sum)| balance != sum)
+        .collect();
+    assert!(
+        broken.is_empty(),
+        "balance differs from the ledger: {broken:?}"
+    );
+    let orphans: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM ledger g WHERE NOT EXISTS (SELECT 1 FROM limits l
+             WHERE l.human_id = g.human_id AND l.limit_type = g.limit_type)",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(orphans, 0, "ledger rows without a pool");
+}
+
+/// A session's row: (end_reason, charged milliseconds), by public id.
+pub fn session_row(db: &rusqlite::Connection, public_id: &str) -> (Option<String>, i64) {
+    db.query_row(
+        "SELECT end_reason, charged FROM sessions WHERE public_id = ?1",
+        [public_id],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )
+    .unwrap()
+}
+
+async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A WebSocket client of a session.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// When the upgrade completed, as the client saw it.
+    pub opened: Instant,
+}
+
+/// How a session ended, as the client saw it.
+#[derive(Debug)]
+pub struct Closed {
+    pub code: Option<u16>,
+    pub reason: String,
+    /// Seconds from the upgrade to the close frame (or the end of the
+    /// connection).
+    pub after: f64,
+    /// The `usage.*` messages received before the close.
+    pub events: Vec<Value>,
+}
+
+impl Client {
+    /// The next `usage.*` message, skipping anything else.
+    pub async fn next_event(&mut self) -> Value {
+        loop {
+            match self.next_message().await {
+                Some(Message::Text(text)) => return serde_json::from_str(&text).unwrap(),
+                Some(Message::Close(frame)) => {
+                    panic!("closed while waiting for an event: {frame:?}")
+                }
+                Some(_) => continue,
+                None => panic!("connection ended while waiting for an event"),
+            }
+        }
+    }
+
+    /// The next `usage.*` message of the given type.
+    pub async fn event_of(&mut self, kind: &str) -> Value {
+        loop {
+            let event = self.next_event().await;
+            if event["type"] == kind {
+                return event;
+            }
+        }
+    }
+
+    pub async fn next_message(&mut self) -> Option<Message> {
+        let next = tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await;
+        match next.expect("no message within 30 s") {
+            Some(Ok(message)) => Some(message),
+            Some(Err(_)) | None => None,
+        }
+    }
+
+    pub async fn send(&mut self, message: Message) {
+        self.ws.send(message).await.unwrap();
+    }
+
+    /// Reads until the server closes the session.
+    pub async fn until_closed(&mut self) -> Closed {
+        let mut events = Vec::new();
+        loop {
+            match self.next_message().await {
+                Some(Message::Text(text)) => events.push(serde_json::from_str(&text).unwrap()),
+                Some(Message::Close(frame)) => return self.closed(frame, events),
+                Some(_) => continue,
+                None => return self.closed(None, events),
+            }
+        }
+    }
+
+    fn closed(&self, frame: Option<CloseFrame>, events: Vec<Value>) -> Closed {
+        Closed {
+            code: frame.as_ref().map(|f| u16::from(f.code)),
+            reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+            after: self.opened.elapsed().as_secs_f64(),
+            events,
+        }
+    }
+
+    /// Sends a close frame and waits for the server's answer.
+    pub async fn close(mut self) {
+        self.ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = self.ws.next().await {}
+    }
+}
+
+/// Asserts `actual` is within `tolerance` of `expected`.
+#[track_caller]
+pub fn assert_near(actual: f64, expected: f64, tolerance: f64) {
+    assert!(
+        (actual - expected).abs() <= tolerance,
+        "{actual} is not within {tolerance} of {expected}"
+    );
+}

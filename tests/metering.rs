@@ -1,0 +1,552 @@
+//! Metering of realtime sessions against the real server: cut-offs,
+//! shared pools, top-ups, revocation, disconnects and dead clients.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::time::sleep;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const CONVERSATIONAL: &str = "conversational_seconds";
+
+/// How close a cut-off must come to the instant the pool runs dry.
+const PRECISION: f64 = 0.1;
+
+#[tokio::test]
+async fn a_session_is_cut_off_when_its_seconds_run_out() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 1.5).await;
+    let mut client = server.connect(&token).await;
+    let started = client.next_event().await;
+    assert_eq!(started["type"], "usage.session_started");
+    assert_eq!(started["remaining"], 1.5);
+
+    let closed = client.until_closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (Some(4001), "usage_limit_exceeded")
+    );
+    assert_near(closed.after, 1.5, PRECISION);
+    assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
+    let db = server.db();
+    assert_ledger_identity(&db);
+    let (reason, charged) = session_row(&db, started["session_id"].as_str().unwrap());
+    assert_eq!(
+        (reason.as_deref(), charged),
+        (Some("usage_limit_exceeded"), 1500)
+    );
+}
+
+#[tokio::test]
+async fn the_cut_off_does_not_wait_for_the_next_tick() {
+    let server = TestServer::start_with(|s| s.tick = Duration::from_secs(5)).await;
+    let token = server.mint_seconds("ada", 1.3).await;
+    let closed = server.connect(&token).await.until_closed().await;
+    assert_eq!(closed.code, Some(4001));
+    assert_near(closed.after, 1.3, PRECISION);
+    assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
+}
+
+#[tokio::test]
+async fn two_sessions_of_one_human_drain_one_pool_together() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 2.0).await;
+    let mut first = server.connect(&token).await;
+    let mut second = server.connect(&token).await;
+    let (first, second) = tokio::join!(first.until_closed(), second.until_closed());
+    for closed in [&first, &second] {
+        assert_eq!(closed.code, Some(4001));
+        assert_near(closed.after, 1.0, PRECISION);
+    }
+    assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
+    assert_ledger_identity(&server.db());
+}
+
+#[tokio::test]
+async fn a_session_that_joins_later_shares_what_is_left() {
+    // 2 s for one session; a second joins after 0.5 s, when 1.5 s are left,
+    // and the two drain those in 0.75 s: both close 1.25 s after the first
+    // opened.
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 2.0).await;
+    let mut first = server.connect(&token).await;
+    sleep(Duration::from_millis(500)).await;
+    let mut second = server.connect(&token).await;
+    let opened_first = first.opened;
+    let (_, second_closed) = tokio::join!(first.until_closed(), second.until_closed());
+    assert_eq!(second_closed.code, Some(4001));
+    let second_after_first_opened =
+        (second.opened - opened_first).as_secs_f64() + second_closed.after;
+    assert_near(second_after_first_opened, 1.25, PRECISION);
+    assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_top_up_mid_session_lets_it_go_on() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 1.0).await;
+    let mut client = server.connect(&token).await;
+    sleep(Duration::from_millis(500)).await;
+    let top_up = json!({
+        "human": "ada",
+        "mode": "add",
+        "limits": [{ "type": CONVERSATIONAL, "value": 1.5 }],
+    });
+    let (status, body) = server.put("/v1/usage/token", top_up).await;
+    assert_eq!(status, 200, "{body}");
+
+    let closed = client.until_closed().await;
+    assert_eq!(closed.code, Some(4001));
+    assert_near(closed.after, 2.5, PRECISION);
+    let most = closed
+        .events
+        .iter()
+        .filter_map(|e| e["remaining"].as_f64())
+        .fold(0.0, f64::max);
+    assert!(
+        most > 1.0,
+        "the top-up never showed in usage.remaining: {:?}",
+        closed.events
+    );
+    assert_ledger_identity(&server.db());
+}
+
+#[tokio::test]
+async fn setting_the_limit_to_zero_closes_the_session_within_a_tick() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    sleep(Duration::from_millis(300)).await;
+    let zero = json!({ "human": "ada", "limits": [{ "type": CONVERSATIONAL, "value": 0 }] });
+    assert_eq!(server.put("/v1/usage/token", zero).await.0, 200);
+
+    let closed = client.until_closed().await;
+    assert_eq!(closed.code, Some(4001));
+    assert_near(closed.after, 0.3, TEST_TICK.as_secs_f64() + PRECISION);
+    assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
+    assert_ledger_identity(&server.db());
+}
+
+#[tokio::test]
+async fn revoking_closes_the_session_within_a_tick_and_the_token_stops_working() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    sleep(Duration::from_millis(300)).await;
+    let (status, body) = server
+        .post("/v1/usage/token/revoke", json!({ "human": "ada" }))
+        .await;
+    assert_eq!((status.as_u16(), &body["revoked_tokens"]), (200, &json!(1)));
+
+    let closed = client.until_closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (Some(4002), "token_revoked")
+    );
+    assert_near(closed.after, 0.3, TEST_TICK.as_secs_f64() + PRECISION);
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    let (status, body) = server.refused(&path).await;
+    assert_eq!(
+        (status.as_u16(), &body["type"]),
+        (401, &json!("token_revoked"))
+    );
+}
+
+#[tokio::test]
+async fn revoking_also_closes_sessions_opened_with_the_api_key() {
+    let server = TestServer::start().await;
+    server.mint_seconds("ada", 30.0).await;
+    let mut client = connect_with_key(&server, "ada").await;
+    client.next_event().await;
+    assert_eq!(
+        server
+            .post("/v1/usage/token/revoke", json!({ "human": "ada" }))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(client.until_closed().await.code, Some(4002));
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_is_charged_up_to_the_moment_it_left() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 10.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = client.next_event().await["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sleep(Duration::from_millis(1230)).await;
+    let used = client.opened.elapsed().as_secs_f64();
+    drop(client);
+
+    let (reason, charged) = wait_for_end(&server, &session_id).await;
+    assert_eq!(reason, "client_disconnected");
+    assert_near(charged as f64 / 1000.0, used, 0.05);
+    assert_near(
+        server.remaining("ada", CONVERSATIONAL).await,
+        10.0 - used,
+        0.05,
+    );
+    assert_ledger_identity(&server.db());
+}
+
+#[tokio::test]
+async fn a_client_that_closes_is_charged_up_to_its_close_frame() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 10.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = client.next_event().await["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sleep(Duration::from_millis(700)).await;
+    let used = client.opened.elapsed().as_secs_f64();
+    client.close().await;
+
+    let (reason, charged) = wait_for_end(&server, &session_id).await;
+    assert_eq!(reason, "client_closed");
+    assert_near(charged as f64 / 1000.0, used, 0.05);
+    assert_ledger_identity(&server.db());
+}
+
+#[tokio::test]
+async fn a_dead_client_is_dropped_and_charged_only_up_to_its_last_frame() {
+    let server = TestServer::start_with(|s| s.ping = Duration::from_millis(200)).await;
+    let token = server.mint_seconds("ada", 10.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = client.next_event().await["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sleep(Duration::from_millis(300)).await;
+    client.send(Message::Binary(vec![0u8; 640].into())).await;
+    let last_frame = client.opened.elapsed().as_secs_f64();
+
+    // From here the client neither reads nor sends: it answers no pings.
+    let (reason, charged) = wait_for_end(&server, &session_id).await;
+    let dropped_after = client.opened.elapsed().as_secs_f64();
+    assert_eq!(reason, "client_timeout");
+    assert!(
+        dropped_after >= last_frame + 0.4,
+        "dropped after {dropped_after} s"
+    );
+    assert_near(charged as f64 / 1000.0, last_frame, 0.05);
+    assert_near(
+        server.remaining("ada", CONVERSATIONAL).await,
+        10.0 - last_frame,
+        0.05,
+    );
+    assert_ledger_identity(&server.db());
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_is_kept() {
+    let server = TestServer::start_with(|s| s.ping = Duration::from_millis(100)).await;
+    let token = server.mint_seconds("ada", 1.0).await;
+    let closed = server.connect(&token).await.until_closed().await;
+    assert_eq!(
+        closed.code,
+        Some(4001),
+        "dropped although it answered every ping"
+    );
+}
+
+#[tokio::test]
+async fn a_session_ends_at_the_server_wide_time_limit() {
+    let server = TestServer::start_with(|s| s.max_session = Duration::from_millis(800)).await;
+    let token = server.mint("ada", json!([])).await;
+    let closed = server.connect(&token).await.until_closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (Some(4004), "session_time_limit")
+    );
+    assert_near(closed.after, 0.8, PRECISION);
+}
+
+#[tokio::test]
+async fn a_human_without_a_limit_is_metered_but_never_cut_off() {
+    let server = TestServer::start().await;
+    let token = server.mint("ada", json!([])).await;
+    let mut client = server.connect(&token).await;
+    let started = client.next_event().await;
+    assert_eq!(started["remaining"], Value::Null);
+    let remaining = client.event_of("usage.remaining").await;
+    assert_eq!(remaining["remaining"], Value::Null);
+    sleep(Duration::from_millis(400)).await;
+    client.close().await;
+
+    let session_id = started["session_id"].as_str().unwrap();
+    let (_, charged) = wait_for_end(&server, session_id).await;
+    assert!(charged >= 400, "charged {charged} ms");
+    assert_eq!(server.limits_of("ada").await, json!([]));
+    assert_ledger_identity(&server.db());
+}
+
+#[tokio::test]
+async fn usage_messages_count_down_and_warn_once_per_crossing() {
+    let server = TestServer::start_with(|s| s.warn = Duration::from_secs(1)).await;
+    let token = server.mint_seconds("ada", 1.4).await;
+    let mut client = server.connect(&token).await;
+    let warning = client.event_of("usage.warning").await;
+    assert!(warning["remaining"].as_f64().unwrap() < 1.0, "{warning}");
+
+    let lift = json!({ "human": "ada", "limits": [{ "type": CONVERSATIONAL, "value": 1.6 }] });
+    assert_eq!(server.put("/v1/usage/token", lift).await.0, 200);
+    let closed = client.until_closed().await;
+    let warnings = closed
+        .events
+        .iter()
+        .filter(|e| e["type"] == "usage.warning")
+        .count();
+    assert_eq!(
+        warnings, 1,
+        "one more warning after the top-up: {:?}",
+        closed.events
+    );
+
+    let remaining: Vec<f64> = closed
+        .events
+        .iter()
+        .filter(|e| e["type"] == "usage.remaining")
+        .map(|e| e["remaining"].as_f64().unwrap())
+        .collect();
+    assert!(
+        remaining.len() >= 10,
+        "too few usage.remaining: {remaining:?}"
+    );
+    let lifted = remaining
+        .iter()
+        .position(|r| *r > 1.0)
+        .expect("the top-up shows");
+    assert!(
+        remaining[lifted..].windows(2).all(|w| w[1] <= w[0]),
+        "{remaining:?}"
+    );
+}
+
+#[tokio::test]
+async fn events_none_gives_a_pure_echo() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 5.0).await;
+    let path = format!("/v1/realtime/session?kind=conversational&events=none&token={token}");
+    let mut client = server.connect_to(&path).await;
+    sleep(Duration::from_millis(200)).await;
+    client.send(Message::Text("hello".into())).await;
+    assert_eq!(next_data(&mut client).await, Message::Text("hello".into()));
+}
+
+#[tokio::test]
+async fn the_echo_returns_text_and_binary_frames_unchanged() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 5.0).await;
+    let path = format!("/v1/realtime/session?kind=conversational&events=none&token={token}");
+    let mut client = server.connect_to(&path).await;
+    let audio: Vec<u8> = (0..640).map(|i| (i % 251) as u8).collect();
+    client.send(Message::Binary(audio.clone().into())).await;
+    client.send(Message::Text("héllo".into())).await;
+    assert_eq!(next_data(&mut client).await, Message::Binary(audio.into()));
+    assert_eq!(next_data(&mut client).await, Message::Text("héllo".into()));
+}
+
+#[tokio::test]
+async fn a_voice_synthesis_session_debits_voice_synthesis_seconds() {
+    let server = TestServer::start().await;
+    let limits = json!([
+        { "type": "voice_synthesis_seconds", "value": 0.6 },
+        { "type": CONVERSATIONAL, "value": 30 },
+    ]);
+    let token = server.mint("ada", limits).await;
+    let path = format!("/v1/realtime/session?kind=voice_synthesis&token={token}");
+    let closed = server.connect_to(&path).await.until_closed().await;
+    assert_eq!(closed.code, Some(4001));
+    assert_near(closed.after, 0.6, PRECISION);
+    assert_eq!(
+        server.remaining("ada", "voice_synthesis_seconds").await,
+        0.0
+    );
+    assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 30.0);
+}
+
+#[tokio::test]
+async fn a_spent_limit_refuses_the_session_before_the_upgrade() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 0.0).await;
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    let (status, body) = server.refused(&path).await;
+    assert_eq!(
+        (status.as_u16(), &body["type"]),
+        (429, &json!("usage_limit_exceeded"))
+    );
+    let db = server.db();
+    let sessions: i64 = db
+        .query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(sessions, 0);
+}
+
+#[tokio::test]
+async fn sessions_over_the_per_human_cap_are_refused() {
+    let server = TestServer::start_with(|s| s.max_sessions_per_human = Some(1)).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let other = server.mint_seconds("bob", 30.0).await;
+    let first = server.connect(&token).await;
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    let (status, body) = server.refused(&path).await;
+    assert_eq!(
+        (status.as_u16(), &body["type"]),
+        (429, &json!("too_many_sessions"))
+    );
+    server.connect(&other).await;
+
+    first.close().await;
+    let mut again = server.connect(&token).await;
+    assert_eq!(again.next_event().await["type"], "usage.session_started");
+}
+
+#[tokio::test]
+async fn refusals_before_the_upgrade_carry_their_error() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let cases = [
+        (
+            format!("/v1/realtime/session?kind=video&token={token}"),
+            400,
+            "invalid_input",
+        ),
+        (
+            format!("/v1/realtime/session?token={token}"),
+            400,
+            "invalid_input",
+        ),
+        (
+            format!("/v1/realtime/session?kind=conversational&events=x&token={token}"),
+            400,
+            "invalid_input",
+        ),
+        (
+            "/v1/realtime/session?kind=conversational".to_owned(),
+            401,
+            "unauthorized",
+        ),
+        (
+            "/v1/realtime/session?kind=conversational&token=tgu_nope".to_owned(),
+            401,
+            "unauthorized",
+        ),
+    ];
+    for (path, status, kind) in cases {
+        let (got, body) = server.refused(&path).await;
+        assert_eq!(
+            (got.as_u16(), body["type"].as_str()),
+            (status, Some(kind)),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_expired_token_opens_no_session() {
+    let server = TestServer::start().await;
+    let body = json!({ "human": "ada", "ttl_seconds": 0.2 });
+    let (_, minted) = server.post("/v1/usage/token", body).await;
+    sleep(Duration::from_millis(300)).await;
+    let token = minted["token"].as_str().unwrap();
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    let (status, body) = server.refused(&path).await;
+    assert_eq!(
+        (status.as_u16(), &body["type"]),
+        (401, &json!("token_expired"))
+    );
+}
+
+#[tokio::test]
+async fn a_bearer_header_or_an_api_key_with_a_human_opens_a_session() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let url = format!("{}/v1/realtime/session?kind=conversational", server.ws_base);
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut bearer = server
+        .connect_request(request)
+        .await
+        .expect("bearer admitted");
+    assert_eq!(bearer.next_event().await["human"], "ada");
+
+    let mut keyed = connect_with_key(&server, "carol").await;
+    let started = keyed.next_event().await;
+    assert_eq!(
+        (&started["human"], &started["remaining"]),
+        (&json!("carol"), &Value::Null)
+    );
+}
+
+#[tokio::test]
+async fn shutting_down_closes_sessions_with_1001_and_records_their_usage() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = client.next_event().await["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sleep(Duration::from_millis(600)).await;
+    let db_path = server.db_path.clone();
+    let used = client.opened.elapsed().as_secs_f64();
+    let (closed, _dir) = tokio::join!(client.until_closed(), server.shutdown());
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (Some(1001), "server_shutdown")
+    );
+
+    let db = open_db(&db_path);
+    let (reason, charged) = session_row(&db, &session_id);
+    assert_eq!(reason.as_deref(), Some("server_shutdown"));
+    assert_near(charged as f64 / 1000.0, used, 0.05);
+    assert_ledger_identity(&db);
+}
+
+/// Opens a session with the API key, for `human`.
+async fn connect_with_key(server: &TestServer, human: &str) -> Client {
+    let url = format!("{}/v1/realtime/session?kind=conversational", server.ws_base);
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", server.key.parse().unwrap());
+    request
+        .headers_mut()
+        .insert("x-human-id", human.parse().unwrap());
+    server
+        .connect_request(request)
+        .await
+        .expect("key and human admitted")
+}
+
+/// The next text or binary frame that is not a `usage.*` message.
+async fn next_data(client: &mut Client) -> Message {
+    loop {
+        match client.next_message().await.expect("connection open") {
+            Message::Text(text) if text.starts_with("{\"type\":\"usage.") => continue,
+            message @ (Message::Text(_) | Message::Binary(_)) => return message,
+            _ => continue,
+        }
+    }
+}
+
+/// Waits until the session's end is recorded; returns reason and charge.
+async fn wait_for_end(server: &TestServer, session_id: &str) -> (String, i64) {
+    for _ in 0..200 {
+        if let (Some(reason), charged) = session_row(&server.db(), session_id) {
+            return (reason, charged);
+        }
+        sleep(Duration::from_millis(25)).await;
+    }
+    panic!("session {session_id} never ended");
+}

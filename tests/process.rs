@@ -1,0 +1,210 @@
+//! The `tollgate` binary as an operator runs it: first start, `keys
+//! create`, SIGTERM, `kill -9` and restart, and what ends up in the logs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::binary::{self, Process};
+use common::*;
+use serde_json::json;
+use tokio::time::sleep;
+
+const TICK_MS: u64 = 200;
+
+fn api_of(process: &Process, key: &str) -> Api {
+    Api::new(process.base.trim_start_matches("http://"), key.to_owned())
+}
+
+async fn wait_for_exit(process: Process) -> (std::process::ExitStatus, Vec<String>) {
+    let limit = Duration::from_secs(20);
+    tokio::task::spawn_blocking(move || process.wait(limit))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_fresh_database_prints_its_api_key_once_and_only_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let first = binary::spawn(&db, &[], "info");
+    let key = first.printed_key().expect("the first start prints a key");
+    let api = api_of(&first, &key);
+    assert_eq!(
+        api.post("/v1/usage/token", json!({ "human": "ada" }))
+            .await
+            .0,
+        200
+    );
+    first.signal("TERM");
+    let (status, stderr) = wait_for_exit(first).await;
+    assert!(status.success(), "{stderr:?}");
+    assert!(
+        stderr.iter().all(|line| !line.contains(&key)),
+        "the key was logged"
+    );
+
+    let second = binary::spawn(&db, &[], "info");
+    assert_eq!(second.printed_key(), None);
+    assert!(second.stdout().is_empty(), "{:?}", second.stdout());
+}
+
+#[tokio::test]
+async fn keys_create_prints_a_working_key_for_a_new_project() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let (status, stdout, stderr) =
+        binary::run_binary(&["keys", "create", "--project", "acme"], &db);
+    assert!(status.success(), "{stderr}");
+    let key = stdout.trim().to_owned();
+    assert!(
+        key.starts_with("tgk_") && !stdout.trim().contains('\n'),
+        "{stdout}"
+    );
+
+    let server = binary::spawn(&db, &[], "info");
+    assert_eq!(
+        server.printed_key(),
+        None,
+        "a database with a project gets no default key"
+    );
+    let api = api_of(&server, &key);
+    let (status, body) = api.post("/v1/usage/token", json!({ "human": "ada" })).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn bad_settings_stop_start_up_with_a_message_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let (status, _, stderr) = binary::run_binary(&["serve", "--ping-secs=-1"], &db);
+    assert!(!status.success());
+    assert!(stderr.contains("--ping-secs"), "{stderr}");
+    assert!(!db.exists(), "a refused start created the database");
+}
+
+#[tokio::test]
+async fn sigterm_closes_every_session_with_1001_records_it_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let process = binary::spawn(&db, &["--tick-ms", &TICK_MS.to_string()], "info");
+    let api = api_of(&process, &process.printed_key().unwrap());
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut clients = vec![api.connect(&token).await, api.connect(&token).await];
+    sleep(Duration::from_millis(700)).await;
+
+    process.signal("TERM");
+    let used = clients[0].opened.elapsed().as_secs_f64();
+    for client in &mut clients {
+        let closed = client.until_closed().await;
+        assert_eq!(
+            (closed.code, closed.reason.as_str()),
+            (Some(1001), "server_shutdown")
+        );
+    }
+    let (status, stderr) = wait_for_exit(process).await;
+    assert!(status.success(), "exit {status}: {stderr:?}");
+
+    let db = open_db(&db);
+    assert_ledger_identity(&db);
+    let rows: Vec<(String, i64)> = db
+        .prepare("SELECT end_reason, charged FROM sessions")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for (reason, charged) in rows {
+        assert_eq!(reason, "server_shutdown");
+        assert_near(charged as f64 / 1000.0, used, 0.1);
+    }
+}
+
+#[tokio::test]
+async fn kill_9_loses_at_most_one_tick_and_the_next_start_closes_what_was_left_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let tick = ["--tick-ms", &TICK_MS.to_string()];
+    let process = binary::spawn(&db, &tick, "info");
+    let api = api_of(&process, &process.printed_key().unwrap());
+    let mut clients = Vec::new();
+    for human in ["ada", "bob", "cy"] {
+        let token = api.mint_seconds(human, 30.0).await;
+        clients.push(api.connect(&token).await);
+    }
+    let unlimited = api.mint("dee", json!([])).await;
+    clients.push(api.connect(&unlimited).await);
+    sleep(Duration::from_millis(1100)).await;
+
+    let used: Vec<f64> = clients
+        .iter()
+        .map(|c| c.opened.elapsed().as_secs_f64())
+        .collect();
+    process.kill();
+    let restarted = binary::spawn(&db, &tick, "info");
+    let logged = restarted.stderr().join("\n");
+    assert!(logged.contains("left open sessions=4"), "{logged}");
+
+    let db = open_db(&db);
+    assert_ledger_identity(&db);
+    let charged: Vec<(String, i64)> = db
+        .prepare("SELECT end_reason, charged FROM sessions ORDER BY id")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(charged.len(), 4);
+    let tick = TICK_MS as f64 / 1000.0;
+    for ((reason, charged), used) in charged.iter().zip(&used) {
+        assert_eq!(reason, "server_restart");
+        let charged = *charged as f64 / 1000.0;
+        assert!(charged <= used + 0.02, "charged {charged} s for {used} s");
+        assert!(
+            charged >= used - tick - 0.05,
+            "lost more than a tick: {charged} of {used} s"
+        );
+    }
+    drop(clients);
+}
+
+#[tokio::test]
+async fn no_log_line_contains_a_token_or_an_api_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let process = binary::spawn(&db, &["--tick-ms", "50"], "trace");
+    let key = process.printed_key().unwrap();
+    let api = api_of(&process, &key);
+    let token = api.mint_seconds("ada", 0.5).await;
+
+    // Every way a secret can reach the server: query string, Bearer
+    // header, x-api-key, and bad or revoked ones that are refused.
+    api.connect(&token).await.until_closed().await;
+    let bearer = api
+        .http
+        .get(api.url("/v1/usage/limits"))
+        .bearer_auth(&token);
+    assert_eq!(bearer.send().await.unwrap().status(), 200);
+    let (status, _) = api
+        .refused("/v1/realtime/session?kind=conversational&token=tgu_bad")
+        .await;
+    assert_eq!(status, 401);
+    let revoke = json!({ "human": "ada" });
+    assert_eq!(api.post("/v1/usage/token/revoke", revoke).await.0, 200);
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    assert_eq!(api.refused(&path).await.0, 401);
+
+    process.signal("TERM");
+    let (status, stderr) = wait_for_exit(process).await;
+    assert!(status.success());
+    assert!(
+        stderr.len() > 20,
+        "too few log lines to mean anything: {stderr:?}"
+    );
+    for secret in [&token, &key] {
+        let body = &secret[4..];
+        let leaks: Vec<&String> = stderr.iter().filter(|l| l.contains(body)).collect();
+        assert!(leaks.is_empty(), "a secret was logged: {leaks:?}");
+    }
+}
