@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Query, State};
@@ -18,7 +19,7 @@ use super::error::ApiError;
 use crate::clock;
 use crate::limits::SessionKind;
 use crate::session::{self, SessionContext, Ticket};
-use crate::store::{Admission, Human, NewSession};
+use crate::store::{Admission, Human, NewSession, SessionKey};
 
 /// Largest message (and frame) a client may send. Audio frames are a few
 /// kilobytes; a megabyte leaves room for anything a voice protocol sends
@@ -41,7 +42,7 @@ pub struct SessionQuery {
 pub async fn open(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    query: Result<Query<SessionQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<SessionQuery>, QueryRejection>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -53,49 +54,19 @@ pub async fn open(
         ApiError::InvalidInput("this endpoint takes a WebSocket upgrade request".into())
     })?;
     let (human, token) = caller(&state, &headers, query.token.as_deref()).await?;
-    if !state.health.is_recording() || state.shutdown.is_cancelled() {
-        return Err(ApiError::Unavailable(
-            "usage cannot be recorded right now; try again later",
-        ));
-    }
+    let admitted = admit(&state, &human, kind, token).await?;
 
-    let public_id = session_id();
-    let admission = state
-        .store
-        .open_session(NewSession {
-            human: human.id,
-            kind,
-            public_id: public_id.clone(),
-            token,
-            max_sessions_per_human: state.settings.max_sessions_per_human,
-            now: clock::now_millis(),
-        })
-        .await?;
-    let (key, remaining, revocation_epoch) = match admission {
-        Admission::Admitted {
-            key,
-            remaining,
-            revocation_epoch,
-        } => (key, remaining, revocation_epoch),
-        Admission::LimitExhausted => {
-            return Err(ApiError::UsageLimitExceeded(kind.limit_type().as_str()));
-        }
-        Admission::TooManySessions => return Err(ApiError::TooManySessions),
-        Admission::TokenRevoked => return Err(ApiError::TokenRevoked),
-        Admission::TokenExpired => return Err(ApiError::TokenExpired),
-    };
-
-    let span = info_span!(parent: None, "session", id = %public_id, human = %human.name,
-                          kind = kind.as_str(), %peer);
-    let ticket = Ticket::new(key, state.meter.clone());
+    let span = info_span!(parent: None, "session", id = %admitted.public_id,
+                          human = %human.name, kind = kind.as_str(), %peer);
+    let ticket = Ticket::new(admitted.key, state.meter.clone());
     let context = SessionContext {
-        key,
-        public_id,
+        key: admitted.key,
+        public_id: admitted.public_id,
         human: human.id,
         human_name: human.name,
         kind,
-        remaining,
-        revocation_epoch,
+        remaining: admitted.remaining,
+        revocation_epoch: admitted.revocation_epoch,
         events,
         ping: state.settings.ping,
         max_duration: state.settings.max_session,
@@ -107,6 +78,53 @@ pub async fn open(
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| session::run(socket, context, ticket)))
+}
+
+/// A session the store has recorded as open.
+struct Admitted {
+    key: SessionKey,
+    public_id: String,
+    remaining: Option<i64>,
+    revocation_epoch: i64,
+}
+
+/// Records the session as open, or says why it may not be.
+async fn admit(
+    state: &AppState,
+    human: &Human,
+    kind: SessionKind,
+    token: Option<i64>,
+) -> Result<Admitted, ApiError> {
+    if !state.health.is_recording() || state.shutdown.is_cancelled() {
+        return Err(ApiError::Unavailable(
+            "usage cannot be recorded right now; try again later",
+        ));
+    }
+    let public_id = session_id();
+    let session = NewSession {
+        human: human.id,
+        kind,
+        public_id: public_id.clone(),
+        token,
+        max_sessions_per_human: state.settings.max_sessions_per_human,
+        now: clock::now_millis(),
+    };
+    match state.store.open_session(session).await? {
+        Admission::Admitted {
+            key,
+            remaining,
+            revocation_epoch,
+        } => Ok(Admitted {
+            key,
+            public_id,
+            remaining,
+            revocation_epoch,
+        }),
+        Admission::LimitExhausted => Err(ApiError::UsageLimitExceeded(kind.limit_type().as_str())),
+        Admission::TooManySessions => Err(ApiError::TooManySessions),
+        Admission::TokenRevoked => Err(ApiError::TokenRevoked),
+        Admission::TokenExpired => Err(ApiError::TokenExpired),
+    }
 }
 
 /// The human a session is for, and the token it was opened with.

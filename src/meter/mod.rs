@@ -135,7 +135,12 @@ impl MeterHandle {
     /// where one cannot wait, such as `Drop`.
     pub fn abandon(&self, key: SessionKey) {
         let commands_tx = self.commands_tx.clone();
-        tokio::spawn(async move { commands_tx.send(Command::Abandon { key }).await });
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Only when the runtime itself is gone; the next start closes
+            // the session's row as `server_restart`, with nothing charged.
+            return;
+        };
+        runtime.spawn(async move { commands_tx.send(Command::Abandon { key }).await });
     }
 
     /// Ends every session with `server_shutdown` and records their usage;

@@ -149,12 +149,14 @@ impl Session {
         let mut ping = tokio::time::interval_at(started + ping_every, ping_every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let time_limit = started + self.context.max_duration;
+        let time_limit_reached = tokio::time::sleep_until(time_limit);
+        tokio::pin!(time_limit_reached);
         loop {
             let step = tokio::select! {
                 message = self.socket.recv() => self.on_message(message).await,
                 changed = self.updates_rx.changed() => self.on_update(changed.is_ok()).await,
                 _ = ping.tick() => self.on_ping().await,
-                _ = tokio::time::sleep_until(time_limit) => Err(Outcome::Ended {
+                _ = &mut time_limit_reached => Err(Outcome::Ended {
                     at: time_limit,
                     reason: EndReason::SessionTimeLimit,
                 }),
@@ -212,6 +214,9 @@ impl Session {
         let update = *self.updates_rx.borrow_and_update();
         if let Some(reason) = update.close {
             return Err(Outcome::ClosedByMeter(reason));
+        }
+        if !self.context.events {
+            return Ok(());
         }
         let remaining = update.remaining_millis.map(seconds);
         let used = seconds(update.used_millis);
