@@ -107,16 +107,10 @@ async fn sigterm_closes_every_session_with_1001_records_it_and_exits_0() {
 
     let db = open_db(&db);
     assert_ledger_identity(&db);
-    let rows: Vec<(String, i64)> = db
-        .prepare("SELECT end_reason, charged FROM sessions")
-        .unwrap()
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rows = session_rows(&db);
     assert_eq!(rows.len(), 2);
     for (reason, charged) in rows {
-        assert_eq!(reason, "server_shutdown");
+        assert_eq!(reason.as_deref(), Some("server_shutdown"));
         assert_near(charged as f64 / 1000.0, used, 0.1);
     }
 }
@@ -148,17 +142,11 @@ async fn kill_9_loses_at_most_one_tick_and_the_next_start_closes_what_was_left_o
 
     let db = open_db(&db);
     assert_ledger_identity(&db);
-    let charged: Vec<(String, i64)> = db
-        .prepare("SELECT end_reason, charged FROM sessions ORDER BY id")
-        .unwrap()
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(charged.len(), 4);
+    let rows = session_rows(&db);
+    assert_eq!(rows.len(), 4);
     let tick = TICK_MS as f64 / 1000.0;
-    for ((reason, charged), used) in charged.iter().zip(&used) {
-        assert_eq!(reason, "server_restart");
+    for ((reason, charged), used) in rows.iter().zip(&used) {
+        assert_eq!(reason.as_deref(), Some("server_restart"));
         let charged = *charged as f64 / 1000.0;
         assert!(charged <= used + 0.02, "charged {charged} s for {used} s");
         assert!(

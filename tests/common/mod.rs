@@ -268,6 +268,16 @@ pub fn session_row(db: &rusqlite::Connection, public_id: &str) -> (Option<String
     .unwrap()
 }
 
+/// Every session's (end_reason, charged milliseconds), oldest first.
+pub fn session_rows(db: &rusqlite::Connection) -> Vec<(Option<String>, i64)> {
+    db.prepare("SELECT end_reason, charged FROM sessions ORDER BY id")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
 async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
     let response = request.send().await.unwrap();
     let status = response.status();
