@@ -109,10 +109,21 @@ async fn sigterm_closes_every_session_with_1001_records_it_and_exits_0() {
     assert_ledger_identity(&db);
     let rows = session_rows(&db);
     assert_eq!(rows.len(), 2);
-    for (reason, charged) in rows {
+    for (reason, charged) in &rows {
         assert_eq!(reason.as_deref(), Some("server_shutdown"));
-        assert_near(charged as f64 / 1000.0, used, 0.1);
+        assert_near(*charged as f64 / 1000.0, used, 0.1);
     }
+
+    // The log says what the database recorded.
+    let mut logged: Vec<f64> = stderr
+        .iter()
+        .filter(|line| line.contains("session closed"))
+        .filter_map(|line| line.split("seconds_used=").nth(1)?.parse().ok())
+        .collect();
+    let mut recorded: Vec<f64> = rows.iter().map(|(_, ms)| *ms as f64 / 1000.0).collect();
+    logged.sort_by(f64::total_cmp);
+    recorded.sort_by(f64::total_cmp);
+    assert_eq!(logged, recorded, "{stderr:?}");
 }
 
 #[tokio::test]

@@ -45,8 +45,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        // The path is `.` at the top level and holds a `?` where the parser
+        // gave up before it knew the field (truncated JSON, say).
         let path = error.path().to_string();
-        let field = if path == "." {
+        let field = if path == "." || path.contains('?') {
             "request body".to_owned()
         } else {
             path
@@ -157,6 +159,8 @@ mod tests {
     #[test]
     fn truncated_and_trailing_json_are_refused() {
         assert!(error_of(r#"{"human": "a", "limits": ["#).starts_with("limits"));
+        let truncated = error_of(r#"{"human": "a", "limits": [{"type": "token_cnt", "#);
+        assert!(truncated.starts_with("request body: EOF"), "{truncated}");
         assert!(error_of(r#"{"human": "a", "limits": []} x"#).starts_with("request body:"));
         assert!(error_of("").starts_with("request body:"));
     }

@@ -33,6 +33,7 @@ use crate::close::EndReason;
 use crate::limits::LimitType;
 use crate::store::{
     Charge, HumanId, PoolState, SessionEnd, SessionKey, Store, StoreError, UsageBatch,
+    UsageRecorded,
 };
 
 /// How many commands may wait for the meter. Session tasks that find it
@@ -206,7 +207,6 @@ struct Ending {
     key: SessionKey,
     charge: Option<Charge>,
     reason: EndReason,
-    used_millis: i64,
     span: Span,
 }
 
@@ -301,7 +301,6 @@ impl Meter {
                 amount,
             }),
             reason,
-            used_millis: session.used_millis + amount,
             span: session.span.clone(),
         });
         self.leave_pool(key, session.pool);
@@ -321,7 +320,6 @@ impl Meter {
             key,
             charge: None,
             reason: EndReason::UpgradeFailed,
-            used_millis: 0,
             span: Span::none(),
         });
     }
@@ -413,7 +411,7 @@ impl Meter {
         }
 
         match self.store.record_usage(batch, clock::now_millis()).await {
-            Ok(states) => self.committed(charged, ending, states, now),
+            Ok(recorded) => self.committed(charged, ending, recorded, now),
             Err(err) => {
                 self.ending = ending;
                 self.fail_closed(err, now);
@@ -425,7 +423,7 @@ impl Meter {
         &mut self,
         charged: Vec<(SessionKey, i64)>,
         ending: Vec<Ending>,
-        states: Vec<PoolState>,
+        recorded: UsageRecorded,
         now: Instant,
     ) {
         if !self.health.is_recording() {
@@ -440,12 +438,14 @@ impl Meter {
             session.committed_to += Duration::from_millis(amount as u64);
             session.used_millis += amount;
         }
-        for end in ending {
-            let seconds_used = end.used_millis as f64 / 1000.0;
+        // The store ends sessions in the order of the batch, which is the
+        // order of `ending`.
+        for (end, (_, charged)) in ending.iter().zip(&recorded.ended) {
+            let seconds_used = *charged as f64 / 1000.0;
             end.span
                 .in_scope(|| info!(reason = end.reason.as_str(), seconds_used, "session closed"));
         }
-        for state in states {
+        for state in recorded.pools {
             self.apply(state, now);
         }
     }

@@ -116,6 +116,16 @@ pub struct UsageBatch {
     pub ends: Vec<SessionEnd>,
 }
 
+/// What the store did with a [`UsageBatch`].
+#[derive(Clone, Debug, Default)]
+pub struct UsageRecorded {
+    /// The state of every pool the batch charged.
+    pub pools: Vec<PoolState>,
+    /// Each session the batch ended, with all it was charged in the end
+    /// (which a pool that ran dry may have cut below the time it ran).
+    pub ended: Vec<(SessionKey, i64)>,
+}
+
 /// A pool (one human's limit of one type) after a batch was applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolState {
@@ -207,10 +217,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn open_session(&self, session: NewSession) -> StoreResult<Admission>;
 
-    /// Applies a batch of usage in one transaction and returns the state of
-    /// every pool it charged.
-    async fn record_usage(&self, batch: UsageBatch, now: UnixMillis)
-    -> StoreResult<Vec<PoolState>>;
+    /// Applies a batch of usage in one transaction.
+    async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded>;
 
     /// Ends the sessions a previous run left open (reason `server_restart`),
     /// their usage as of the last recorded tick. Returns how many.

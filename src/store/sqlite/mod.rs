@@ -18,8 +18,8 @@ use rusqlite::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Admission, Human, HumanId, MintRequest, NewSession, PoolState, ProjectId, Store, StoreError,
-    StoreResult, UnixMillis, UsageBatch, UsageTokenRecord,
+    Admission, Human, HumanId, MintRequest, NewSession, ProjectId, Store, StoreError, StoreResult,
+    UnixMillis, UsageBatch, UsageRecorded, UsageTokenRecord,
 };
 use crate::limits::{ChangeMode, Limit};
 use crate::secret::SecretHash;
@@ -287,11 +287,7 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn record_usage(
-        &self,
-        batch: UsageBatch,
-        now: UnixMillis,
-    ) -> StoreResult<Vec<PoolState>> {
+    async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {
         self.call(move |w| usage::record(w, batch, now)).await
     }
 

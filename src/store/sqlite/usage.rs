@@ -9,7 +9,7 @@ use crate::close::EndReason;
 use crate::limits::LimitType;
 use crate::store::{
     Admission, Charge, HumanId, NewSession, PoolState, SessionKey, StoreError, StoreResult,
-    UnixMillis, UsageBatch,
+    UnixMillis, UsageBatch, UsageRecorded,
 };
 
 /// A debit row stays open for this long of wall-clock time, growing with
@@ -111,16 +111,17 @@ pub fn record(
     writer: &mut Writer,
     batch: UsageBatch,
     now: UnixMillis,
-) -> StoreResult<Vec<PoolState>> {
+) -> StoreResult<UsageRecorded> {
     let tx = super::write_transaction(&mut writer.conn)?;
     let mut started = Vec::new();
-    let mut states = Vec::new();
+    let mut recorded = UsageRecorded::default();
     for pool in group_by_pool(&batch.charges) {
         let state = charge_pool(&tx, &writer.segments, &mut started, pool, now)?;
-        states.push(state);
+        recorded.pools.push(state);
     }
     for end in &batch.ends {
-        end_session(&tx, end.session, end.reason, now)?;
+        let charged = end_session(&tx, end.session, end.reason, now)?;
+        recorded.ended.push((end.session, charged));
     }
     tx.commit()?;
 
@@ -128,7 +129,7 @@ pub fn record(
     for end in &batch.ends {
         writer.segments.remove(&end.session.0);
     }
-    Ok(states)
+    Ok(recorded)
 }
 
 /// The charges of one batch grouped by pool, keeping the batch's order.
@@ -279,19 +280,20 @@ fn session_charged(conn: &Connection, session: SessionKey) -> StoreResult<i64> {
     Ok(stmt.query_row([session.0], |row| row.get(0))?)
 }
 
+/// Records the end of a session; returns all it was charged.
 fn end_session(
     conn: &Connection,
     session: SessionKey,
     reason: EndReason,
     now: UnixMillis,
-) -> StoreResult<()> {
+) -> StoreResult<i64> {
     let charged = session_charged(conn, session)?;
     conn.prepare_cached(
         "UPDATE sessions SET ended_at = ?2, end_reason = ?3, charged = ?4
          WHERE id = ?1 AND ended_at IS NULL",
     )?
     .execute(params![session.0, now, reason.as_str(), charged])?;
-    Ok(())
+    Ok(charged)
 }
 
 /// Ends every session still open in the database. They were charged up to
