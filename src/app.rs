@@ -23,10 +23,10 @@ use crate::store::sqlite::{SqliteStore, WriterThread};
 /// The project an empty database starts with.
 pub const DEFAULT_PROJECT: &str = "default";
 
-/// How long shutdown waits for sessions to finish their closing handshake
-/// once their usage is recorded. A client that never answers its close
-/// frame cannot hold the process up longer than this.
-const SESSION_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long shutdown waits for HTTP requests in hand, and then for sessions
+/// to finish their closing handshake once their usage is recorded. A client
+/// that never answers cannot hold the process up longer than this.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A server that is listening.
 pub struct RunningServer {
@@ -119,8 +119,11 @@ async fn stop_when_asked(
     info!("shutting down");
     let recorded = meter.shutdown().await;
     drop(meter);
-    http.await.context("the listener task failed")?;
-    if tokio::time::timeout(SESSION_CLOSE_GRACE, meter_task)
+    match tokio::time::timeout(SHUTDOWN_GRACE, http).await {
+        Ok(joined) => joined.context("the listener task failed")?,
+        Err(_) => warn!("some HTTP connections did not finish their request in time"),
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, meter_task)
         .await
         .is_err()
     {

@@ -13,7 +13,7 @@ pub async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
         .ping()
         .await
         .map_err(|_| ApiError::Unavailable("the store does not answer"))?;
-    if !state.health.is_recording() {
+    if !state.health.is_recording() || !state.meter.is_running() {
         return Err(ApiError::Unavailable(
             "usage cannot be recorded; new sessions are refused",
         ));

@@ -95,7 +95,7 @@ async fn admit(
     kind: SessionKind,
     token: Option<i64>,
 ) -> Result<Admitted, ApiError> {
-    if !state.health.is_recording() || state.shutdown.is_cancelled() {
+    if !state.health.is_recording() || !state.meter.is_running() || state.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable(
             "usage cannot be recorded right now; try again later",
         ));

@@ -121,7 +121,16 @@ pub struct MeterHandle {
 }
 
 impl MeterHandle {
-    /// Starts charging a session.
+    /// Whether the meter task is still there to charge sessions. It only
+    /// stops on its own once every handle is gone, so `false` means it
+    /// failed.
+    pub fn is_running(&self) -> bool {
+        !self.commands_tx.is_closed()
+    }
+
+    /// Starts charging a session. Should the meter be gone, the
+    /// registration's update channel is dropped with it, which closes the
+    /// session with 1011.
     pub async fn open(&self, registration: Registration) {
         self.send(Command::Open(registration)).await;
     }
