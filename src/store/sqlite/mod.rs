@@ -295,3 +295,62 @@ impl Store for SqliteStore {
         self.call(|w| usage::close_abandoned(&w.conn)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version_of(path: &Path) -> i64 {
+        let conn = Connection::open(path).unwrap();
+        conn.query_row("SELECT MAX(version) FROM schema_version", [], |row| {
+            row.get(0)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_new_database_gets_the_schema_its_version_and_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (store, writer) = SqliteStore::open(&path).unwrap();
+        drop(store);
+        writer.join();
+
+        assert_eq!(version_of(&path), SCHEMA_VERSION);
+        let conn = Connection::open(&path).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+
+        // Opening it again keeps what is there.
+        let (store, writer) = SqliteStore::open(&path).unwrap();
+        drop(store);
+        writer.join();
+        let versions: i64 = conn
+            .query_row("SELECT COUNT(*) FROM schema_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(versions, 1);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_build_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (store, writer) = SqliteStore::open(&path).unwrap();
+        drop(store);
+        writer.join();
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "INSERT INTO schema_version VALUES (?1, 0)",
+            [SCHEMA_VERSION + 1],
+        )
+        .unwrap();
+
+        let error = SqliteStore::open(&path)
+            .err()
+            .expect("a newer schema is refused");
+        let expected = format!("schema version {}", SCHEMA_VERSION + 1);
+        assert!(error.to_string().contains(&expected), "{error}");
+    }
+}
