@@ -86,6 +86,25 @@ async fn a_session_that_joins_later_shares_what_is_left() {
 }
 
 #[tokio::test]
+async fn a_pool_too_large_to_run_dry_in_years_is_metered_like_any_other() {
+    let server = TestServer::start().await;
+    let vast = server.mint_seconds("ada", 1e12).await;
+    let small = server.mint_seconds("bob", 0.5).await;
+    let mut vast = server.connect(&vast).await;
+    assert_eq!(vast.next_event().await["remaining"], 1e12);
+    vast.event_of("usage.remaining").await;
+
+    let closed = server.connect(&small).await.until_closed().await;
+    assert_eq!(closed.code, Some(4001));
+    assert_near(closed.after, 0.5, PRECISION);
+    let remaining = vast.event_of("usage.remaining").await;
+    assert!(
+        remaining["remaining"].as_f64().unwrap() < 1e12,
+        "{remaining}"
+    );
+}
+
+#[tokio::test]
 async fn a_top_up_mid_session_lets_it_go_on() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 1.0).await;

@@ -41,6 +41,11 @@ use crate::store::{
 /// even a burst of thousands of opens and closes drains within a tick.
 const COMMAND_QUEUE: usize = 4096;
 
+/// The furthest ahead a cut-off timer is set. A pool that lasts longer gets
+/// a timer this far out, which finds time left and is set again; every tick
+/// sets it anew anyway.
+const MAX_CUT_OFF_AHEAD: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Clone, Copy, Debug)]
 pub struct MeterSettings {
     pub tick: Duration,
@@ -372,7 +377,9 @@ impl Meter {
             .iter()
             .map(|key| self.sessions[key].committed_to)
             .collect();
-        let at = pool::exhaustion(remaining, &committed);
+        // DelayQueue takes deadlines up to about two years ahead and panics
+        // beyond; a pool with that much left is simply looked at again.
+        let at = pool::exhaustion(remaining, &committed).min(Instant::now() + MAX_CUT_OFF_AHEAD);
         pool.deadline = Some(self.deadlines.insert_at(pool_key, at));
     }
 
