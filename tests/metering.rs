@@ -429,6 +429,45 @@ async fn sessions_over_the_per_human_cap_are_refused() {
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_while_its_session_is_being_recorded_leaves_nothing_open() {
+    let server = TestServer::start_with(|s| s.max_sessions_per_human = Some(1)).await;
+    let token = server.mint_seconds("ada", 60.0).await;
+
+    // Another process holds the write lock for a moment, so that the
+    // upgrade request waits in the store while its client gives up.
+    let blocker = rusqlite::Connection::open(&server.db_path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "GET /v1/realtime/session?kind=conversational&token={token} HTTP/1.1\r\n\
+         Host: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes())
+        .await
+        .unwrap();
+    sleep(Duration::from_millis(100)).await;
+    drop(tcp);
+    sleep(Duration::from_millis(100)).await;
+    blocker.execute_batch("ROLLBACK").unwrap();
+
+    // The session is recorded once the lock is gone, then ended as
+    // abandoned; it must not stay open.
+    let mut rows = session_rows(&server.db());
+    for _ in 0..100 {
+        if rows.first().is_some_and(|(reason, _)| reason.is_some()) {
+            break;
+        }
+        sleep(Duration::from_millis(20)).await;
+        rows = session_rows(&server.db());
+    }
+    assert_eq!(rows, vec![(Some("upgrade_failed".to_owned()), 0)]);
+    let mut again = server.connect(&token).await;
+    assert_eq!(again.next_event().await["type"], "usage.session_started");
+}
+
+#[tokio::test]
 async fn refusals_before_the_upgrade_carry_their_error() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 30.0).await;

@@ -11,6 +11,7 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
+use tokio::sync::oneshot;
 use tracing::info_span;
 
 use super::AppState;
@@ -18,8 +19,9 @@ use super::auth::{self, HumanCredential};
 use super::error::ApiError;
 use crate::clock;
 use crate::limits::SessionKind;
+use crate::meter::MeterHandle;
 use crate::session::{self, SessionContext, Ticket};
-use crate::store::{Admission, Human, NewSession, SessionKey};
+use crate::store::{Admission, Human, NewSession, StoreError};
 
 /// Largest message (and frame) a client may send. Audio frames are a few
 /// kilobytes; a megabyte leaves room for anything a voice protocol sends
@@ -58,9 +60,8 @@ pub async fn open(
 
     let span = info_span!(parent: None, "session", id = %admitted.public_id,
                           human = %human.name, kind = kind.as_str(), %peer);
-    let ticket = Ticket::new(admitted.key, state.meter.clone());
     let context = SessionContext {
-        key: admitted.key,
+        key: admitted.ticket.key(),
         public_id: admitted.public_id,
         human: human.id,
         human_name: human.name,
@@ -77,12 +78,12 @@ pub async fn open(
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| session::run(socket, context, ticket)))
+        .on_upgrade(move |socket| session::run(socket, context, admitted.ticket)))
 }
 
 /// A session the store has recorded as open.
 struct Admitted {
-    key: SessionKey,
+    ticket: Ticket,
     public_id: String,
     remaining: Option<i64>,
     revocation_epoch: i64,
@@ -109,13 +110,37 @@ async fn admit(
         max_sessions_per_human: state.settings.max_sessions_per_human,
         now: clock::now_millis(),
     };
-    match state.store.open_session(session).await? {
+    // The store is called from a task of its own, which takes a ticket for
+    // the session the moment it is admitted. Should the client go away while
+    // the store works, this handler is dropped but the task is not, and the
+    // ticket, dropped unsent, tells the meter the session never started.
+    let (store, meter) = (state.store.clone(), state.meter.clone());
+    let (answer_tx, answer_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let answer = match store.open_session(session).await {
+            Ok(admission) => admitted(admission, public_id, kind, meter),
+            Err(error) => Err(ApiError::from(error)),
+        };
+        let _ = answer_tx.send(answer);
+    });
+    answer_rx
+        .await
+        .map_err(|_| ApiError::from(StoreError::Closed))?
+}
+
+fn admitted(
+    admission: Admission,
+    public_id: String,
+    kind: SessionKind,
+    meter: MeterHandle,
+) -> Result<Admitted, ApiError> {
+    match admission {
         Admission::Admitted {
             key,
             remaining,
             revocation_epoch,
         } => Ok(Admitted {
-            key,
+            ticket: Ticket::new(key, meter),
             public_id,
             remaining,
             revocation_epoch,

@@ -57,6 +57,10 @@ impl Ticket {
         }
     }
 
+    pub fn key(&self) -> SessionKey {
+        self.key
+    }
+
     fn redeem(mut self) {
         self.meter = None;
     }
