@@ -63,16 +63,21 @@ CREATE INDEX usage_tokens_by_human ON usage_tokens (human_id, created_at);
 
 -- A realtime session. ended_at is NULL while it is open; charged (in
 -- milliseconds) is written when it ends, from its ledger rows.
+-- refund_floor is what the session had been charged when its pool was last
+-- set to a value: time given back to a dead client never reaches below it,
+-- so a refund cannot lift a pool above a value set after the client fell
+-- silent.
 CREATE TABLE sessions (
-    id         INTEGER PRIMARY KEY,
-    public_id  TEXT NOT NULL UNIQUE,
-    human_id   INTEGER NOT NULL REFERENCES humans (id),
-    kind       TEXT NOT NULL CHECK (kind IN ('conversational', 'voice_synthesis')),
-    token_id   INTEGER REFERENCES usage_tokens (id),
-    started_at INTEGER NOT NULL,
-    ended_at   INTEGER,
-    end_reason TEXT,
-    charged    INTEGER NOT NULL DEFAULT 0
+    id           INTEGER PRIMARY KEY,
+    public_id    TEXT NOT NULL UNIQUE,
+    human_id     INTEGER NOT NULL REFERENCES humans (id),
+    kind         TEXT NOT NULL CHECK (kind IN ('conversational', 'voice_synthesis')),
+    token_id     INTEGER REFERENCES usage_tokens (id),
+    started_at   INTEGER NOT NULL,
+    ended_at     INTEGER,
+    end_reason   TEXT,
+    charged      INTEGER NOT NULL DEFAULT 0,
+    refund_floor INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE INDEX sessions_open_by_human ON sessions (human_id) WHERE ended_at IS NULL;

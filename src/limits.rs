@@ -85,6 +85,8 @@ pub enum SessionKind {
 }
 
 impl SessionKind {
+    pub const ALL: [SessionKind; 2] = [SessionKind::Conversational, SessionKind::VoiceSynthesis];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SessionKind::Conversational => "conversational",

@@ -265,6 +265,40 @@ async fn a_dead_client_is_dropped_and_charged_only_up_to_its_last_frame() {
 }
 
 #[tokio::test]
+async fn a_dead_clients_refund_never_lifts_a_pool_above_a_value_set_since() {
+    let server = TestServer::start_with(|s| s.ping = Duration::from_millis(500)).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = client.next_event().await["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    client.send(Message::Text("last words".into())).await;
+
+    // The client falls silent; while it is, the backend sets the limit.
+    sleep(Duration::from_millis(600)).await;
+    let set = json!({ "human": "ada", "limits": [{ "type": CONVERSATIONAL, "value": 10 }] });
+    assert_eq!(server.put("/v1/usage/token", set).await.0, 200);
+    let (reason, _) = wait_for_end(&server, &session_id).await;
+    assert_eq!(reason, "client_timeout");
+
+    // Everything after the set is given back, nothing from before it (save
+    // what the meter had not yet recorded at the set, at most a tick).
+    let remaining = server.remaining("ada", CONVERSATIONAL).await;
+    let tick = TEST_TICK.as_secs_f64();
+    assert!(
+        remaining <= 10.0 + tick + 0.01,
+        "the refund lifted the pool to {remaining}"
+    );
+    assert!(
+        remaining >= 10.0 - 0.05,
+        "post-set time was not given back: {remaining}"
+    );
+    assert_ledger_identity(&server.db());
+    drop(client);
+}
+
+#[tokio::test]
 async fn a_client_that_answers_pings_is_kept() {
     let server = TestServer::start_with(|s| s.ping = Duration::from_millis(100)).await;
     let token = server.mint_seconds("ada", 1.0).await;

@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::limits::{ChangeMode, Limit, LimitType};
+use crate::limits::{ChangeMode, Limit, LimitType, SessionKind};
 use crate::secret::SecretHash;
 use crate::store::{
     Human, HumanId, MintRequest, ProjectId, StoreError, StoreResult, UnixMillis, UsageTokenRecord,
@@ -187,6 +187,9 @@ pub fn apply_limits(
             )?
             .execute(params![human.0, change.limit_type.as_str(), delta, now])?;
         }
+        if !(mode == ChangeMode::Add && limited) {
+            raise_refund_floors(conn, human, change.limit_type)?;
+        }
         conn.prepare_cached(
             "INSERT INTO limits (human_id, limit_type, balance, limited, updated_at)
              VALUES (?1, ?2, ?3, 1, ?4)
@@ -194,6 +197,28 @@ pub fn apply_limits(
              DO UPDATE SET balance = excluded.balance, limited = 1, updated_at = excluded.updated_at",
         )?
         .execute(params![human.0, change.limit_type.as_str(), target, now])?;
+    }
+    Ok(())
+}
+
+/// A pool has just been set to a value: what its open sessions were charged
+/// until now is settled, and no refund may give it back. Usage the meter has
+/// not recorded yet (at most a tick) is not covered.
+fn raise_refund_floors(
+    conn: &Connection,
+    human: HumanId,
+    limit_type: LimitType,
+) -> StoreResult<()> {
+    for kind in SessionKind::ALL
+        .into_iter()
+        .filter(|k| k.limit_type() == limit_type)
+    {
+        conn.prepare_cached(
+            "UPDATE sessions SET refund_floor =
+                 (SELECT -COALESCE(SUM(amount), 0) FROM ledger WHERE session_id = sessions.id)
+             WHERE human_id = ?1 AND kind = ?2 AND ended_at IS NULL",
+        )?
+        .execute(params![human.0, kind.as_str()])?;
     }
     Ok(())
 }

@@ -253,9 +253,14 @@ fn debit(
 }
 
 /// Gives back up to `-charge.amount`, never more than the session was
-/// debited in all. Returns what was given back.
+/// debited since its pool was last set (see `refund_floor` in schema.sql).
+/// Returns what was given back.
 fn refund(conn: &Connection, charge: &Charge, now: UnixMillis) -> StoreResult<i64> {
-    let applied = (-charge.amount).min(session_charged(conn, charge.session)?);
+    let floor: i64 = conn
+        .prepare_cached("SELECT refund_floor FROM sessions WHERE id = ?1")?
+        .query_row([charge.session.0], |row| row.get(0))?;
+    let refundable = session_charged(conn, charge.session)? - floor;
+    let applied = (-charge.amount).min(refundable);
     if applied > 0 {
         conn.prepare_cached(
             "INSERT INTO ledger
