@@ -2,6 +2,7 @@
 //! left open, start the meter and the listener, and take it all down again
 //! in order on shutdown.
 
+use std::fs::{File, OpenOptions, TryLockError};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -56,6 +57,10 @@ impl RunningServer {
 
 /// Opens the database and starts serving.
 pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
+    let lock = lock_database(&settings.db)?;
+    let listener = listener::bind(settings.listen)
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let local_addr = listener.local_addr()?;
     let (store, writer) = SqliteStore::open(&settings.db)?;
     let store: Arc<dyn Store> = Arc::new(store);
     let abandoned = store.close_abandoned_sessions().await?;
@@ -74,9 +79,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     };
     let (meter, meter_task) = meter::spawn(store.clone(), meter_settings, health.clone());
     let shutdown = CancellationToken::new();
-    let listener = listener::bind(settings.listen)
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let local_addr = listener.local_addr()?;
     let state = AppState {
         store,
         meter: meter.clone(),
@@ -84,19 +86,19 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         health,
         shutdown: shutdown.clone(),
     };
-
     let http = tokio::spawn(listener::serve(
         listener,
         api::router(state),
         shutdown.clone(),
     ));
-    let done = tokio::spawn(stop_when_asked(
-        shutdown.clone(),
+    let parts = Parts {
         http,
         meter,
         meter_task,
         writer,
-    ));
+        _lock: lock,
+    };
+    let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts));
     Ok(RunningServer {
         local_addr,
         first_api_key,
@@ -105,33 +107,60 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     })
 }
 
-/// Waits for the shutdown signal, then stops in order: the meter ends and
-/// records every session, the listener drains, the sessions finish their
-/// close, and the store's writer closes the database.
-async fn stop_when_asked(
-    shutdown: CancellationToken,
+/// What a running server is made of, taken down in order by
+/// [`stop_when_asked`].
+struct Parts {
     http: JoinHandle<()>,
     meter: meter::MeterHandle,
     meter_task: JoinHandle<()>,
     writer: WriterThread,
-) -> anyhow::Result<()> {
+    /// Held until the end: see [`lock_database`].
+    _lock: File,
+}
+
+/// Waits for the shutdown signal, then stops in order: the meter ends and
+/// records every session, the listener drains, the sessions finish their
+/// close, and the store's writer closes the database.
+async fn stop_when_asked(shutdown: CancellationToken, parts: Parts) -> anyhow::Result<()> {
     shutdown.cancelled().await;
     info!("shutting down");
-    let recorded = meter.shutdown().await;
-    drop(meter);
-    match tokio::time::timeout(SHUTDOWN_GRACE, http).await {
+    let recorded = parts.meter.shutdown().await;
+    drop(parts.meter);
+    match tokio::time::timeout(SHUTDOWN_GRACE, parts.http).await {
         Ok(joined) => joined.context("the listener task failed")?,
         Err(_) => warn!("some HTTP connections did not finish their request in time"),
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, meter_task)
+    if tokio::time::timeout(SHUTDOWN_GRACE, parts.meter_task)
         .await
         .is_err()
     {
         warn!("some sessions did not finish closing in time; their usage is recorded");
         return finish(recorded);
     }
+    let writer = parts.writer;
     tokio::task::spawn_blocking(move || writer.join()).await?;
     finish(recorded)
+}
+
+/// Takes a lock that only one server at a time can hold for a database. A
+/// second server started on the same file would otherwise close the first
+/// one's live sessions as left over from a crash.
+fn lock_database(db: &Path) -> anyhow::Result<File> {
+    let mut path = db.as_os_str().to_owned();
+    path.push(".lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", Path::new(&path).display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => {
+            anyhow::bail!("another tollgate server is already using {}", db.display())
+        }
+        Err(TryLockError::Error(error)) => Err(error).context("cannot lock the database"),
+    }
 }
 
 fn finish(recorded: bool) -> anyhow::Result<()> {

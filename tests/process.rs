@@ -84,6 +84,39 @@ async fn bad_settings_stop_start_up_with_a_message_naming_them() {
 }
 
 #[tokio::test]
+async fn a_second_server_on_the_same_database_is_refused_and_disturbs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let first = binary::spawn(&db, &[], "info");
+    let api = api_of(&first, &first.printed_key().unwrap());
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut client = api.connect(&token).await;
+    client.next_event().await;
+
+    let (status, _, stderr) = binary::run_binary(&["serve", "--listen", "127.0.0.1:0"], &db);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("another tollgate server is already using"),
+        "{stderr}"
+    );
+    let rows = session_rows(&open_db(&db));
+    assert_eq!(
+        rows,
+        vec![(None, 0)],
+        "the first server's session was touched"
+    );
+    client
+        .send(tokio_tungstenite::tungstenite::Message::Text(
+            "still here".into(),
+        ))
+        .await;
+    assert_eq!(
+        client.event_of("usage.remaining").await["type"],
+        "usage.remaining"
+    );
+}
+
+#[tokio::test]
 async fn sigterm_closes_every_session_with_1001_records_it_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");

@@ -98,14 +98,26 @@ impl Drop for Process {
     }
 }
 
-/// Runs `tollgate` with `args` to completion: (status, stdout, stderr).
+/// Runs `tollgate` with `args` to completion, killing it after 20 s:
+/// (status, stdout, stderr).
 pub fn run_binary(args: &[&str], db: &PathBuf) -> (ExitStatus, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
         .arg("--db")
         .arg(db)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("the binary runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let output = child.wait_with_output().unwrap();
     let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
     (output.status, text(output.stdout), text(output.stderr))
 }
