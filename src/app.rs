@@ -19,7 +19,7 @@ use crate::listener;
 use crate::meter::{self, Health, MeterSettings};
 use crate::secret::{Secret, SecretKind};
 use crate::store::Store;
-use crate::store::sqlite::{SqliteStore, WriterThread};
+use crate::store::sqlite::{SqliteStore, StoreThreads};
 
 /// The project an empty database starts with.
 pub const DEFAULT_PROJECT: &str = "default";
@@ -61,7 +61,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     let listener = listener::bind(settings.listen)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let local_addr = listener.local_addr()?;
-    let (store, writer) = SqliteStore::open(&settings.db)?;
+    let (store, store_threads) = SqliteStore::open(&settings.db)?;
     let store: Arc<dyn Store> = Arc::new(store);
     let abandoned = store.close_abandoned_sessions().await?;
     if abandoned > 0 {
@@ -95,7 +95,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         http,
         meter,
         meter_task,
-        writer,
+        store_threads,
         _lock: lock,
     };
     let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts));
@@ -113,14 +113,14 @@ struct Parts {
     http: JoinHandle<()>,
     meter: meter::MeterHandle,
     meter_task: JoinHandle<()>,
-    writer: WriterThread,
+    store_threads: StoreThreads,
     /// Held until the end: see [`lock_database`].
     _lock: File,
 }
 
 /// Waits for the shutdown signal, then stops in order: the meter ends and
 /// records every session, the listener drains, the sessions finish their
-/// close, and the store's writer closes the database.
+/// close, and the store's threads close the database.
 async fn stop_when_asked(shutdown: CancellationToken, parts: Parts) -> anyhow::Result<()> {
     shutdown.cancelled().await;
     info!("shutting down");
@@ -137,8 +137,8 @@ async fn stop_when_asked(shutdown: CancellationToken, parts: Parts) -> anyhow::R
         warn!("some sessions did not finish closing in time; their usage is recorded");
         return finish(recorded);
     }
-    let writer = parts.writer;
-    tokio::task::spawn_blocking(move || writer.join()).await?;
+    let store_threads = parts.store_threads;
+    tokio::task::spawn_blocking(move || store_threads.join()).await?;
     finish(recorded)
 }
 
@@ -191,10 +191,10 @@ pub async fn create_api_key(db: &Path, project: &str) -> anyhow::Result<Secret> 
         !project.is_empty() && project.len() <= 100,
         "--project must be 1 to 100 bytes long"
     );
-    let (store, writer) = SqliteStore::open(db)?;
+    let (store, store_threads) = SqliteStore::open(db)?;
     let key = Secret::generate(SecretKind::ApiKey);
     store.add_api_key(project, key.hash(), key.hint()).await?;
     drop(store);
-    tokio::task::spawn_blocking(move || writer.join()).await?;
+    tokio::task::spawn_blocking(move || store_threads.join()).await?;
     Ok(key)
 }

@@ -1,6 +1,7 @@
 //! The SQLite backend: one connection owned by one writer thread, fed by a
 //! bounded channel of jobs, so that SQLite never blocks the async runtime
-//! and every transaction is serialised without locks of our own. Pragmas
+//! and every transaction is serialised without locks of our own; lookups
+//! go to a second, read-only connection on a thread of its own. Pragmas
 //! and the schema are applied here when the database is opened.
 
 mod accounts;
@@ -9,11 +10,12 @@ mod usage;
 use std::collections::HashMap;
 use std::path::Path;
 use std::thread;
+use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
 use rusqlite::{
-    Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params,
+    Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,7 +30,7 @@ use crate::secret::SecretHash;
 pub const SCHEMA_VERSION: i64 = 1;
 const SCHEMA: &str = include_str!("../../../schema.sql");
 
-/// How many jobs may wait for the writer. Callers past this wait for room
+/// How many jobs may wait for each thread. Callers past this wait for room
 /// (backpressure on HTTP handlers and the meter) rather than queueing
 /// without bound; at tens of microseconds a job, a full queue drains in
 /// well under a tick.
@@ -39,7 +41,8 @@ const JOB_QUEUE: usize = 1024;
 /// meter close its sessions rather than meter blind, so the wait is short.
 const BUSY_TIMEOUT_MS: u64 = 1000;
 
-type Job = Box<dyn FnOnce(&mut Writer) + Send>;
+/// Work for one of the store's threads, run on its state.
+type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
 /// The writer thread's state: the connection and what the usage recorder
 /// remembers between ticks.
@@ -48,65 +51,107 @@ pub(crate) struct Writer {
     segments: HashMap<i64, usage::Segment>,
 }
 
-/// A handle on the writer thread; cheap to clone.
+/// A handle on the store's threads; cheap to clone.
 #[derive(Clone)]
 pub struct SqliteStore {
-    jobs_tx: mpsc::Sender<Job>,
+    writes_tx: mpsc::Sender<Job<Writer>>,
+    /// Lookups run on a read-only connection of their own, so that a flood
+    /// of them (every well-formed credential costs one) never queues ahead
+    /// of the meter's writes.
+    reads_tx: mpsc::Sender<Job<Connection>>,
 }
 
-/// The writer thread itself. Join it after every [`SqliteStore`] handle is
+/// The store's threads. Join them after every [`SqliteStore`] handle is
 /// dropped to be sure the database was closed cleanly.
-pub struct WriterThread(thread::JoinHandle<()>);
+pub struct StoreThreads(Vec<thread::JoinHandle<()>>);
 
-impl WriterThread {
+impl StoreThreads {
     pub fn join(self) {
-        if self.0.join().is_err() {
-            tracing::error!("the store's writer thread panicked");
+        for handle in self.0 {
+            if handle.join().is_err() {
+                tracing::error!("a thread of the store panicked");
+            }
         }
     }
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, applies the
-    /// schema to an empty one, and starts the writer thread.
-    pub fn open(path: &Path) -> anyhow::Result<(SqliteStore, WriterThread)> {
-        let mut conn = Connection::open(path)
-            .with_context(|| format!("cannot open the database {}", path.display()))?;
+    /// schema to an empty one, and starts the writer and reader threads.
+    pub fn open(path: &Path) -> anyhow::Result<(SqliteStore, StoreThreads)> {
+        let cannot_open = || format!("cannot open the database {}", path.display());
+        let mut conn = Connection::open(path).with_context(cannot_open)?;
         configure(&conn).context("cannot configure the database")?;
         migrate(&mut conn)?;
+        let reader = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(cannot_open)?;
+        reader.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
 
-        let (jobs_tx, mut jobs_rx) = mpsc::channel::<Job>(JOB_QUEUE);
-        let mut writer = Writer {
+        let writer = Writer {
             conn,
             segments: HashMap::new(),
         };
-        let handle = thread::Builder::new()
-            .name("tollgate-store".into())
-            .spawn(move || {
-                while let Some(job) = jobs_rx.blocking_recv() {
-                    job(&mut writer);
-                }
-            })
-            .context("cannot start the store's writer thread")?;
-        Ok((SqliteStore { jobs_tx }, WriterThread(handle)))
+        let (writes_tx, write_thread) = spawn_thread("tollgate-store-writer", writer)?;
+        let (reads_tx, read_thread) = spawn_thread("tollgate-store-reader", reader)?;
+        let threads = StoreThreads(vec![write_thread, read_thread]);
+        Ok((
+            SqliteStore {
+                writes_tx,
+                reads_tx,
+            },
+            threads,
+        ))
     }
 
     /// Runs `f` on the writer thread and waits for its answer.
-    async fn call<R, F>(&self, f: F) -> StoreResult<R>
+    async fn write<R, F>(&self, f: F) -> StoreResult<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static,
     {
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let job: Job = Box::new(move |writer| {
-            let _ = reply_tx.send(f(writer));
-        });
-        self.jobs_tx
-            .send(job)
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        reply_rx.await.map_err(|_| StoreError::Closed)?
+        run_on(&self.writes_tx, f).await
     }
+
+    /// Runs `f` on the reader thread and waits for its answer.
+    async fn read<R, F>(&self, f: F) -> StoreResult<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<R> + Send + 'static,
+    {
+        run_on(&self.reads_tx, move |conn: &mut Connection| f(conn)).await
+    }
+}
+
+/// A thread that runs the jobs sent to it on `state`, in order, until every
+/// sender is gone.
+fn spawn_thread<S: Send + 'static>(
+    name: &str,
+    mut state: S,
+) -> anyhow::Result<(mpsc::Sender<Job<S>>, thread::JoinHandle<()>)> {
+    let (jobs_tx, mut jobs_rx) = mpsc::channel::<Job<S>>(JOB_QUEUE);
+    let handle = thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while let Some(job) = jobs_rx.blocking_recv() {
+                job(&mut state);
+            }
+        })
+        .with_context(|| format!("cannot start the thread {name}"))?;
+    Ok((jobs_tx, handle))
+}
+
+/// Sends `f` to a thread's queue, waiting for room, then for its answer.
+async fn run_on<S, R, F>(jobs_tx: &mpsc::Sender<Job<S>>, f: F) -> StoreResult<R>
+where
+    R: Send + 'static,
+    F: FnOnce(&mut S) -> StoreResult<R> + Send + 'static,
+{
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let job: Job<S> = Box::new(move |state| {
+        let _ = reply_tx.send(f(state));
+    });
+    jobs_tx.send(job).await.map_err(|_| StoreError::Closed)?;
+    reply_rx.await.map_err(|_| StoreError::Closed)?
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -117,7 +162,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+    conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
 }
 
 /// Applies the schema to an empty database, or checks the recorded version
@@ -182,50 +227,50 @@ impl From<rusqlite::Error> for StoreError {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
-        self.call(|w| Ok(w.conn.query_row("SELECT 1", [], |_| Ok(()))?))
+        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
             .await
     }
 
     async fn add_api_key(&self, project: &str, key: SecretHash, hint: String) -> StoreResult<()> {
         let project = project.to_owned();
-        self.call(move |w| accounts::add_api_key(&mut w.conn, &project, key, &hint))
+        self.write(move |w| accounts::add_api_key(&mut w.conn, &project, key, &hint))
             .await
     }
 
     async fn has_projects(&self) -> StoreResult<bool> {
-        self.call(|w| accounts::has_projects(&w.conn)).await
+        self.read(accounts::has_projects).await
     }
 
     async fn find_api_key(&self, key: SecretHash) -> StoreResult<Option<ProjectId>> {
-        self.call(move |w| accounts::find_api_key(&w.conn, key))
+        self.read(move |conn| accounts::find_api_key(conn, key))
             .await
     }
 
     async fn find_usage_token(&self, token: SecretHash) -> StoreResult<Option<UsageTokenRecord>> {
-        self.call(move |w| accounts::find_usage_token(&w.conn, token))
+        self.read(move |conn| accounts::find_usage_token(conn, token))
             .await
     }
 
     async fn find_human(&self, project: ProjectId, name: &str) -> StoreResult<Option<Human>> {
         let name = name.to_owned();
-        self.call(move |w| accounts::find_human(&w.conn, project, &name))
+        self.read(move |conn| accounts::find_human(conn, project, &name))
             .await
     }
 
     async fn find_or_create_human(&self, project: ProjectId, name: &str) -> StoreResult<Human> {
         let name = name.to_owned();
         let now = crate::clock::now_millis();
-        self.call(move |w| accounts::find_or_create_human(&w.conn, project, &name, now))
+        self.write(move |w| accounts::find_or_create_human(&w.conn, project, &name, now))
             .await
     }
 
     async fn mint_token(&self, request: MintRequest) -> StoreResult<Vec<Limit>> {
-        self.call(move |w| accounts::mint_token(&mut w.conn, request))
+        self.write(move |w| accounts::mint_token(&mut w.conn, request))
             .await
     }
 
     async fn limits(&self, human: HumanId) -> StoreResult<Vec<Limit>> {
-        self.call(move |w| accounts::limits(&w.conn, human)).await
+        self.read(move |conn| accounts::limits(conn, human)).await
     }
 
     async fn change_limits(
@@ -237,7 +282,7 @@ impl Store for SqliteStore {
         now: UnixMillis,
     ) -> StoreResult<Vec<Limit>> {
         let human = human.to_owned();
-        self.call(move |w| {
+        self.write(move |w| {
             let tx = write_transaction(&mut w.conn)?;
             let found = accounts::find_or_create_human(&tx, project, &human, now)?;
             accounts::apply_limits(&tx, found.id, &changes, mode, now)?;
@@ -255,7 +300,7 @@ impl Store for SqliteStore {
         now: UnixMillis,
     ) -> StoreResult<Option<u64>> {
         let human = human.to_owned();
-        self.call(move |w| accounts::revoke(&mut w.conn, project, &human, now))
+        self.write(move |w| accounts::revoke(&mut w.conn, project, &human, now))
             .await
     }
 
@@ -266,7 +311,7 @@ impl Store for SqliteStore {
         now: UnixMillis,
     ) -> StoreResult<Option<UnixMillis>> {
         let human = human.to_owned();
-        self.call(move |w| accounts::newest_live_token(&w.conn, project, &human, now))
+        self.read(move |conn| accounts::newest_live_token(conn, project, &human, now))
             .await
     }
 
@@ -278,21 +323,21 @@ impl Store for SqliteStore {
         expires_at: UnixMillis,
     ) -> StoreResult<u64> {
         let human = human.to_owned();
-        self.call(move |w| accounts::set_token_expiry(&w.conn, project, &human, now, expires_at))
+        self.write(move |w| accounts::set_token_expiry(&w.conn, project, &human, now, expires_at))
             .await
     }
 
     async fn open_session(&self, session: NewSession) -> StoreResult<Admission> {
-        self.call(move |w| usage::open_session(&mut w.conn, session))
+        self.write(move |w| usage::open_session(&mut w.conn, session))
             .await
     }
 
     async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {
-        self.call(move |w| usage::record(w, batch, now)).await
+        self.write(move |w| usage::record(w, batch, now)).await
     }
 
     async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
-        self.call(|w| usage::close_abandoned(&w.conn)).await
+        self.write(|w| usage::close_abandoned(&w.conn)).await
     }
 }
 
@@ -312,9 +357,9 @@ mod tests {
     fn a_new_database_gets_the_schema_its_version_and_wal() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let (store, writer) = SqliteStore::open(&path).unwrap();
+        let (store, threads) = SqliteStore::open(&path).unwrap();
         drop(store);
-        writer.join();
+        threads.join();
 
         assert_eq!(version_of(&path), SCHEMA_VERSION);
         let conn = Connection::open(&path).unwrap();
@@ -324,9 +369,9 @@ mod tests {
         assert_eq!(mode, "wal");
 
         // Opening it again keeps what is there.
-        let (store, writer) = SqliteStore::open(&path).unwrap();
+        let (store, threads) = SqliteStore::open(&path).unwrap();
         drop(store);
-        writer.join();
+        threads.join();
         let versions: i64 = conn
             .query_row("SELECT COUNT(*) FROM schema_version", [], |row| row.get(0))
             .unwrap();
@@ -337,9 +382,9 @@ mod tests {
     fn a_database_from_a_newer_build_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let (store, writer) = SqliteStore::open(&path).unwrap();
+        let (store, threads) = SqliteStore::open(&path).unwrap();
         drop(store);
-        writer.join();
+        threads.join();
         let conn = Connection::open(&path).unwrap();
         conn.execute(
             "INSERT INTO schema_version VALUES (?1, 0)",
