@@ -14,13 +14,11 @@ CREATE TABLE projects (
     created_at INTEGER NOT NULL
 );
 
--- Only the SHA-256 of a key is kept; the hint (its first characters) tells
--- keys apart without revealing them.
+-- Only the SHA-256 of a key is kept.
 CREATE TABLE api_keys (
     id         INTEGER PRIMARY KEY,
     project_id INTEGER NOT NULL REFERENCES projects (id),
     key_hash   BLOB NOT NULL UNIQUE,
-    hint       TEXT NOT NULL,
     created_at INTEGER NOT NULL,
     revoked_at INTEGER
 );

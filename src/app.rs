@@ -178,9 +178,7 @@ async fn create_first_project(store: &dyn Store) -> anyhow::Result<Option<Secret
         return Ok(None);
     }
     let key = Secret::generate(SecretKind::ApiKey);
-    store
-        .add_api_key(DEFAULT_PROJECT, key.hash(), key.hint())
-        .await?;
+    store.add_api_key(DEFAULT_PROJECT, key.hash()).await?;
     Ok(Some(key))
 }
 
@@ -193,7 +191,7 @@ pub async fn create_api_key(db: &Path, project: &str) -> anyhow::Result<Secret> 
     );
     let (store, store_threads) = SqliteStore::open(db)?;
     let key = Secret::generate(SecretKind::ApiKey);
-    store.add_api_key(project, key.hash(), key.hint()).await?;
+    store.add_api_key(project, key.hash()).await?;
     drop(store);
     tokio::task::spawn_blocking(move || store_threads.join()).await?;
     Ok(key)

@@ -76,7 +76,8 @@ pub struct ServeArgs {
     pub max_session_seconds: f64,
 
     /// Most sessions one human may have open at once (default: no cap).
-    #[arg(long, env = "TOLLGATE_MAX_SESSIONS_PER_HUMAN")]
+    #[arg(long, env = "TOLLGATE_MAX_SESSIONS_PER_HUMAN",
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sessions_per_human: Option<u32>,
 
     /// Seconds between two pings; a client silent for two intervals is dropped.

@@ -69,11 +69,6 @@ impl Secret {
     pub fn hash(&self) -> SecretHash {
         SecretHash::of(&self.0)
     }
-
-    /// The first characters, enough to tell keys apart in a listing.
-    pub fn hint(&self) -> String {
-        self.0.chars().take(10).collect()
-    }
 }
 
 impl fmt::Debug for Secret {

@@ -1033,6 +1033,11 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             "x-human-id",
         ),
         bad_create("ttl_seconds 0", &new_ttl("0"), "ttl_seconds"),
+        bad_create(
+            "ttl_seconds under a millisecond",
+            &new_ttl("0.0004"),
+            "ttl_seconds",
+        ),
         bad_create("ttl_seconds -1", &new_ttl("-1"), "ttl_seconds"),
         bad_create(
             "ttl_seconds above the maximum",

@@ -66,7 +66,7 @@ impl From<StoreError> for ApiError {
             )),
             StoreError::Unavailable(_) => {
                 error!(error = %error, "store unavailable");
-                ApiError::Unavailable("the store cannot record usage right now; try again later")
+                ApiError::Unavailable("the store is unavailable right now; try again later")
             }
             other => ApiError::Internal(other),
         }

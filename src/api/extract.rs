@@ -109,12 +109,13 @@ pub fn human(name: String, field: &str) -> Result<String, ApiError> {
 /// A token lifetime in seconds, checked against the server's maximum, as
 /// milliseconds.
 pub fn ttl_millis(seconds: f64, max_seconds: f64) -> Result<i64, ApiError> {
-    if !(seconds.is_finite() && seconds > 0.0 && seconds <= max_seconds) {
+    let millis = (seconds * 1000.0).round();
+    if !(millis.is_finite() && millis >= 1.0 && seconds <= max_seconds) {
         return Err(ApiError::InvalidInput(format!(
-            "ttl_seconds: must be more than 0 and at most {max_seconds}"
+            "ttl_seconds: must be at least 0.001 and at most {max_seconds}"
         )));
     }
-    Ok((seconds * 1000.0).round() as i64)
+    Ok(millis as i64)
 }
 
 /// A header's value as UTF-8, if present.

@@ -156,14 +156,17 @@ impl Session {
         let time_limit_reached = tokio::time::sleep_until(time_limit);
         tokio::pin!(time_limit_reached);
         loop {
+            // The meter's word and the time limit come first: a client
+            // sending without pause must not delay its own cut-off.
             let step = tokio::select! {
-                message = self.socket.recv() => self.on_message(message).await,
+                biased;
                 changed = self.updates_rx.changed() => self.on_update(changed.is_ok()).await,
-                _ = ping.tick() => self.on_ping().await,
                 _ = &mut time_limit_reached => Err(Outcome::Ended {
                     at: time_limit,
                     reason: EndReason::SessionTimeLimit,
                 }),
+                message = self.socket.recv() => self.on_message(message).await,
+                _ = ping.tick() => self.on_ping().await,
             };
             if let Err(outcome) = step {
                 return outcome;

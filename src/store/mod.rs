@@ -159,7 +159,7 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
 
     /// Creates the project if it does not exist and adds an API key to it.
-    async fn add_api_key(&self, project: &str, key: SecretHash, hint: String) -> StoreResult<()>;
+    async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()>;
 
     async fn has_projects(&self) -> StoreResult<bool>;
 

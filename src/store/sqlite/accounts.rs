@@ -9,12 +9,7 @@ use crate::store::{
     Human, HumanId, MintRequest, ProjectId, StoreError, StoreResult, UnixMillis, UsageTokenRecord,
 };
 
-pub fn add_api_key(
-    conn: &mut Connection,
-    project: &str,
-    key: SecretHash,
-    hint: &str,
-) -> StoreResult<()> {
+pub fn add_api_key(conn: &mut Connection, project: &str, key: SecretHash) -> StoreResult<()> {
     let now = crate::clock::now_millis();
     let tx = super::write_transaction(conn)?;
     tx.execute(
@@ -27,8 +22,8 @@ pub fn add_api_key(
         |row| row.get(0),
     )?;
     tx.execute(
-        "INSERT INTO api_keys (project_id, key_hash, hint, created_at) VALUES (?1, ?2, ?3, ?4)",
-        params![project_id, key.0.as_slice(), hint, now],
+        "INSERT INTO api_keys (project_id, key_hash, created_at) VALUES (?1, ?2, ?3)",
+        params![project_id, key.0.as_slice(), now],
     )?;
     tx.commit()?;
     Ok(())

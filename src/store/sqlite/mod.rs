@@ -231,9 +231,9 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn add_api_key(&self, project: &str, key: SecretHash, hint: String) -> StoreResult<()> {
+    async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()> {
         let project = project.to_owned();
-        self.write(move |w| accounts::add_api_key(&mut w.conn, &project, key, &hint))
+        self.write(move |w| accounts::add_api_key(&mut w.conn, &project, key))
             .await
     }
 
