@@ -50,6 +50,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // rely on standard output being complete.
     tracing::info!(address = %server.local_addr(), "listening");
     stop_signal().await?;
+    tokio::spawn(async {
+        // A second signal means the operator will not wait for sessions to
+        // close; whatever the meter has not yet recorded is lost.
+        if stop_signal().await.is_ok() {
+            eprintln!("error: second stop signal; exiting without waiting");
+            std::process::exit(130);
+        }
+    });
     server.shutdown().await
 }
 
