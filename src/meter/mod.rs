@@ -298,8 +298,11 @@ impl Meter {
         self.notify(r.key);
     }
 
-    /// The session ended on its own side (the client left, its time limit
-    /// came). Ends the meter already decided are unknown here and ignored.
+    /// Stops charging a session at `at` and queues its last charge and its
+    /// end for the next commit. Both the session's own ends (the client left,
+    /// its time limit came) and the meter's decisions come here, and the
+    /// session is told to close; an end for a session already ended is
+    /// ignored.
     fn end(&mut self, key: SessionKey, at: Instant, reason: EndReason) {
         let Some(session) = self.sessions.remove(&key) else {
             return;
