@@ -14,7 +14,7 @@ use super::extract::{self, JsonBody, LimitInput};
 use crate::clock;
 use crate::limits::{ChangeMode, Limit, LimitView};
 use crate::secret::{Secret, SecretKind};
-use crate::store::MintRequest;
+use crate::store::{MintRequest, ProjectId, StoreResult};
 
 const DEFAULT_TTL_SECONDS: f64 = 86_400.0;
 
@@ -59,7 +59,11 @@ pub async fn create(
         expires_at: now + ttl,
         limits,
     };
-    let limits = state.store.mint_token(request).await?;
+    let limits = if request.limits.is_some() {
+        settled(&state, project, &human, state.store.mint_token(request)).await?
+    } else {
+        state.store.mint_token(request).await?
+    };
     Ok(Json(CreatedToken {
         token: token.expose().to_owned(),
         human,
@@ -111,10 +115,10 @@ pub async fn change_limits(
     }
     let changes = extract::limits(body.limits)?;
     let now = clock::now_millis();
-    let limits = state
+    let change = state
         .store
-        .change_limits(project, &human, changes, body.mode, now)
-        .await?;
+        .change_limits(project, &human, changes, body.mode, now);
+    let limits = settled(&state, project, &human, change).await?;
     Ok(Json(json!({ "human": human, "limits": views(limits) })))
 }
 
@@ -132,9 +136,8 @@ pub async fn revoke(
     JsonBody(body): JsonBody<HumanOnly>,
 ) -> Result<Json<Value>, ApiError> {
     let human = extract::human(body.human, "human")?;
-    let revoked = state
-        .store
-        .revoke(project, &human, clock::now_millis())
+    let revocation = state.store.revoke(project, &human, clock::now_millis());
+    let revoked = settled(&state, project, &human, revocation)
         .await?
         .ok_or(ApiError::NotFound("no such human"))?;
     Ok(Json(json!({ "human": human, "revoked_tokens": revoked })))
@@ -183,6 +186,27 @@ pub async fn update_ttl(
     let mut answer = expiry(&human, now + ttl, now);
     answer["updated_tokens"] = json!(updated);
     Ok(Json(answer))
+}
+
+/// Runs a change to a human's limits or tokens between two settles of the
+/// meter: usage up to the change is charged against the limits as they
+/// were, and the change reaches the human's open sessions the moment it is
+/// made. A human that does not exist yet has no sessions to settle.
+async fn settled<T>(
+    state: &AppState,
+    project: ProjectId,
+    human: &str,
+    change: impl Future<Output = StoreResult<T>>,
+) -> Result<T, ApiError> {
+    let found = state.store.find_human(project, human).await?;
+    if let Some(found) = &found {
+        state.meter.settle(found.id).await;
+    }
+    let result = change.await?;
+    if let Some(found) = &found {
+        state.meter.settle(found.id).await;
+    }
+    Ok(result)
 }
 
 fn expiry(human: &str, expires_at: i64, now: i64) -> Value {

@@ -16,6 +16,15 @@ pub fn signed_millis(until: Instant, since: Instant) -> i64 {
     }
 }
 
+/// Whole milliseconds from `since` to `until`, rounded up; 0 when `until`
+/// comes first. Used only for a cut-off, whose charges the store cuts to
+/// what is left of the pool, so that the pool ends at zero exactly rather
+/// than a millisecond above it.
+pub fn millis_up_to(until: Instant, since: Instant) -> i64 {
+    let span = until.saturating_duration_since(since);
+    span.as_nanos().div_ceil(1_000_000) as i64
+}
+
 /// When a pool with `remaining` milliseconds runs dry, given the instants
 /// up to which each of its open sessions has been charged. Each session
 /// drains the pool at wall-clock rate from its own instant `c_i`, so the
@@ -65,6 +74,14 @@ mod tests {
         let start = Instant::now();
         assert_eq!(exhaustion(0, &[start]), start);
         assert_eq!(exhaustion(-500, &[start]), start);
+    }
+
+    #[test]
+    fn a_cut_off_charge_rounds_up_to_the_millisecond() {
+        let start = Instant::now();
+        assert_eq!(millis_up_to(start + Duration::from_micros(2001), start), 3);
+        assert_eq!(millis_up_to(start + ms(2), start), 2);
+        assert_eq!(millis_up_to(start, start + ms(2)), 0);
     }
 
     #[test]
