@@ -189,6 +189,10 @@ pub async fn create_api_key(db: &Path, project: &str) -> anyhow::Result<Secret> 
         !project.is_empty() && project.len() <= 100,
         "--project must be 1 to 100 bytes long"
     );
+    anyhow::ensure!(
+        !project.chars().any(char::is_control) && project.trim() == project,
+        "--project must not contain control characters or start or end with white space"
+    );
     let (store, store_threads) = SqliteStore::open(db)?;
     let key = Secret::generate(SecretKind::ApiKey);
     store.add_api_key(project, key.hash()).await?;

@@ -960,6 +960,36 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             "unit",
         ),
         bad_create(
+            "an array of the fields in order",
+            r#"["newbie", 60, [{"type": "token_cnt", "value": 5}]]"#,
+            "request body",
+        ),
+        bad_create(
+            "a limit as an array",
+            r#"{"human": "newbie", "limits": [["token_cnt", 5]]}"#,
+            "limits[0]",
+        ),
+        bad_create(
+            "a limit naming its type twice",
+            &limit(r#"{"type": "token_cnt", "type": "token_cnt", "value": 5}"#),
+            "limits[0]",
+        ),
+        bad_create(
+            "a human with a newline",
+            r#"{"human": "evil\n2026-01-01 INFO forged line"}"#,
+            "human",
+        ),
+        bad_create(
+            "a human with an escape character",
+            r#"{"human": "\u001b[31mred"}"#,
+            "human",
+        ),
+        bad_create(
+            "a human with white space at its end",
+            r#"{"human": "spacey "}"#,
+            "human",
+        ),
+        bad_create(
             "both human and human_id",
             r#"{"human": "newbie", "human_id": "newbie"}"#,
             "human",
@@ -1172,6 +1202,30 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             400,
             INVALID,
             "x-human-id",
+        ),
+        case(
+            "x-human-id given twice",
+            M::GET,
+            "/usage/limits",
+            vec![
+                ("x-api-key", hv(key)),
+                ("x-human-id", hv("ada")),
+                ("x-human-id", hv("bob")),
+            ],
+            "",
+            400,
+            INVALID,
+            "x-human-id",
+        ),
+        case(
+            "x-api-key given twice",
+            M::POST,
+            "/usage/token",
+            vec![("x-api-key", hv(key)), ("x-api-key", hv(key))],
+            r#"{"human": "newbie"}"#,
+            400,
+            INVALID,
+            "x-api-key",
         ),
         case(
             "a 300-byte x-human-id",

@@ -6,8 +6,10 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use std::fmt;
+
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Deserializer, Error as _, MapAccess, Visitor};
 
 use super::error::ApiError;
 use crate::limits::{Limit, LimitType};
@@ -43,6 +45,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Every request body is an object; derived structs would also take an
+    // array of their fields in order.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::InvalidInput(
+            "request body: must be a JSON object".into(),
+        ));
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         // The path is `.` at the top level and holds a `?` where the parser
@@ -61,13 +70,46 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// A limit as a request carries it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A limit as a request carries it: `{"type", "value"}`.
+#[derive(Debug)]
 pub struct LimitInput {
-    #[serde(rename = "type")]
     pub limit_type: LimitType,
     pub value: f64,
+}
+
+impl<'de> Deserialize<'de> for LimitInput {
+    /// By hand rather than derived: a derived struct would also take the
+    /// array `["token_cnt", 5]`, which no client means.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(LimitVisitor)
+    }
+}
+
+struct LimitVisitor;
+
+impl<'de> Visitor<'de> for LimitVisitor {
+    type Value = LimitInput;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(r#"an object {"type", "value"}"#)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<LimitInput, A::Error> {
+        let (mut limit_type, mut value) = (None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "type" if limit_type.is_none() => limit_type = Some(map.next_value()?),
+                "value" if value.is_none() => value = Some(map.next_value()?),
+                "type" => return Err(A::Error::duplicate_field("type")),
+                "value" => return Err(A::Error::duplicate_field("value")),
+                other => return Err(A::Error::unknown_field(other, &["type", "value"])),
+            }
+        }
+        Ok(LimitInput {
+            limit_type: limit_type.ok_or_else(|| A::Error::missing_field("type"))?,
+            value: value.ok_or_else(|| A::Error::missing_field("value"))?,
+        })
+    }
 }
 
 /// Converts a request's limits to base units, refusing bad values and a
@@ -97,10 +139,19 @@ pub fn limits(inputs: Vec<LimitInput>) -> Result<Vec<Limit>, ApiError> {
 }
 
 /// Checks a human identifier from a body field or header.
+///
+/// Control characters (which could forge log lines) and white space at
+/// either end (which HTTP strips from `x-human-id`, so that such a human
+/// could be named in a body but never in a header) are refused.
 pub fn human(name: String, field: &str) -> Result<String, ApiError> {
     if name.is_empty() || name.len() > MAX_HUMAN_BYTES {
         return Err(ApiError::InvalidInput(format!(
             "{field}: must be 1 to {MAX_HUMAN_BYTES} bytes long"
+        )));
+    }
+    if name.chars().any(char::is_control) || name.trim() != name {
+        return Err(ApiError::InvalidInput(format!(
+            "{field}: must not contain control characters or start or end with white space"
         )));
     }
     Ok(name)
@@ -118,11 +169,18 @@ pub fn ttl_millis(seconds: f64, max_seconds: f64) -> Result<i64, ApiError> {
     Ok(millis as i64)
 }
 
-/// A header's value as UTF-8, if present.
+/// A header's value as UTF-8, if present. A header given twice is refused
+/// rather than read one way here and another way by a proxy.
 pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
-    let Some(value) = headers.get(name) else {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
+    if values.next().is_some() {
+        return Err(ApiError::InvalidInput(format!(
+            "{name}: given more than once"
+        )));
+    }
     std::str::from_utf8(value.as_bytes())
         .map(Some)
         .map_err(|_| ApiError::InvalidInput(format!("{name}: must be UTF-8")))
