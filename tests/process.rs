@@ -226,6 +226,13 @@ async fn no_log_line_contains_a_token_or_an_api_key() {
     assert_eq!(api.post("/v1/usage/token/revoke", revoke).await.0, 200);
     let path = format!("/v1/realtime/session?kind=conversational&token={token}");
     assert_eq!(api.refused(&path).await.0, 401);
+    let lost = api
+        .http
+        .get(api.url(&format!("/v1/{token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lost.status(), 404);
 
     process.signal("TERM");
     let (status, stderr) = wait_for_exit(process).await;

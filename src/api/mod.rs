@@ -9,12 +9,14 @@ mod realtime;
 mod tokens;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::Request;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::debug_span;
 
@@ -22,6 +24,11 @@ use crate::config::Settings;
 use crate::meter::{Health, MeterHandle};
 use crate::store::Store;
 use error::ApiError;
+
+/// How long a client may take to send a request's body once its headers
+/// are in. Bodies are at most 64 KiB; a client that stalls mid-body would
+/// otherwise hold its connection, and shutdown, for as long as it likes.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -52,14 +59,20 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
 }
 
-/// A span per request with the method and path only: the query string can
-/// carry a usage token and is never recorded.
+/// A span per request with the method and the route it matched. Neither
+/// the query string (which carries usage tokens for WebSockets) nor the
+/// path as sent (which a confused client may fill with one) is recorded.
 fn request_span<B>(request: &Request<B>) -> tracing::Span {
-    debug_span!("request", method = %request.method(), path = request.uri().path())
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    debug_span!("request", method = %request.method(), route = route.unwrap_or("<none>"))
 }
 
 async fn not_found() -> ApiError {
