@@ -55,10 +55,7 @@ async fn run() -> anyhow::Result<ExitCode> {
     let token = demo.mint(&human).await?;
     let code = demo.stream_until_closed(&token).await?;
     let limits = call(demo.get("/v1/usage/limits").bearer_auth(&token)).await?;
-    println!(
-        "4. GET /v1/usage/limits: {} s left",
-        conversational(&limits)?
-    );
+    println!("4. GET /v1/usage/limits: {} s left", conversational(&limits)?);
     demo.top_up(&human).await?;
 
     Ok(if code == Some(4001) {
@@ -83,14 +80,8 @@ impl Demo {
         });
         let request = self.http.post(format!("{}/v1/usage/token", self.base));
         let answer = call(request.header("x-api-key", &self.key).json(&body)).await?;
-        println!(
-            "1. minted a token for {human} with {} s",
-            conversational(&answer["limits"])?
-        );
-        Ok(answer["token"]
-            .as_str()
-            .context("no token in the answer")?
-            .to_owned())
+        println!("1. minted a token for {human} with {} s", conversational(&answer["limits"])?);
+        Ok(answer["token"].as_str().context("no token in the answer")?.to_owned())
     }
 
     /// Steps 2 and 3: streams audio until the server closes the session, and
@@ -130,10 +121,7 @@ impl Demo {
         });
         let request = self.http.put(format!("{}/v1/usage/token", self.base));
         let answer = call(request.header("x-api-key", &self.key).json(&body)).await?;
-        println!(
-            "5. topped up by {TOP_UP} s: {} s left",
-            conversational(&answer["limits"])?
-        );
+        println!("5. topped up by {TOP_UP} s: {} s left", conversational(&answer["limits"])?);
         Ok(())
     }
 }
@@ -141,13 +129,9 @@ impl Demo {
 /// The session URL, with the token URL-encoded in the query string.
 fn session_url(base: &str, token: &str) -> anyhow::Result<Url> {
     let mut url = Url::parse(base)?;
-    url.set_scheme("ws")
-        .ok()
-        .context("TOLLGATE_URL must be http://")?;
+    url.set_scheme("ws").ok().context("TOLLGATE_URL must be http://")?;
     url.set_path("/v1/realtime/session");
-    url.query_pairs_mut()
-        .append_pair("kind", "conversational")
-        .append_pair("token", token);
+    url.query_pairs_mut().append_pair("kind", "conversational").append_pair("token", token);
     Ok(url)
 }
 
@@ -164,12 +148,8 @@ fn print_event(event: &Value) {
 /// The conversational seconds in a list of limits.
 fn conversational(limits: &Value) -> anyhow::Result<f64> {
     let limits = limits.as_array().context("limits are not a list")?;
-    let entry = limits
-        .iter()
-        .find(|l| l["type"] == "conversational_seconds");
-    entry
-        .and_then(|l| l["value"].as_f64())
-        .context("no conversational_seconds limit")
+    let entry = limits.iter().find(|l| l["type"] == "conversational_seconds");
+    entry.and_then(|l| l["value"].as_f64()).context("no conversational_seconds limit")
 }
 
 /// Sends a request and returns its JSON answer, or fails with the error body.

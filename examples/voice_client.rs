@@ -66,11 +66,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Ok((socket, _)) => stream(socket).await,
         Err(tungstenite::Error::Http(refusal)) => {
             let body = refusal.body().clone().unwrap_or_default();
-            eprintln!(
-                "refused: {}: {}",
-                refusal.status(),
-                String::from_utf8_lossy(&body)
-            );
+            eprintln!("refused: {}: {}", refusal.status(), String::from_utf8_lossy(&body));
             Ok(ExitCode::FAILURE)
         }
         Err(error) => Err(error).with_context(|| format!("cannot connect to {base}")),
@@ -81,13 +77,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
 fn session_url(base: &str, kind: &str, token: &str) -> anyhow::Result<Url> {
     let mut url = Url::parse(base).with_context(|| format!("TOLLGATE_URL {base:?}"))?;
     let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
-    url.set_scheme(scheme)
-        .ok()
-        .context("TOLLGATE_URL must be http or https")?;
+    url.set_scheme(scheme).ok().context("TOLLGATE_URL must be http or https")?;
     url.set_path("/v1/realtime/session");
-    url.query_pairs_mut()
-        .append_pair("kind", kind)
-        .append_pair("token", token);
+    url.query_pairs_mut().append_pair("kind", kind).append_pair("token", token);
     Ok(url)
 }
 
@@ -132,10 +124,7 @@ fn closed(frame: Option<CloseFrame>, echoed: u64) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let code = u16::from(frame.code);
-    println!(
-        "closed by the server: {code} {} ({echoed} frames echoed)",
-        frame.reason
-    );
+    println!("closed by the server: {code} {} ({echoed} frames echoed)", frame.reason);
     ExitCode::from(match code {
         1000 => 0,
         4001 => 2,
@@ -148,10 +137,7 @@ fn closed(frame: Option<CloseFrame>, echoed: u64) -> ExitCode {
 
 /// Ctrl-C: sends a normal close (1000) and waits for the server's answer.
 async fn stop(mut socket: Socket, echoed: u64) -> anyhow::Result<ExitCode> {
-    let frame = CloseFrame {
-        code: CloseCode::Normal,
-        reason: "".into(),
-    };
+    let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
     socket.close(Some(frame)).await?;
     finish(socket).await;
     println!("closed by you ({echoed} frames echoed)");

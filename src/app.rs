@@ -65,18 +65,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     let store: Arc<dyn Store> = Arc::new(store);
     let abandoned = store.close_abandoned_sessions().await?;
     if abandoned > 0 {
-        info!(
-            sessions = abandoned,
-            "closed sessions the previous run left open"
-        );
+        info!(sessions = abandoned, "closed sessions the previous run left open");
     }
     let first_api_key = create_first_project(store.as_ref()).await?;
 
     let health = Health::new();
-    let meter_settings = MeterSettings {
-        tick: settings.tick,
-        warn_millis: settings.warn.as_millis() as i64,
-    };
+    let meter_settings =
+        MeterSettings { tick: settings.tick, warn_millis: settings.warn.as_millis() as i64 };
     let (meter, meter_task) = meter::spawn(store.clone(), meter_settings, health.clone());
     let shutdown = CancellationToken::new();
     let state = AppState {
@@ -86,25 +81,10 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         health,
         shutdown: shutdown.clone(),
     };
-    let http = tokio::spawn(listener::serve(
-        listener,
-        api::router(state),
-        shutdown.clone(),
-    ));
-    let parts = Parts {
-        http,
-        meter,
-        meter_task,
-        store_threads,
-        _lock: lock,
-    };
+    let http = tokio::spawn(listener::serve(listener, api::router(state), shutdown.clone()));
+    let parts = Parts { http, meter, meter_task, store_threads, _lock: lock };
     let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts));
-    Ok(RunningServer {
-        local_addr,
-        first_api_key,
-        shutdown,
-        done,
-    })
+    Ok(RunningServer { local_addr, first_api_key, shutdown, done })
 }
 
 /// What a running server is made of, taken down in order by
@@ -130,10 +110,7 @@ async fn stop_when_asked(shutdown: CancellationToken, parts: Parts) -> anyhow::R
         Ok(joined) => joined.context("the listener task failed")?,
         Err(_) => warn!("some HTTP connections did not finish their request in time"),
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, parts.meter_task)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, parts.meter_task).await.is_err() {
         warn!("some sessions did not finish closing in time; their usage is recorded");
         return finish(recorded);
     }
@@ -164,10 +141,7 @@ fn lock_database(db: &Path) -> anyhow::Result<File> {
 }
 
 fn finish(recorded: bool) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        recorded,
-        "the final usage of the open sessions could not be recorded"
-    );
+    anyhow::ensure!(recorded, "the final usage of the open sessions could not be recorded");
     info!("stopped");
     Ok(())
 }

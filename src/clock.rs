@@ -9,9 +9,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use crate::store::UnixMillis;
 
 pub fn now_millis() -> UnixMillis {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     since_epoch.as_millis() as UnixMillis
 }
 

@@ -139,9 +139,7 @@ fn seconds(flag: &str, value: f64, min: f64, max: f64) -> Result<Duration, Strin
     if value.is_finite() && (min..=max).contains(&value) {
         Ok(Duration::from_secs_f64(value))
     } else {
-        Err(format!(
-            "{flag} must be between {min} and {max} seconds, not {value}"
-        ))
+        Err(format!("{flag} must be between {min} and {max} seconds, not {value}"))
     }
 }
 

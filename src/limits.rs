@@ -20,11 +20,8 @@ pub enum LimitType {
 }
 
 impl LimitType {
-    pub const ALL: [LimitType; 3] = [
-        LimitType::ConversationalSeconds,
-        LimitType::VoiceSynthesisSeconds,
-        LimitType::TokenCnt,
-    ];
+    pub const ALL: [LimitType; 3] =
+        [LimitType::ConversationalSeconds, LimitType::VoiceSynthesisSeconds, LimitType::TokenCnt];
 
     /// The name used in the API and in the database.
     pub fn as_str(self) -> &'static str {
@@ -129,10 +126,7 @@ pub struct Limit {
 
 impl Limit {
     pub fn view(self) -> LimitView {
-        LimitView {
-            limit_type: self.limit_type,
-            value: self.limit_type.to_value(self.value),
-        }
+        LimitView { limit_type: self.limit_type, value: self.limit_type.to_value(self.value) }
     }
 }
 
@@ -182,10 +176,7 @@ mod tests {
         for t in LimitType::ALL {
             assert_eq!(LimitType::parse(t.as_str()), Some(t));
         }
-        assert_eq!(
-            SessionKind::parse("voice_synthesis"),
-            Some(SessionKind::VoiceSynthesis)
-        );
+        assert_eq!(SessionKind::parse("voice_synthesis"), Some(SessionKind::VoiceSynthesis));
         assert_eq!(SessionKind::parse("video"), None);
     }
 }

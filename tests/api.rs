@@ -61,10 +61,7 @@ async fn request(
     let response = builder.body(body).send().await.unwrap();
     let status = response.status();
     let text = response.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
 /// A JSON request with the given API key.
@@ -82,14 +79,7 @@ async fn with_key(
 /// `GET {prefix}/usage/limits` with a usage token.
 async fn limits_by_token(server: &TestServer, prefix: &str, token: &str) -> (StatusCode, Value) {
     let path = format!("{prefix}/usage/limits");
-    request(
-        server,
-        Method::GET,
-        &path,
-        &bearer_header(token),
-        Vec::new(),
-    )
-    .await
+    request(server, Method::GET, &path, &bearer_header(token), Vec::new()).await
 }
 
 /// `GET {prefix}/usage/limits` with an API key and `x-human-id`.
@@ -100,14 +90,7 @@ async fn limits_by_key(
     human: &str,
 ) -> (StatusCode, Value) {
     let path = format!("{prefix}/usage/limits");
-    request(
-        server,
-        Method::GET,
-        &path,
-        &key_and_human(key, human),
-        Vec::new(),
-    )
-    .await
+    request(server, Method::GET, &path, &key_and_human(key, human), Vec::new()).await
 }
 
 /// Mints a token with the default key and returns the whole answer.
@@ -120,9 +103,7 @@ async fn mint_answer(server: &TestServer, prefix: &str, body: Value) -> Value {
 /// The names of an object's fields, sorted.
 #[track_caller]
 fn fields(value: &Value) -> Vec<String> {
-    let object = value
-        .as_object()
-        .unwrap_or_else(|| panic!("not an object: {value}"));
+    let object = value.as_object().unwrap_or_else(|| panic!("not an object: {value}"));
     let mut names: Vec<String> = object.keys().cloned().collect();
     names.sort();
     names
@@ -132,9 +113,7 @@ fn fields(value: &Value) -> Vec<String> {
 /// exactly `{"type", "value"}`, in any order.
 #[track_caller]
 fn assert_limits(limits: &Value, expected: &[(&str, f64)]) {
-    let entries = limits
-        .as_array()
-        .unwrap_or_else(|| panic!("not a list: {limits}"));
+    let entries = limits.as_array().unwrap_or_else(|| panic!("not a list: {limits}"));
     let mut actual: Vec<(String, f64)> = entries
         .iter()
         .map(|entry| {
@@ -145,10 +124,8 @@ fn assert_limits(limits: &Value, expected: &[(&str, f64)]) {
         })
         .collect();
     actual.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut expected: Vec<(String, f64)> = expected
-        .iter()
-        .map(|(kind, value)| (kind.to_string(), *value))
-        .collect();
+    let mut expected: Vec<(String, f64)> =
+        expected.iter().map(|(kind, value)| (kind.to_string(), *value)).collect();
     expected.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(actual, expected, "limits were {limits}");
 }
@@ -168,22 +145,15 @@ fn assert_error(status: StatusCode, body: &Value, expected: u16, kind: &str) {
 /// (`2026-12-03T11:22:33.456Z`) and `ttl_seconds` from now, within 5 s.
 #[track_caller]
 fn assert_expires_in(expires_at: &Value, ttl_seconds: f64) -> DateTime<FixedOffset> {
-    let text = expires_at
-        .as_str()
-        .unwrap_or_else(|| panic!("not a string: {expires_at}"));
+    let text = expires_at.as_str().unwrap_or_else(|| panic!("not a string: {expires_at}"));
     assert_eq!(text.len(), 24, "not YYYY-MM-DDTHH:MM:SS.mmmZ: {text}");
     assert!(text.ends_with('Z'), "not UTC: {text}");
     assert_eq!(&text[19..20], ".", "no milliseconds: {text}");
     assert!(text[20..23].bytes().all(|b| b.is_ascii_digit()), "{text}");
     let parsed = DateTime::parse_from_rfc3339(text).unwrap_or_else(|e| panic!("{text}: {e}"));
     let expected = Utc::now() + TimeDelta::milliseconds((ttl_seconds * 1000.0) as i64);
-    let off = (parsed.with_timezone(&Utc) - expected)
-        .num_milliseconds()
-        .abs();
-    assert!(
-        off <= 5_000,
-        "{text} is {off} ms away from now + {ttl_seconds} s"
-    );
+    let off = (parsed.with_timezone(&Utc) - expected).num_milliseconds().abs();
+    assert!(off <= 5_000, "{text} is {off} ms away from now + {ttl_seconds} s");
     parsed
 }
 
@@ -200,19 +170,9 @@ fn snapshot(db: &rusqlite::Connection) -> String {
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    for wanted in [
-        "projects",
-        "api_keys",
-        "humans",
-        "limits",
-        "usage_tokens",
-        "sessions",
-        "ledger",
-    ] {
-        assert!(
-            tables.iter().any(|t| t == wanted),
-            "no table {wanted} in {tables:?}"
-        );
+    for wanted in ["projects", "api_keys", "humans", "limits", "usage_tokens", "sessions", "ledger"]
+    {
+        assert!(tables.iter().any(|t| t == wanted), "no table {wanted} in {tables:?}");
     }
     let mut out = String::new();
     for table in tables {
@@ -225,9 +185,7 @@ fn snapshot(db: &rusqlite::Connection) -> String {
         let mut rows = stmt.query([]).unwrap();
         writeln!(out, "{table}:").unwrap();
         while let Some(row) = rows.next().unwrap() {
-            let cells: Vec<String> = (0..columns)
-                .map(|i| cell(row.get_ref(i).unwrap()))
-                .collect();
+            let cells: Vec<String> = (0..columns).map(|i| cell(row.get_ref(i).unwrap())).collect();
             writeln!(out, "  {}", cells.join(" | ")).unwrap();
         }
     }
@@ -271,9 +229,7 @@ fn wal_path(db: &std::path::Path) -> PathBuf {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|window| window == needle)
+    haystack.windows(needle.len()).any(|window| window == needle)
 }
 
 /// A well-formed secret that was never issued.
@@ -288,12 +244,7 @@ fn never_issued(kind: SecretKind) -> String {
 #[tokio::test]
 async fn healthz_answers_ok() {
     let server = TestServer::start().await;
-    let response = server
-        .http
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.http.get(server.url("/healthz")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body, json!({ "status": "ok" }));
@@ -318,10 +269,7 @@ async fn minting_answers_the_token_the_human_its_expiry_its_ttl_and_the_limits()
         let token = answer["token"].as_str().unwrap();
         assert!(token.starts_with("tgu_"), "{token}");
         assert_eq!(token.len(), 51, "{token}");
-        assert!(
-            secret::parse(token, SecretKind::UsageToken).is_some(),
-            "{token}"
-        );
+        assert!(secret::parse(token, SecretKind::UsageToken).is_some(), "{token}");
         assert_eq!(answer["human"], human.as_str());
         assert_eq!(answer["ttl_seconds"].as_f64(), Some(DAY), "{answer}");
         assert_expires_in(&answer["expires_at"], DAY);
@@ -379,28 +327,16 @@ async fn a_ttl_defaults_to_and_is_capped_by_the_servers_maximum() {
     let answer = mint_answer(&server, "/v1", json!({ "human": "ada" })).await;
     assert_eq!(answer["ttl_seconds"].as_f64(), Some(3600.0), "{answer}");
     assert_expires_in(&answer["expires_at"], 3600.0);
-    let answer = mint_answer(
-        &server,
-        "/v1",
-        json!({ "human": "ada", "ttl_seconds": 3600 }),
-    )
-    .await;
+    let answer = mint_answer(&server, "/v1", json!({ "human": "ada", "ttl_seconds": 3600 })).await;
     assert_eq!(answer["ttl_seconds"].as_f64(), Some(3600.0), "{answer}");
 
-    let (status, body) = server
-        .post(
-            "/v1/usage/token",
-            json!({ "human": "ada", "ttl_seconds": 3601 }),
-        )
-        .await;
+    let (status, body) =
+        server.post("/v1/usage/token", json!({ "human": "ada", "ttl_seconds": 3601 })).await;
     assert_error(status, &body, 400, "invalid_input");
     let body = json!({ "human": "ada", "ttl_seconds": 3601 });
     let (status, body) = server.post("/v1/usage/token/update_ttl", body).await;
     assert_error(status, &body, 400, "invalid_input");
-    assert_eq!(
-        count(&server.db(), "SELECT COUNT(*) FROM usage_tokens", []),
-        2
-    );
+    assert_eq!(count(&server.db(), "SELECT COUNT(*) FROM usage_tokens", []), 2);
 }
 
 #[tokio::test]
@@ -434,14 +370,7 @@ async fn limits_are_read_with_the_token_or_with_the_key_and_the_human_id() {
     }
     // Reading a human by key does not create it.
     let db = server.db();
-    assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM humans WHERE external_id = 'nobody'",
-            []
-        ),
-        0
-    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM humans WHERE external_id = 'nobody'", []), 0);
 }
 
 #[tokio::test]
@@ -453,11 +382,8 @@ async fn seconds_are_kept_to_the_millisecond_and_token_counts_are_whole() {
         { "type": "token_cnt", "value": 42.0 },
     ]);
     let answer = mint_answer(&server, "/v1", json!({ "human": "ada", "limits": limits })).await;
-    let expected = [
-        ("conversational_seconds", 1.235),
-        ("voice_synthesis_seconds", 0.0),
-        ("token_cnt", 42.0),
-    ];
+    let expected =
+        [("conversational_seconds", 1.235), ("voice_synthesis_seconds", 0.0), ("token_cnt", 42.0)];
     assert_limits(&answer["limits"], &expected);
     assert_limits(&server.limits_of("ada").await, &expected);
 
@@ -472,11 +398,7 @@ async fn seconds_are_kept_to_the_millisecond_and_token_counts_are_whole() {
     let balances: Vec<(&str, i64)> = balances.iter().map(|(t, b)| (t.as_str(), *b)).collect();
     assert_eq!(
         balances,
-        [
-            ("conversational_seconds", 1235),
-            ("token_cnt", 42),
-            ("voice_synthesis_seconds", 0)
-        ]
+        [("conversational_seconds", 1235), ("token_cnt", 42), ("voice_synthesis_seconds", 0)]
     );
     assert_ledger_identity(&db);
 }
@@ -525,9 +447,7 @@ async fn a_human_id_may_be_256_bytes_long() {
 #[tokio::test]
 async fn the_limits_list_only_the_types_the_human_is_limited_on() {
     let server = TestServer::start().await;
-    let token = server
-        .mint("ada", json!([{ "type": "token_cnt", "value": 5 }]))
-        .await;
+    let token = server.mint("ada", json!([{ "type": "token_cnt", "value": 5 }])).await;
     // An unlimited session meters conversational time in a pool that is
     // not a limit.
     let client = server.connect(&token).await;
@@ -560,10 +480,7 @@ async fn put_sets_the_named_limits_by_default_and_leaves_the_others() {
         assert_eq!(status, StatusCode::OK, "{answer}");
         assert_eq!(fields(&answer), ["human", "limits"], "{answer}");
         assert_eq!(answer["human"], human.as_str());
-        assert_limits(
-            &answer["limits"],
-            &[("conversational_seconds", 60.0), ("token_cnt", 5.0)],
-        );
+        assert_limits(&answer["limits"], &[("conversational_seconds", 60.0), ("token_cnt", 5.0)]);
 
         let body = json!({
             "human": human,
@@ -620,10 +537,7 @@ async fn put_add_tops_up_a_limit_and_starts_one_the_human_lacks() {
         assert_eq!(status, StatusCode::OK, "{answer}");
         assert_eq!(answer["human"], newcomer.as_str());
         assert_limits(&answer["limits"], &[("voice_synthesis_seconds", 10.0)]);
-        assert_limits(
-            &server.limits_of(&newcomer).await,
-            &[("voice_synthesis_seconds", 10.0)],
-        );
+        assert_limits(&server.limits_of(&newcomer).await, &[("voice_synthesis_seconds", 10.0)]);
     }
     assert_ledger_identity(&server.db());
 }
@@ -663,32 +577,16 @@ async fn check_answers_the_expiry_of_the_newest_live_token() {
     let server = TestServer::start().await;
     for prefix in PREFIXES {
         let human = format!("ada{prefix}");
-        mint_answer(
-            &server,
-            prefix,
-            json!({ "human": human, "ttl_seconds": 200 }),
-        )
-        .await;
-        let newest = mint_answer(
-            &server,
-            prefix,
-            json!({ "human": human, "ttl_seconds": 100 }),
-        )
-        .await;
+        mint_answer(&server, prefix, json!({ "human": human, "ttl_seconds": 200 })).await;
+        let newest =
+            mint_answer(&server, prefix, json!({ "human": human, "ttl_seconds": 100 })).await;
 
         let path = format!("{prefix}/usage/token/check");
         let (status, answer) = server.post(&path, json!({ "human": human })).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
-        assert_eq!(
-            fields(&answer),
-            ["expires_at", "human", "ttl_seconds"],
-            "{answer}"
-        );
+        assert_eq!(fields(&answer), ["expires_at", "human", "ttl_seconds"], "{answer}");
         assert_eq!(answer["human"], human.as_str());
-        assert_eq!(
-            answer["expires_at"], newest["expires_at"],
-            "not the newest token"
-        );
+        assert_eq!(answer["expires_at"], newest["expires_at"], "not the newest token");
         let ttl = answer["ttl_seconds"].as_f64().unwrap();
         assert!(ttl > 95.0 && ttl <= 100.0, "{answer}");
         assert_expires_in(&answer["expires_at"], 100.0);
@@ -701,9 +599,8 @@ async fn update_ttl_moves_the_expiry_of_every_live_token() {
     for prefix in PREFIXES {
         let human = format!("ada{prefix}");
         let revoked = server.mint(&human, json!([])).await;
-        let (status, answer) = server
-            .post("/v1/usage/token/revoke", json!({ "human": human }))
-            .await;
+        let (status, answer) =
+            server.post("/v1/usage/token/revoke", json!({ "human": human })).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
         let first = server.mint(&human, json!([])).await;
         let second = server.mint(&human, json!([])).await;
@@ -719,10 +616,7 @@ async fn update_ttl_moves_the_expiry_of_every_live_token() {
         );
         assert_eq!(answer["human"], human.as_str());
         assert_eq!(answer["ttl_seconds"].as_f64(), Some(300.0), "{answer}");
-        assert_eq!(
-            answer["updated_tokens"], 2,
-            "the revoked token is not live: {answer}"
-        );
+        assert_eq!(answer["updated_tokens"], 2, "the revoked token is not live: {answer}");
         let moved_to = assert_expires_in(&answer["expires_at"], 300.0);
 
         let db = server.db();
@@ -738,10 +632,7 @@ async fn update_ttl_moves_the_expiry_of_every_live_token() {
             .collect();
         let millis = moved_to.timestamp_millis();
         assert_eq!(expiries.len(), 3);
-        assert!(
-            expiries[0].1 && expiries[0].0 != millis,
-            "the revoked token moved"
-        );
+        assert!(expiries[0].1 && expiries[0].0 != millis, "the revoked token moved");
         assert_eq!(&expiries[1..], [(millis, false), (millis, false)]);
 
         let check = format!("{prefix}/usage/token/check");
@@ -771,9 +662,8 @@ async fn check_revoke_and_update_ttl_find_no_unknown_or_tokenless_human() {
             let (status, body) = server.post(&path, json!({ "human": human })).await;
             assert_error(status, &body, 404, "not_found");
             let path = format!("{prefix}/usage/token/update_ttl");
-            let (status, body) = server
-                .post(&path, json!({ "human": human, "ttl_seconds": 60 }))
-                .await;
+            let (status, body) =
+                server.post(&path, json!({ "human": human, "ttl_seconds": 60 })).await;
             assert_error(status, &body, 404, "not_found");
         }
         let path = format!("{prefix}/usage/token/revoke");
@@ -826,16 +716,7 @@ async fn an_unknown_path_is_not_found_and_a_wrong_method_is_not_allowed() {
 /// One hostile request: what it is, method, path (after the prefix),
 /// headers, body, the expected status and error type, and text the message
 /// must contain ("" for none).
-type Case = (
-    String,
-    Method,
-    String,
-    Headers,
-    Vec<u8>,
-    u16,
-    &'static str,
-    &'static str,
-);
+type Case = (String, Method, String, Headers, Vec<u8>, u16, &'static str, &'static str);
 
 /// One row of the table, one argument per column.
 #[allow(clippy::too_many_arguments)]
@@ -850,16 +731,7 @@ fn case(
     mentions: &'static str,
 ) -> Case {
     let what = what.to_owned();
-    (
-        what,
-        method,
-        path.to_owned(),
-        headers,
-        body.into(),
-        status,
-        kind,
-        mentions,
-    )
+    (what, method, path.to_owned(), headers, body.into(), status, kind, mentions)
 }
 
 fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
@@ -885,28 +757,10 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
     let new_ttl = |ttl: &str| format!(r#"{{"human": "newbie", "ttl_seconds": {ttl}}}"#);
     // Requests with the default key refused as invalid input.
     let bad_create = |what: &str, body: &str, mentions: &'static str| {
-        case(
-            what,
-            M::POST,
-            "/usage/token",
-            k(),
-            body,
-            400,
-            INVALID,
-            mentions,
-        )
+        case(what, M::POST, "/usage/token", k(), body, 400, INVALID, mentions)
     };
     let bad_put = |what: &str, body: &str, mentions: &'static str| {
-        case(
-            what,
-            M::PUT,
-            "/usage/token",
-            k(),
-            body,
-            400,
-            INVALID,
-            mentions,
-        )
+        case(what, M::PUT, "/usage/token", k(), body, 400, INVALID, mentions)
     };
 
     let mut cases = vec![
@@ -924,11 +778,7 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
         bad_create("no human", r#"{"ttl_seconds": 60}"#, "human"),
         bad_create("a number as human", r#"{"human": 7}"#, "human"),
         bad_create("a null human", r#"{"human": null}"#, "human"),
-        bad_create(
-            "ttl_seconds as a string",
-            &new_ttl(r#""60""#),
-            "ttl_seconds",
-        ),
+        bad_create("ttl_seconds as a string", &new_ttl(r#""60""#), "ttl_seconds"),
         bad_create(
             "limits as an object",
             r#"{"human": "newbie", "limits": {"type": "token_cnt", "value": 5}}"#,
@@ -939,21 +789,13 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             &limit(r#"{"type": "token_cnt", "value": "5"}"#),
             "limits[0].value",
         ),
-        bad_create(
-            "a limit without a value",
-            &limit(r#"{"type": "token_cnt"}"#),
-            "limits[0]",
-        ),
+        bad_create("a limit without a value", &limit(r#"{"type": "token_cnt"}"#), "limits[0]"),
         bad_create(
             "a limit type as a number",
             &limit(r#"{"type": 3, "value": 5}"#),
             "limits[0].type",
         ),
-        bad_create(
-            "an unknown field",
-            r#"{"human": "newbie", "colour": "red"}"#,
-            "colour",
-        ),
+        bad_create("an unknown field", r#"{"human": "newbie", "colour": "red"}"#, "colour"),
         bad_create(
             "an unknown field in a limit",
             &limit(r#"{"type": "token_cnt", "value": 5, "unit": "k"}"#),
@@ -979,16 +821,8 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             r#"{"human": "evil\n2026-01-01 INFO forged line"}"#,
             "human",
         ),
-        bad_create(
-            "a human with an escape character",
-            r#"{"human": "\u001b[31mred"}"#,
-            "human",
-        ),
-        bad_create(
-            "a human with white space at its end",
-            r#"{"human": "spacey "}"#,
-            "human",
-        ),
+        bad_create("a human with an escape character", r#"{"human": "\u001b[31mred"}"#, "human"),
+        bad_create("a human with white space at its end", r#"{"human": "spacey "}"#, "human"),
         bad_create(
             "both human and human_id",
             r#"{"human": "newbie", "human_id": "newbie"}"#,
@@ -1030,16 +864,8 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             "limits[1].value",
         ),
         bad_create("a 70 KB body", &oversized, "request body"),
-        bad_create(
-            "a 257-byte human",
-            &format!(r#"{{"human": "{long_human}"}}"#),
-            "human",
-        ),
-        bad_create(
-            "a 257-byte human_id",
-            &format!(r#"{{"human_id": "{long_human}"}}"#),
-            "human",
-        ),
+        bad_create("a 257-byte human", &format!(r#"{{"human": "{long_human}"}}"#), "human"),
+        bad_create("a 257-byte human_id", &format!(r#"{{"human_id": "{long_human}"}}"#), "human"),
         bad_create("an empty human", r#"{"human": ""}"#, "human"),
         bad_create(
             "a human of 129 two-byte characters",
@@ -1052,10 +878,7 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             "/usage/limits",
             vec![
                 ("x-api-key", hv(key)),
-                (
-                    "x-human-id",
-                    HeaderValue::from_bytes("é".repeat(129).as_bytes()).unwrap(),
-                ),
+                ("x-human-id", HeaderValue::from_bytes("é".repeat(129).as_bytes()).unwrap()),
             ],
             "",
             400,
@@ -1063,17 +886,9 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             "x-human-id",
         ),
         bad_create("ttl_seconds 0", &new_ttl("0"), "ttl_seconds"),
-        bad_create(
-            "ttl_seconds under a millisecond",
-            &new_ttl("0.0004"),
-            "ttl_seconds",
-        ),
+        bad_create("ttl_seconds under a millisecond", &new_ttl("0.0004"), "ttl_seconds"),
         bad_create("ttl_seconds -1", &new_ttl("-1"), "ttl_seconds"),
-        bad_create(
-            "ttl_seconds above the maximum",
-            &new_ttl("86401"),
-            "ttl_seconds",
-        ),
+        bad_create("ttl_seconds above the maximum", &new_ttl("86401"), "ttl_seconds"),
         bad_create("ttl_seconds 1e400", &new_ttl("1e400"), "ttl_seconds"),
         // Credentials on POST /usage/token.
         case(
@@ -1160,26 +975,14 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             "a non-UTF-8 x-api-key",
             M::POST,
             "/usage/token",
-            vec![(
-                "x-api-key",
-                HeaderValue::from_bytes(b"tgk_\xff\xfe").unwrap(),
-            )],
+            vec![("x-api-key", HeaderValue::from_bytes(b"tgk_\xff\xfe").unwrap())],
             r#"{"human": "newbie"}"#,
             400,
             INVALID,
             "x-api-key",
         ),
         // GET /usage/limits.
-        case(
-            "no credential",
-            M::GET,
-            "/usage/limits",
-            no_headers(),
-            "",
-            401,
-            "unauthorized",
-            "",
-        ),
+        case("no credential", M::GET, "/usage/limits", no_headers(), "", 401, "unauthorized", ""),
         case(
             "x-api-key without x-human-id",
             M::GET,
@@ -1207,11 +1010,7 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             "x-human-id given twice",
             M::GET,
             "/usage/limits",
-            vec![
-                ("x-api-key", hv(key)),
-                ("x-human-id", hv("ada")),
-                ("x-human-id", hv("bob")),
-            ],
+            vec![("x-api-key", hv(key)), ("x-human-id", hv("ada")), ("x-human-id", hv("bob"))],
             "",
             400,
             INVALID,
@@ -1288,11 +1087,7 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
             "",
         ),
         // PUT /usage/token.
-        bad_put(
-            "PUT with an empty limits list",
-            r#"{"human": "ada", "limits": []}"#,
-            "limits",
-        ),
+        bad_put("PUT with an empty limits list", r#"{"human": "ada", "limits": []}"#, "limits"),
         bad_put("PUT without limits", r#"{"human": "ada"}"#, "limits"),
         bad_put(
             "PUT with an unknown mode",
@@ -1681,10 +1476,7 @@ async fn hostile_requests_are_refused_with_their_error_and_change_nothing() {
 
     let db = server.db();
     let mut before = snapshot(&db);
-    assert!(
-        before.contains("\"ada\"") && before.contains("\"tokenless\""),
-        "{before}"
-    );
+    assert!(before.contains("\"ada\"") && before.contains("\"tokenless\""), "{before}");
     let cases = hostile_cases(&server.key, &token);
     let mut failures = Vec::new();
     for (what, method, path, headers, body, status, kind, mentions) in &cases {
@@ -1695,15 +1487,11 @@ async fn hostile_requests_are_refused_with_their_error_and_change_nothing() {
                 request(&server, method.clone(), &full, headers, body.clone()).await;
             let message = answer["message"].as_str().unwrap_or_default();
             if got.as_u16() != *status || answer["type"] != *kind {
-                failures.push(format!(
-                    "{at}: expected {status} {kind}, got {got} {answer}"
-                ));
+                failures.push(format!("{at}: expected {status} {kind}, got {got} {answer}"));
             } else if fields(&answer) != ["message", "type"] || message.is_empty() {
                 failures.push(format!("{at}: not a {{type, message}} body: {answer}"));
             } else if !message.contains(mentions) {
-                failures.push(format!(
-                    "{at}: the message does not name {mentions}: {answer}"
-                ));
+                failures.push(format!("{at}: the message does not name {mentions}: {answer}"));
             }
             let after = snapshot(&db);
             if after != before {
@@ -1723,10 +1511,7 @@ async fn hostile_requests_are_refused_with_their_error_and_change_nothing() {
     // The token still works and the limits are what they were.
     let (status, body) = limits_by_token(&server, "/v1", &token).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_limits(
-        &body,
-        &[("conversational_seconds", 60.0), ("token_cnt", 100.0)],
-    );
+    assert_limits(&body, &[("conversational_seconds", 60.0), ("token_cnt", 100.0)]);
     assert_ledger_identity(&db);
 }
 
@@ -1738,9 +1523,7 @@ async fn hostile_requests_are_refused_with_their_error_and_change_nothing() {
 async fn another_project_can_neither_read_nor_revoke_check_or_extend_a_human() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 60.0).await;
-    let other = tollgate::create_api_key(&server.db_path, "other")
-        .await
-        .unwrap();
+    let other = tollgate::create_api_key(&server.db_path, "other").await.unwrap();
     let other = other.expose();
 
     for prefix in PREFIXES {
@@ -1749,25 +1532,13 @@ async fn another_project_can_neither_read_nor_revoke_check_or_extend_a_human() {
         assert_eq!(body, json!([]), "another project sees the human's limits");
 
         let revoke = format!("{prefix}/usage/token/revoke");
-        let (status, body) = with_key(
-            &server,
-            other,
-            Method::POST,
-            &revoke,
-            json!({ "human": "ada" }),
-        )
-        .await;
+        let (status, body) =
+            with_key(&server, other, Method::POST, &revoke, json!({ "human": "ada" })).await;
         assert_error(status, &body, 404, "not_found");
 
         let check = format!("{prefix}/usage/token/check");
-        let (status, body) = with_key(
-            &server,
-            other,
-            Method::POST,
-            &check,
-            json!({ "human": "ada" }),
-        )
-        .await;
+        let (status, body) =
+            with_key(&server, other, Method::POST, &check, json!({ "human": "ada" })).await;
         assert_error(status, &body, 404, "not_found");
 
         let update = format!("{prefix}/usage/token/update_ttl");
@@ -1780,34 +1551,19 @@ async fn another_project_can_neither_read_nor_revoke_check_or_extend_a_human() {
     let (status, body) = limits_by_token(&server, "/v1", &token).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_limits(&body, &[("conversational_seconds", 60.0)]);
-    let (status, checked) = server
-        .post("/v1/usage/token/check", json!({ "human": "ada" }))
-        .await;
+    let (status, checked) = server.post("/v1/usage/token/check", json!({ "human": "ada" })).await;
     assert_eq!(status, StatusCode::OK, "{checked}");
     assert_expires_in(&checked["expires_at"], DAY);
     let db = server.db();
-    assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM humans", []),
-        1,
-        "a human was created"
-    );
-    assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM usage_tokens WHERE revoked_at IS NULL",
-            []
-        ),
-        1
-    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM humans", []), 1, "a human was created");
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM usage_tokens WHERE revoked_at IS NULL", []), 1);
 }
 
 #[tokio::test]
 async fn a_put_by_another_project_for_the_same_name_leaves_the_first_projects_human_alone() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 60.0).await;
-    let other = tollgate::create_api_key(&server.db_path, "other")
-        .await
-        .unwrap();
+    let other = tollgate::create_api_key(&server.db_path, "other").await.unwrap();
     let other = other.expose();
 
     for (prefix, mode) in PREFIXES.into_iter().zip(["set", "add"]) {
@@ -1822,10 +1578,7 @@ async fn a_put_by_another_project_for_the_same_name_leaves_the_first_projects_hu
         // "add" tops up other's own ada (10 + 10), never the default's 60.
         let expected = if mode == "set" { 10.0 } else { 20.0 };
         assert_limits(&answer["limits"], &[("conversational_seconds", expected)]);
-        assert_limits(
-            &server.limits_of("ada").await,
-            &[("conversational_seconds", 60.0)],
-        );
+        assert_limits(&server.limits_of("ada").await, &[("conversational_seconds", 60.0)]);
     }
 
     // Other's own token for its ada reads its own limits only.
@@ -1841,14 +1594,8 @@ async fn a_put_by_another_project_for_the_same_name_leaves_the_first_projects_hu
 
     // Revoking other's ada revokes other's token only.
     let revoke = "/api/v1/usage/token/revoke";
-    let (status, body) = with_key(
-        &server,
-        other,
-        Method::POST,
-        revoke,
-        json!({ "human": "ada" }),
-    )
-    .await;
+    let (status, body) =
+        with_key(&server, other, Method::POST, revoke, json!({ "human": "ada" })).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["revoked_tokens"], 1, "{body}");
     let (status, body) = limits_by_token(&server, "/v1", &token).await;
@@ -1856,11 +1603,8 @@ async fn a_put_by_another_project_for_the_same_name_leaves_the_first_projects_hu
     assert_limits(&body, &[("conversational_seconds", 60.0)]);
 
     let db = server.db();
-    let projects = count(
-        &db,
-        "SELECT COUNT(DISTINCT project_id) FROM humans WHERE external_id = 'ada'",
-        [],
-    );
+    let projects =
+        count(&db, "SELECT COUNT(DISTINCT project_id) FROM humans WHERE external_id = 'ada'", []);
     assert_eq!(projects, 2);
     assert_ledger_identity(&db);
 }
@@ -1888,11 +1632,7 @@ async fn a_create_without_limits_leaves_the_humans_limits_as_they_are() {
         assert_limits(&body, &expected);
     }
     let db = server.db();
-    assert_eq!(
-        count(&db, "SELECT COUNT(*) FROM ledger", []),
-        2,
-        "a create without limits wrote"
-    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM ledger", []), 2, "a create without limits wrote");
     assert_ledger_identity(&db);
 }
 
@@ -1910,17 +1650,9 @@ async fn a_create_with_limits_sets_those_types_and_keeps_the_others() {
         { "type": "token_cnt", "value": 10 },
         { "type": "voice_synthesis_seconds", "value": 30 },
     ]);
-    let answer = mint_answer(
-        &server,
-        "/api/v1",
-        json!({ "human": "ada", "limits": limits }),
-    )
-    .await;
-    let expected = [
-        ("conversational_seconds", 60.0),
-        ("token_cnt", 10.0),
-        ("voice_synthesis_seconds", 30.0),
-    ];
+    let answer = mint_answer(&server, "/api/v1", json!({ "human": "ada", "limits": limits })).await;
+    let expected =
+        [("conversational_seconds", 60.0), ("token_cnt", 10.0), ("voice_synthesis_seconds", 30.0)];
     assert_limits(&answer["limits"], &expected);
     assert_limits(&server.limits_of("ada").await, &expected);
     assert_ledger_identity(&server.db());
@@ -1975,21 +1707,14 @@ async fn an_expired_token_is_refused_as_expired() {
         let (status, body) = limits_by_token(&server, prefix, &token).await;
         assert_error(status, &body, 401, "token_expired");
     }
-    let (status, body) = server
-        .post("/v1/usage/token/check", json!({ "human": "ada" }))
-        .await;
+    let (status, body) = server.post("/v1/usage/token/check", json!({ "human": "ada" })).await;
     assert_error(status, &body, 404, "not_found");
     let body = json!({ "human": "ada", "ttl_seconds": 60 });
     let (status, body) = server.post("/v1/usage/token/update_ttl", body).await;
     assert_error(status, &body, 404, "not_found");
-    let (status, body) = server
-        .post("/v1/usage/token/revoke", json!({ "human": "ada" }))
-        .await;
+    let (status, body) = server.post("/v1/usage/token/revoke", json!({ "human": "ada" })).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(
-        body["revoked_tokens"], 0,
-        "an expired token was revoked: {body}"
-    );
+    assert_eq!(body["revoked_tokens"], 0, "an expired token was revoked: {body}");
     let session = format!("/v1/realtime/session?kind=conversational&token={token}");
     let (status, body) = server.refused(&session).await;
     assert_error(status, &body, 401, "token_expired");
@@ -1999,9 +1724,7 @@ async fn an_expired_token_is_refused_as_expired() {
 async fn a_revoked_token_is_refused_as_revoked_and_check_finds_nothing() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 60.0).await;
-    let (status, body) = server
-        .post("/v1/usage/token/revoke", json!({ "human": "ada" }))
-        .await;
+    let (status, body) = server.post("/v1/usage/token/revoke", json!({ "human": "ada" })).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, json!({ "human": "ada", "revoked_tokens": 1 }));
 
@@ -2012,23 +1735,14 @@ async fn a_revoked_token_is_refused_as_revoked_and_check_finds_nothing() {
         let (status, body) = server.post(&path, json!({ "human": "ada" })).await;
         assert_error(status, &body, 404, "not_found");
         let path = format!("{prefix}/usage/token/update_ttl");
-        let (status, body) = server
-            .post(&path, json!({ "human": "ada", "ttl_seconds": 60 }))
-            .await;
+        let (status, body) = server.post(&path, json!({ "human": "ada", "ttl_seconds": 60 })).await;
         assert_error(status, &body, 404, "not_found");
     }
     let session = format!("/v1/realtime/session?kind=conversational&token={token}");
     let (status, body) = server.refused(&session).await;
     assert_error(status, &body, 401, "token_revoked");
     let db = server.db();
-    assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM usage_tokens WHERE revoked_at IS NULL",
-            []
-        ),
-        0
-    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM usage_tokens WHERE revoked_at IS NULL", []), 0);
 }
 
 #[tokio::test]
@@ -2055,8 +1769,7 @@ async fn a_store_failure_answers_500_with_no_internal_detail() {
     {
         let conn = rusqlite::Connection::open(&server.db_path).unwrap();
         conn.busy_timeout(Duration::from_secs(5)).unwrap();
-        conn.execute_batch("ALTER TABLE usage_tokens RENAME TO usage_tokens_gone")
-            .unwrap();
+        conn.execute_batch("ALTER TABLE usage_tokens RENAME TO usage_tokens_gone").unwrap();
     }
     let exactly = json!({ "type": "internal", "message": "internal error" });
 
@@ -2066,12 +1779,7 @@ async fn a_store_failure_answers_500_with_no_internal_detail() {
     let requests = [
         (Method::POST, "/v1/usage/token", key.clone(), bob),
         (Method::POST, "/api/v1/usage/token/check", key, ada),
-        (
-            Method::GET,
-            "/v1/usage/limits",
-            bearer_header(&token),
-            Vec::new(),
-        ),
+        (Method::GET, "/v1/usage/limits", bearer_header(&token), Vec::new()),
     ];
     for (method, path, headers, body) in requests {
         let mut builder = server.http.request(method.clone(), server.url(path));
@@ -2079,36 +1787,19 @@ async fn a_store_failure_answers_500_with_no_internal_detail() {
             builder = builder.header(name, value);
         }
         let response = builder.body(body).send().await.unwrap();
-        assert_eq!(
-            response.status(),
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "{method} {path}"
-        );
-        let content_type = response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .to_owned();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR, "{method} {path}");
+        let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
         assert_eq!(content_type, "application/json", "{method} {path}");
         let text = response.text().await.unwrap();
         let answer: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(answer, exactly, "{method} {path}: {text}");
         for leak in ["usage_tokens", "table", "SQL", "sqlite"] {
-            assert!(
-                !text.contains(leak),
-                "{method} {path} leaked {leak}: {text}"
-            );
+            assert!(!text.contains(leak), "{method} {path} leaked {leak}: {text}");
         }
     }
     // The failed create left no human behind.
     let db = server.db();
-    assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM humans WHERE external_id = 'bob'",
-            []
-        ),
-        0
-    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM humans WHERE external_id = 'bob'", []), 0);
 }
 
 #[tokio::test]
@@ -2116,16 +1807,11 @@ async fn a_locked_database_answers_503_and_keeps_nothing_of_the_request() {
     let server = TestServer::start().await;
     let lock = rusqlite::Connection::open(&server.db_path).unwrap();
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let (status, body) = server
-        .post("/v1/usage/token", json!({ "human": "ada" }))
-        .await;
+    let (status, body) = server.post("/v1/usage/token", json!({ "human": "ada" })).await;
     lock.execute_batch("ROLLBACK").unwrap();
     assert_error(status, &body, 503, "unavailable");
     let message = body["message"].as_str().unwrap();
-    assert!(
-        !message.contains("locked") && !message.contains("database"),
-        "{body}"
-    );
+    assert!(!message.contains("locked") && !message.contains("database"), "{body}");
 
     let db = server.db();
     assert_eq!(count(&db, "SELECT COUNT(*) FROM humans", []), 0);
@@ -2140,19 +1826,11 @@ async fn a_locked_database_answers_503_and_keeps_nothing_of_the_request() {
 #[tokio::test]
 async fn secrets_are_stored_only_as_hashes() {
     let server = TestServer::start().await;
-    let other = tollgate::create_api_key(&server.db_path, "other")
-        .await
-        .unwrap();
+    let other = tollgate::create_api_key(&server.db_path, "other").await.unwrap();
     let token = server.mint_seconds("ada", 60.0).await;
     let body = json!({ "human": "ada" });
-    let (status, minted) = with_key(
-        &server,
-        other.expose(),
-        Method::POST,
-        "/v1/usage/token",
-        body,
-    )
-    .await;
+    let (status, minted) =
+        with_key(&server, other.expose(), Method::POST, "/v1/usage/token", body).await;
     assert_eq!(status, StatusCode::OK, "{minted}");
     let other_token = minted["token"].as_str().unwrap().to_owned();
 
@@ -2168,19 +1846,10 @@ async fn secrets_are_stored_only_as_hashes() {
         (other_token.as_str(), SecretKind::UsageToken),
     ];
     for (text, kind) in secrets {
-        assert!(
-            !contains(&bytes, text.as_bytes()),
-            "{kind:?} stored in the clear"
-        );
-        assert!(
-            !contains(&bytes, &text.as_bytes()[4..]),
-            "{kind:?} body stored in the clear"
-        );
+        assert!(!contains(&bytes, text.as_bytes()), "{kind:?} stored in the clear");
+        assert!(!contains(&bytes, &text.as_bytes()[4..]), "{kind:?} body stored in the clear");
         // What is stored is the hash, which shows the right files were read.
         let hash = secret::parse(text, kind).unwrap();
-        assert!(
-            contains(&bytes, &hash.0),
-            "the hash of a {kind:?} is not in the database"
-        );
+        assert!(contains(&bytes, &hash.0), "the hash of a {kind:?} is not in the database");
     }
 }

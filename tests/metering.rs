@@ -30,19 +30,13 @@ async fn a_session_is_cut_off_when_its_seconds_run_out() {
     assert_eq!(started["remaining"], 1.5);
 
     let closed = client.until_closed().await;
-    assert_eq!(
-        (closed.code, closed.reason.as_str()),
-        (Some(4001), "usage_limit_exceeded")
-    );
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(4001), "usage_limit_exceeded"));
     assert_near(closed.after, 1.5, PRECISION);
     assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
     let db = server.db();
     assert_ledger_identity(&db);
     let (reason, charged) = session_row(&db, started["session_id"].as_str().unwrap());
-    assert_eq!(
-        (reason.as_deref(), charged),
-        (Some("usage_limit_exceeded"), 1500)
-    );
+    assert_eq!((reason.as_deref(), charged), (Some("usage_limit_exceeded"), 1500));
 }
 
 #[tokio::test]
@@ -102,10 +96,7 @@ async fn a_pool_too_large_to_run_dry_in_years_is_metered_like_any_other() {
     assert_eq!(closed.code, Some(4001));
     assert_near(closed.after, 0.5, PRECISION);
     let remaining = vast.event_of("usage.remaining").await;
-    assert!(
-        remaining["remaining"].as_f64().unwrap() < 1e12,
-        "{remaining}"
-    );
+    assert!(remaining["remaining"].as_f64().unwrap() < 1e12, "{remaining}");
 }
 
 #[tokio::test]
@@ -125,16 +116,8 @@ async fn a_top_up_mid_session_lets_it_go_on() {
     let closed = client.until_closed().await;
     assert_eq!(closed.code, Some(4001));
     assert_near(closed.after, 2.5, PRECISION);
-    let most = closed
-        .events
-        .iter()
-        .filter_map(|e| e["remaining"].as_f64())
-        .fold(0.0, f64::max);
-    assert!(
-        most > 1.0,
-        "the top-up never showed in usage.remaining: {:?}",
-        closed.events
-    );
+    let most = closed.events.iter().filter_map(|e| e["remaining"].as_f64()).fold(0.0, f64::max);
+    assert!(most > 1.0, "the top-up never showed in usage.remaining: {:?}", closed.events);
     assert_ledger_identity(&server.db());
 }
 
@@ -143,10 +126,7 @@ async fn setting_the_limit_to_zero_closes_the_session_at_once() {
     let server = TestServer::start_with(|s| s.tick = SLOW_TICK).await;
     let token = server.mint_seconds("ada", 30.0).await;
     let mut client = server.connect(&token).await;
-    let session_id = client.next_event().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     sleep(Duration::from_millis(300)).await;
     let zero = json!({ "human": "ada", "limits": [{ "type": CONVERSATIONAL, "value": 0 }] });
     assert_eq!(server.put("/v1/usage/token", zero).await.0, 200);
@@ -166,10 +146,7 @@ async fn lowering_a_limit_counts_the_time_used_until_then_against_the_old_one() 
     let server = TestServer::start_with(|s| s.tick = SLOW_TICK).await;
     let token = server.mint_seconds("ada", 30.0).await;
     let mut client = server.connect(&token).await;
-    let session_id = client.next_event().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     sleep(Duration::from_millis(600)).await;
     let lower = json!({ "human": "ada", "limits": [{ "type": CONVERSATIONAL, "value": 0.5 }] });
     assert_eq!(server.put("/v1/usage/token", lower).await.0, 200);
@@ -190,23 +167,15 @@ async fn revoking_closes_the_session_at_once_and_the_token_stops_working() {
     let token = server.mint_seconds("ada", 30.0).await;
     let mut client = server.connect(&token).await;
     sleep(Duration::from_millis(300)).await;
-    let (status, body) = server
-        .post("/v1/usage/token/revoke", json!({ "human": "ada" }))
-        .await;
+    let (status, body) = server.post("/v1/usage/token/revoke", json!({ "human": "ada" })).await;
     assert_eq!((status.as_u16(), &body["revoked_tokens"]), (200, &json!(1)));
 
     let closed = client.until_closed().await;
-    assert_eq!(
-        (closed.code, closed.reason.as_str()),
-        (Some(4002), "token_revoked")
-    );
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(4002), "token_revoked"));
     assert_near(closed.after, 0.3, PRECISION);
     let path = format!("/v1/realtime/session?kind=conversational&token={token}");
     let (status, body) = server.refused(&path).await;
-    assert_eq!(
-        (status.as_u16(), &body["type"]),
-        (401, &json!("token_revoked"))
-    );
+    assert_eq!((status.as_u16(), &body["type"]), (401, &json!("token_revoked")));
 }
 
 #[tokio::test]
@@ -215,13 +184,7 @@ async fn revoking_also_closes_sessions_opened_with_the_api_key() {
     server.mint_seconds("ada", 30.0).await;
     let mut client = connect_with_key(&server, "ada").await;
     client.next_event().await;
-    assert_eq!(
-        server
-            .post("/v1/usage/token/revoke", json!({ "human": "ada" }))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(server.post("/v1/usage/token/revoke", json!({ "human": "ada" })).await.0, 200);
     assert_eq!(client.until_closed().await.code, Some(4002));
 }
 
@@ -230,10 +193,7 @@ async fn a_client_that_disconnects_is_charged_up_to_the_moment_it_left() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 10.0).await;
     let mut client = server.connect(&token).await;
-    let session_id = client.next_event().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     sleep(Duration::from_millis(1230)).await;
     let used = client.opened.elapsed().as_secs_f64();
     drop(client);
@@ -241,11 +201,7 @@ async fn a_client_that_disconnects_is_charged_up_to_the_moment_it_left() {
     let (reason, charged) = wait_for_end(&server, &session_id).await;
     assert_eq!(reason, "client_disconnected");
     assert_near(charged as f64 / 1000.0, used, 0.05);
-    assert_near(
-        server.remaining("ada", CONVERSATIONAL).await,
-        10.0 - used,
-        0.05,
-    );
+    assert_near(server.remaining("ada", CONVERSATIONAL).await, 10.0 - used, 0.05);
     assert_ledger_identity(&server.db());
 }
 
@@ -254,10 +210,7 @@ async fn a_client_that_closes_is_charged_up_to_its_close_frame() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 10.0).await;
     let mut client = server.connect(&token).await;
-    let session_id = client.next_event().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     sleep(Duration::from_millis(700)).await;
     let used = client.opened.elapsed().as_secs_f64();
     client.close().await;
@@ -273,10 +226,7 @@ async fn a_dead_client_is_dropped_and_charged_only_up_to_its_last_frame() {
     let server = TestServer::start_with(|s| s.ping = Duration::from_millis(200)).await;
     let token = server.mint_seconds("ada", 10.0).await;
     let mut client = server.connect(&token).await;
-    let session_id = client.next_event().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     sleep(Duration::from_millis(300)).await;
     client.send(Message::Binary(vec![0u8; 640].into())).await;
     let last_frame = client.opened.elapsed().as_secs_f64();
@@ -285,16 +235,9 @@ async fn a_dead_client_is_dropped_and_charged_only_up_to_its_last_frame() {
     let (reason, charged) = wait_for_end(&server, &session_id).await;
     let dropped_after = client.opened.elapsed().as_secs_f64();
     assert_eq!(reason, "client_timeout");
-    assert!(
-        dropped_after >= last_frame + 0.4,
-        "dropped after {dropped_after} s"
-    );
+    assert!(dropped_after >= last_frame + 0.4, "dropped after {dropped_after} s");
     assert_near(charged as f64 / 1000.0, last_frame, 0.05);
-    assert_near(
-        server.remaining("ada", CONVERSATIONAL).await,
-        10.0 - last_frame,
-        0.05,
-    );
+    assert_near(server.remaining("ada", CONVERSATIONAL).await, 10.0 - last_frame, 0.05);
     assert_ledger_identity(&server.db());
 }
 
@@ -303,10 +246,7 @@ async fn a_dead_clients_refund_never_lifts_a_pool_above_a_value_set_since() {
     let server = TestServer::start_with(|s| s.ping = Duration::from_millis(500)).await;
     let token = server.mint_seconds("ada", 30.0).await;
     let mut client = server.connect(&token).await;
-    let session_id = client.next_event().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     client.send(Message::Text("last words".into())).await;
 
     // The client falls silent; while it is, the backend sets the limit.
@@ -320,14 +260,8 @@ async fn a_dead_clients_refund_never_lifts_a_pool_above_a_value_set_since() {
     // what the meter had not yet recorded at the set, at most a tick).
     let remaining = server.remaining("ada", CONVERSATIONAL).await;
     let tick = TEST_TICK.as_secs_f64();
-    assert!(
-        remaining <= 10.0 + tick + 0.01,
-        "the refund lifted the pool to {remaining}"
-    );
-    assert!(
-        remaining >= 10.0 - 0.05,
-        "post-set time was not given back: {remaining}"
-    );
+    assert!(remaining <= 10.0 + tick + 0.01, "the refund lifted the pool to {remaining}");
+    assert!(remaining >= 10.0 - 0.05, "post-set time was not given back: {remaining}");
     assert_ledger_identity(&server.db());
     drop(client);
 }
@@ -337,11 +271,7 @@ async fn a_client_that_answers_pings_is_kept() {
     let server = TestServer::start_with(|s| s.ping = Duration::from_millis(100)).await;
     let token = server.mint_seconds("ada", 1.0).await;
     let closed = server.connect(&token).await.until_closed().await;
-    assert_eq!(
-        closed.code,
-        Some(4001),
-        "dropped although it answered every ping"
-    );
+    assert_eq!(closed.code, Some(4001), "dropped although it answered every ping");
 }
 
 #[tokio::test]
@@ -349,10 +279,7 @@ async fn a_session_ends_at_the_server_wide_time_limit() {
     let server = TestServer::start_with(|s| s.max_session = Duration::from_millis(800)).await;
     let token = server.mint("ada", json!([])).await;
     let closed = server.connect(&token).await.until_closed().await;
-    assert_eq!(
-        (closed.code, closed.reason.as_str()),
-        (Some(4004), "session_time_limit")
-    );
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(4004), "session_time_limit"));
     assert_near(closed.after, 0.8, PRECISION);
 }
 
@@ -386,16 +313,8 @@ async fn usage_messages_count_down_and_warn_once_per_crossing() {
     let lift = json!({ "human": "ada", "limits": [{ "type": CONVERSATIONAL, "value": 1.6 }] });
     assert_eq!(server.put("/v1/usage/token", lift).await.0, 200);
     let closed = client.until_closed().await;
-    let warnings = closed
-        .events
-        .iter()
-        .filter(|e| e["type"] == "usage.warning")
-        .count();
-    assert_eq!(
-        warnings, 1,
-        "one more warning after the top-up: {:?}",
-        closed.events
-    );
+    let warnings = closed.events.iter().filter(|e| e["type"] == "usage.warning").count();
+    assert_eq!(warnings, 1, "one more warning after the top-up: {:?}", closed.events);
 
     let remaining: Vec<f64> = closed
         .events
@@ -403,18 +322,9 @@ async fn usage_messages_count_down_and_warn_once_per_crossing() {
         .filter(|e| e["type"] == "usage.remaining")
         .map(|e| e["remaining"].as_f64().unwrap())
         .collect();
-    assert!(
-        remaining.len() >= 10,
-        "too few usage.remaining: {remaining:?}"
-    );
-    let lifted = remaining
-        .iter()
-        .position(|r| *r > 1.0)
-        .expect("the top-up shows");
-    assert!(
-        remaining[lifted..].windows(2).all(|w| w[1] <= w[0]),
-        "{remaining:?}"
-    );
+    assert!(remaining.len() >= 10, "too few usage.remaining: {remaining:?}");
+    let lifted = remaining.iter().position(|r| *r > 1.0).expect("the top-up shows");
+    assert!(remaining[lifted..].windows(2).all(|w| w[1] <= w[0]), "{remaining:?}");
 }
 
 #[tokio::test]
@@ -453,10 +363,7 @@ async fn a_voice_synthesis_session_debits_voice_synthesis_seconds() {
     let closed = server.connect_to(&path).await.until_closed().await;
     assert_eq!(closed.code, Some(4001));
     assert_near(closed.after, 0.6, PRECISION);
-    assert_eq!(
-        server.remaining("ada", "voice_synthesis_seconds").await,
-        0.0
-    );
+    assert_eq!(server.remaining("ada", "voice_synthesis_seconds").await, 0.0);
     assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 30.0);
 }
 
@@ -466,14 +373,9 @@ async fn a_spent_limit_refuses_the_session_before_the_upgrade() {
     let token = server.mint_seconds("ada", 0.0).await;
     let path = format!("/v1/realtime/session?kind=conversational&token={token}");
     let (status, body) = server.refused(&path).await;
-    assert_eq!(
-        (status.as_u16(), &body["type"]),
-        (429, &json!("usage_limit_exceeded"))
-    );
+    assert_eq!((status.as_u16(), &body["type"]), (429, &json!("usage_limit_exceeded")));
     let db = server.db();
-    let sessions: i64 = db
-        .query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
-        .unwrap();
+    let sessions: i64 = db.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0)).unwrap();
     assert_eq!(sessions, 0);
 }
 
@@ -485,10 +387,7 @@ async fn sessions_over_the_per_human_cap_are_refused() {
     let first = server.connect(&token).await;
     let path = format!("/v1/realtime/session?kind=conversational&token={token}");
     let (status, body) = server.refused(&path).await;
-    assert_eq!(
-        (status.as_u16(), &body["type"]),
-        (429, &json!("too_many_sessions"))
-    );
+    assert_eq!((status.as_u16(), &body["type"]), (429, &json!("too_many_sessions")));
     server.connect(&other).await;
 
     first.close().await;
@@ -512,9 +411,7 @@ async fn a_client_that_leaves_while_its_session_is_being_recorded_leaves_nothing
          Host: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
-    tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes())
-        .await
-        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes()).await.unwrap();
     sleep(Duration::from_millis(100)).await;
     drop(tcp);
     sleep(Duration::from_millis(100)).await;
@@ -540,39 +437,19 @@ async fn refusals_before_the_upgrade_carry_their_error() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 30.0).await;
     let cases = [
-        (
-            format!("/v1/realtime/session?kind=video&token={token}"),
-            400,
-            "invalid_input",
-        ),
-        (
-            format!("/v1/realtime/session?token={token}"),
-            400,
-            "invalid_input",
-        ),
+        (format!("/v1/realtime/session?kind=video&token={token}"), 400, "invalid_input"),
+        (format!("/v1/realtime/session?token={token}"), 400, "invalid_input"),
         (
             format!("/v1/realtime/session?kind=conversational&events=x&token={token}"),
             400,
             "invalid_input",
         ),
-        (
-            "/v1/realtime/session?kind=conversational".to_owned(),
-            401,
-            "unauthorized",
-        ),
-        (
-            "/v1/realtime/session?kind=conversational&token=tgu_nope".to_owned(),
-            401,
-            "unauthorized",
-        ),
+        ("/v1/realtime/session?kind=conversational".to_owned(), 401, "unauthorized"),
+        ("/v1/realtime/session?kind=conversational&token=tgu_nope".to_owned(), 401, "unauthorized"),
     ];
     for (path, status, kind) in cases {
         let (got, body) = server.refused(&path).await;
-        assert_eq!(
-            (got.as_u16(), body["type"].as_str()),
-            (status, Some(kind)),
-            "{path}"
-        );
+        assert_eq!((got.as_u16(), body["type"].as_str()), (status, Some(kind)), "{path}");
     }
 }
 
@@ -585,10 +462,7 @@ async fn an_expired_token_opens_no_session() {
     let token = minted["token"].as_str().unwrap();
     let path = format!("/v1/realtime/session?kind=conversational&token={token}");
     let (status, body) = server.refused(&path).await;
-    assert_eq!(
-        (status.as_u16(), &body["type"]),
-        (401, &json!("token_expired"))
-    );
+    assert_eq!((status.as_u16(), &body["type"]), (401, &json!("token_expired")));
 }
 
 #[tokio::test]
@@ -597,21 +471,13 @@ async fn a_bearer_header_or_an_api_key_with_a_human_opens_a_session() {
     let token = server.mint_seconds("ada", 30.0).await;
     let url = format!("{}/v1/realtime/session?kind=conversational", server.ws_base);
     let mut request = url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let mut bearer = server
-        .connect_request(request)
-        .await
-        .expect("bearer admitted");
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut bearer = server.connect_request(request).await.expect("bearer admitted");
     assert_eq!(bearer.next_event().await["human"], "ada");
 
     let mut keyed = connect_with_key(&server, "carol").await;
     let started = keyed.next_event().await;
-    assert_eq!(
-        (&started["human"], &started["remaining"]),
-        (&json!("carol"), &Value::Null)
-    );
+    assert_eq!((&started["human"], &started["remaining"]), (&json!("carol"), &Value::Null));
 }
 
 #[tokio::test]
@@ -619,18 +485,12 @@ async fn shutting_down_closes_sessions_with_1001_and_records_their_usage() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 30.0).await;
     let mut client = server.connect(&token).await;
-    let session_id = client.next_event().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     sleep(Duration::from_millis(600)).await;
     let db_path = server.db_path.clone();
     let used = client.opened.elapsed().as_secs_f64();
     let (closed, _dir) = tokio::join!(client.until_closed(), server.shutdown());
-    assert_eq!(
-        (closed.code, closed.reason.as_str()),
-        (Some(1001), "server_shutdown")
-    );
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(1001), "server_shutdown"));
 
     let db = open_db(&db_path);
     let (reason, charged) = session_row(&db, &session_id);
@@ -643,16 +503,9 @@ async fn shutting_down_closes_sessions_with_1001_and_records_their_usage() {
 async fn connect_with_key(server: &TestServer, human: &str) -> Client {
     let url = format!("{}/v1/realtime/session?kind=conversational", server.ws_base);
     let mut request = url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("x-api-key", server.key.parse().unwrap());
-    request
-        .headers_mut()
-        .insert("x-human-id", human.parse().unwrap());
-    server
-        .connect_request(request)
-        .await
-        .expect("key and human admitted")
+    request.headers_mut().insert("x-api-key", server.key.parse().unwrap());
+    request.headers_mut().insert("x-human-id", human.parse().unwrap());
+    server.connect_request(request).await.expect("key and human admitted")
 }
 
 /// The next text or binary frame that is not a `usage.*` message.

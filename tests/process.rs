@@ -18,9 +18,7 @@ fn api_of(process: &Process, key: &str) -> Api {
 
 async fn wait_for_exit(process: Process) -> (std::process::ExitStatus, Vec<String>) {
     let limit = Duration::from_secs(20);
-    tokio::task::spawn_blocking(move || process.wait(limit))
-        .await
-        .unwrap()
+    tokio::task::spawn_blocking(move || process.wait(limit)).await.unwrap()
 }
 
 #[tokio::test]
@@ -30,19 +28,11 @@ async fn a_fresh_database_prints_its_api_key_once_and_only_on_stdout() {
     let first = binary::spawn(&db, &[], "info");
     let key = first.printed_key().expect("the first start prints a key");
     let api = api_of(&first, &key);
-    assert_eq!(
-        api.post("/v1/usage/token", json!({ "human": "ada" }))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(api.post("/v1/usage/token", json!({ "human": "ada" })).await.0, 200);
     first.signal("TERM");
     let (status, stderr) = wait_for_exit(first).await;
     assert!(status.success(), "{stderr:?}");
-    assert!(
-        stderr.iter().all(|line| !line.contains(&key)),
-        "the key was logged"
-    );
+    assert!(stderr.iter().all(|line| !line.contains(&key)), "the key was logged");
 
     let second = binary::spawn(&db, &[], "info");
     assert_eq!(second.printed_key(), None);
@@ -57,17 +47,10 @@ async fn keys_create_prints_a_working_key_for_a_new_project() {
         binary::run_binary(&["keys", "create", "--project", "acme"], &db);
     assert!(status.success(), "{stderr}");
     let key = stdout.trim().to_owned();
-    assert!(
-        key.starts_with("tgk_") && !stdout.trim().contains('\n'),
-        "{stdout}"
-    );
+    assert!(key.starts_with("tgk_") && !stdout.trim().contains('\n'), "{stdout}");
 
     let server = binary::spawn(&db, &[], "info");
-    assert_eq!(
-        server.printed_key(),
-        None,
-        "a database with a project gets no default key"
-    );
+    assert_eq!(server.printed_key(), None, "a database with a project gets no default key");
     let api = api_of(&server, &key);
     let (status, body) = api.post("/v1/usage/token", json!({ "human": "ada" })).await;
     assert_eq!(status, 200, "{body}");
@@ -95,25 +78,11 @@ async fn a_second_server_on_the_same_database_is_refused_and_disturbs_nothing() 
 
     let (status, _, stderr) = binary::run_binary(&["serve", "--listen", "127.0.0.1:0"], &db);
     assert!(!status.success());
-    assert!(
-        stderr.contains("another tollgate server is already using"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("another tollgate server is already using"), "{stderr}");
     let rows = session_rows(&open_db(&db));
-    assert_eq!(
-        rows,
-        vec![(None, 0)],
-        "the first server's session was touched"
-    );
-    client
-        .send(tokio_tungstenite::tungstenite::Message::Text(
-            "still here".into(),
-        ))
-        .await;
-    assert_eq!(
-        client.event_of("usage.remaining").await["type"],
-        "usage.remaining"
-    );
+    assert_eq!(rows, vec![(None, 0)], "the first server's session was touched");
+    client.send(tokio_tungstenite::tungstenite::Message::Text("still here".into())).await;
+    assert_eq!(client.event_of("usage.remaining").await["type"], "usage.remaining");
 }
 
 #[tokio::test]
@@ -130,10 +99,7 @@ async fn sigterm_closes_every_session_with_1001_records_it_and_exits_0() {
     let used = clients[0].opened.elapsed().as_secs_f64();
     for client in &mut clients {
         let closed = client.until_closed().await;
-        assert_eq!(
-            (closed.code, closed.reason.as_str()),
-            (Some(1001), "server_shutdown")
-        );
+        assert_eq!((closed.code, closed.reason.as_str()), (Some(1001), "server_shutdown"));
     }
     let (status, stderr) = wait_for_exit(process).await;
     assert!(status.success(), "exit {status}: {stderr:?}");
@@ -175,10 +141,7 @@ async fn kill_9_loses_at_most_one_tick_and_the_next_start_closes_what_was_left_o
     clients.push(api.connect(&unlimited).await);
     sleep(Duration::from_millis(1100)).await;
 
-    let used: Vec<f64> = clients
-        .iter()
-        .map(|c| c.opened.elapsed().as_secs_f64())
-        .collect();
+    let used: Vec<f64> = clients.iter().map(|c| c.opened.elapsed().as_secs_f64()).collect();
     process.kill();
     let restarted = binary::spawn(&db, &tick, "info");
     let logged = restarted.stderr().join("\n");
@@ -193,10 +156,7 @@ async fn kill_9_loses_at_most_one_tick_and_the_next_start_closes_what_was_left_o
         assert_eq!(reason.as_deref(), Some("server_restart"));
         let charged = *charged as f64 / 1000.0;
         assert!(charged <= used + 0.02, "charged {charged} s for {used} s");
-        assert!(
-            charged >= used - tick - 0.05,
-            "lost more than a tick: {charged} of {used} s"
-        );
+        assert!(charged >= used - tick - 0.05, "lost more than a tick: {charged} of {used} s");
     }
     drop(clients);
 }
@@ -213,34 +173,21 @@ async fn no_log_line_contains_a_token_or_an_api_key() {
     // Every way a secret can reach the server: query string, Bearer
     // header, x-api-key, and bad or revoked ones that are refused.
     api.connect(&token).await.until_closed().await;
-    let bearer = api
-        .http
-        .get(api.url("/v1/usage/limits"))
-        .bearer_auth(&token);
+    let bearer = api.http.get(api.url("/v1/usage/limits")).bearer_auth(&token);
     assert_eq!(bearer.send().await.unwrap().status(), 200);
-    let (status, _) = api
-        .refused("/v1/realtime/session?kind=conversational&token=tgu_bad")
-        .await;
+    let (status, _) = api.refused("/v1/realtime/session?kind=conversational&token=tgu_bad").await;
     assert_eq!(status, 401);
     let revoke = json!({ "human": "ada" });
     assert_eq!(api.post("/v1/usage/token/revoke", revoke).await.0, 200);
     let path = format!("/v1/realtime/session?kind=conversational&token={token}");
     assert_eq!(api.refused(&path).await.0, 401);
-    let lost = api
-        .http
-        .get(api.url(&format!("/v1/{token}")))
-        .send()
-        .await
-        .unwrap();
+    let lost = api.http.get(api.url(&format!("/v1/{token}"))).send().await.unwrap();
     assert_eq!(lost.status(), 404);
 
     process.signal("TERM");
     let (status, stderr) = wait_for_exit(process).await;
     assert!(status.success());
-    assert!(
-        stderr.len() > 20,
-        "too few log lines to mean anything: {stderr:?}"
-    );
+    assert!(stderr.len() > 20, "too few log lines to mean anything: {stderr:?}");
     for secret in [&token, &key] {
         let body = &secret[4..];
         let leaks: Vec<&String> = stderr.iter().filter(|l| l.contains(body)).collect();

@@ -43,11 +43,7 @@ impl FromRequestParts<AppState> for Backend {
 async fn backend(state: &AppState, headers: &HeaderMap) -> Result<ProjectId, ApiError> {
     let key = extract::header(headers, API_KEY_HEADER)?;
     let presented = [key, bearer(headers)?];
-    if presented
-        .into_iter()
-        .flatten()
-        .any(|c| secret::parse(c, SecretKind::UsageToken).is_some())
-    {
+    if presented.into_iter().flatten().any(|c| secret::parse(c, SecretKind::UsageToken).is_some()) {
         return Err(ApiError::Forbidden(
             "usage tokens cannot call backend endpoints; send an API key in x-api-key",
         ));
@@ -82,20 +78,12 @@ pub async fn human(
 
 async fn api_key(state: &AppState, presented: &str) -> Result<ProjectId, ApiError> {
     let hash = secret::parse(presented, SecretKind::ApiKey).ok_or(ApiError::Unauthorized)?;
-    state
-        .store
-        .find_api_key(hash)
-        .await?
-        .ok_or(ApiError::Unauthorized)
+    state.store.find_api_key(hash).await?.ok_or(ApiError::Unauthorized)
 }
 
 async fn usage_token(state: &AppState, presented: &str) -> Result<UsageTokenRecord, ApiError> {
     let hash = secret::parse(presented, SecretKind::UsageToken).ok_or(ApiError::Unauthorized)?;
-    let record = state
-        .store
-        .find_usage_token(hash)
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
+    let record = state.store.find_usage_token(hash).await?.ok_or(ApiError::Unauthorized)?;
     if record.revoked {
         return Err(ApiError::TokenRevoked);
     }

@@ -86,10 +86,7 @@ impl IntoResponse for ApiError {
             error!(error = %cause, "request failed");
         }
         let (status, kind) = self.status_and_type();
-        let body = ErrorBody {
-            kind,
-            message: self.to_string(),
-        };
+        let body = ErrorBody { kind, message: self.to_string() };
         (status, Json(body)).into_response()
     }
 }

@@ -29,17 +29,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                let reason = if rejection.into_response().status() == StatusCode::PAYLOAD_TOO_LARGE
-                {
-                    "larger than the 64 KiB limit"
-                } else {
-                    "could not be read"
-                };
-                ApiError::InvalidInput(format!("request body: {reason}"))
-            })?;
+        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+            let reason = if rejection.into_response().status() == StatusCode::PAYLOAD_TOO_LARGE {
+                "larger than the 64 KiB limit"
+            } else {
+                "could not be read"
+            };
+            ApiError::InvalidInput(format!("request body: {reason}"))
+        })?;
         parse_json(&bytes).map(JsonBody)
     }
 }
@@ -48,25 +45,18 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Every request body is an object; derived structs would also take an
     // array of their fields in order.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::InvalidInput(
-            "request body: must be a JSON object".into(),
-        ));
+        return Err(ApiError::InvalidInput("request body: must be a JSON object".into()));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         // The path is `.` at the top level and holds a `?` where the parser
         // gave up before it knew the field (truncated JSON, say).
         let path = error.path().to_string();
-        let field = if path == "." || path.contains('?') {
-            "request body".to_owned()
-        } else {
-            path
-        };
+        let field =
+            if path == "." || path.contains('?') { "request body".to_owned() } else { path };
         ApiError::InvalidInput(format!("{field}: {}", error.into_inner()))
     })?;
-    deserializer
-        .end()
-        .map_err(|error| ApiError::InvalidInput(format!("request body: {error}")))?;
+    deserializer.end().map_err(|error| ApiError::InvalidInput(format!("request body: {error}")))?;
     Ok(value)
 }
 
@@ -121,19 +111,13 @@ pub fn limits(inputs: Vec<LimitInput>) -> Result<Vec<Limit>, ApiError> {
             .limit_type
             .to_base(input.value)
             .map_err(|reason| ApiError::InvalidInput(format!("limits[{i}].value: {reason}")))?;
-        if limits
-            .iter()
-            .any(|limit| limit.limit_type == input.limit_type)
-        {
+        if limits.iter().any(|limit| limit.limit_type == input.limit_type) {
             return Err(ApiError::InvalidInput(format!(
                 "limits[{i}].type: {} is named twice",
                 input.limit_type.as_str()
             )));
         }
-        limits.push(Limit {
-            limit_type: input.limit_type,
-            value,
-        });
+        limits.push(Limit { limit_type: input.limit_type, value });
     }
     Ok(limits)
 }
@@ -177,9 +161,7 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(ApiError::InvalidInput(format!(
-            "{name}: given more than once"
-        )));
+        return Err(ApiError::InvalidInput(format!("{name}: given more than once")));
     }
     std::str::from_utf8(value.as_bytes())
         .map(Some)
@@ -207,10 +189,7 @@ mod tests {
     #[test]
     fn a_bad_field_is_named_in_the_error() {
         let message = error_of(r#"{"human": "a", "limits": [{"type": "bogus", "value": 1}]}"#);
-        assert!(
-            message.starts_with("limits[0].type: unknown variant `bogus`"),
-            "{message}"
-        );
+        assert!(message.starts_with("limits[0].type: unknown variant `bogus`"), "{message}");
         let message = error_of(r#"{"human": 7, "limits": []}"#);
         assert!(message.starts_with("human: invalid type"), "{message}");
     }
@@ -227,14 +206,8 @@ mod tests {
     #[test]
     fn a_type_named_twice_is_refused() {
         let twice = vec![
-            LimitInput {
-                limit_type: LimitType::TokenCnt,
-                value: 1.0,
-            },
-            LimitInput {
-                limit_type: LimitType::TokenCnt,
-                value: 2.0,
-            },
+            LimitInput { limit_type: LimitType::TokenCnt, value: 1.0 },
+            LimitInput { limit_type: LimitType::TokenCnt, value: 2.0 },
         ];
         assert!(matches!(limits(twice), Err(ApiError::InvalidInput(m)) if m.contains("twice")));
     }

@@ -8,15 +8,9 @@ use super::AppState;
 use super::error::ApiError;
 
 pub async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    state
-        .store
-        .ping()
-        .await
-        .map_err(|_| ApiError::Unavailable("the store does not answer"))?;
+    state.store.ping().await.map_err(|_| ApiError::Unavailable("the store does not answer"))?;
     if !state.health.is_recording() || !state.meter.is_running() {
-        return Err(ApiError::Unavailable(
-            "usage cannot be recorded; new sessions are refused",
-        ));
+        return Err(ApiError::Unavailable("usage cannot be recorded; new sessions are refused"));
     }
     Ok(Json(json!({ "status": "ok" })))
 }

@@ -43,10 +43,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
-        .route(
-            "/usage/token",
-            post(tokens::create).put(tokens::change_limits),
-        )
+        .route("/usage/token", post(tokens::create).put(tokens::change_limits))
         .route("/usage/limits", get(tokens::limits))
         .route("/usage/token/revoke", post(tokens::revoke))
         .route("/usage/token/check", post(tokens::check))
@@ -68,10 +65,7 @@ pub fn router(state: AppState) -> Router {
 /// the query string (which carries usage tokens for WebSockets) nor the
 /// path as sent (which a confused client may fill with one) is recorded.
 fn request_span<B>(request: &Request<B>) -> tracing::Span {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
+    let route = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
     debug_span!("request", method = %request.method(), route = route.unwrap_or("<none>"))
 }
 

@@ -97,9 +97,7 @@ async fn admit(
     token: Option<i64>,
 ) -> Result<Admitted, ApiError> {
     if !state.health.is_recording() || !state.meter.is_running() || state.shutdown.is_cancelled() {
-        return Err(ApiError::Unavailable(
-            "usage cannot be recorded right now; try again later",
-        ));
+        return Err(ApiError::Unavailable("usage cannot be recorded right now; try again later"));
     }
     let public_id = session_id();
     let session = NewSession {
@@ -123,9 +121,7 @@ async fn admit(
         };
         let _ = answer_tx.send(answer);
     });
-    answer_rx
-        .await
-        .map_err(|_| ApiError::from(StoreError::Closed))?
+    answer_rx.await.map_err(|_| ApiError::from(StoreError::Closed))?
 }
 
 fn admitted(
@@ -135,16 +131,9 @@ fn admitted(
     meter: MeterHandle,
 ) -> Result<Admitted, ApiError> {
     match admission {
-        Admission::Admitted {
-            key,
-            remaining,
-            revocation_epoch,
-        } => Ok(Admitted {
-            ticket: Ticket::new(key, meter),
-            public_id,
-            remaining,
-            revocation_epoch,
-        }),
+        Admission::Admitted { key, remaining, revocation_epoch } => {
+            Ok(Admitted { ticket: Ticket::new(key, meter), public_id, remaining, revocation_epoch })
+        }
         Admission::LimitExhausted => Err(ApiError::UsageLimitExceeded(kind.limit_type().as_str())),
         Admission::TooManySessions => Err(ApiError::TooManySessions),
         Admission::TokenRevoked => Err(ApiError::TokenRevoked),
@@ -160,10 +149,9 @@ async fn caller(
 ) -> Result<(Human, Option<i64>), ApiError> {
     Ok(match auth::human(state, headers, query_token).await? {
         HumanCredential::Token(token) => (token.human, Some(token.id)),
-        HumanCredential::Key { project, human } => (
-            state.store.find_or_create_human(project, &human).await?,
-            None,
-        ),
+        HumanCredential::Key { project, human } => {
+            (state.store.find_or_create_human(project, &human).await?, None)
+        }
     })
 }
 

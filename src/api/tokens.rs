@@ -43,9 +43,7 @@ pub async fn create(
     JsonBody(body): JsonBody<CreateToken>,
 ) -> Result<Json<CreatedToken>, ApiError> {
     let human = extract::human(body.human, "human")?;
-    let ttl_seconds = body
-        .ttl_seconds
-        .unwrap_or(DEFAULT_TTL_SECONDS.min(max_ttl(&state)));
+    let ttl_seconds = body.ttl_seconds.unwrap_or(DEFAULT_TTL_SECONDS.min(max_ttl(&state)));
     let ttl = extract::ttl_millis(ttl_seconds, max_ttl(&state))?;
     let limits = body.limits.map(extract::limits).transpose()?;
 
@@ -109,15 +107,11 @@ pub async fn change_limits(
 ) -> Result<Json<Value>, ApiError> {
     let human = extract::human(body.human, "human")?;
     if body.limits.is_empty() {
-        return Err(ApiError::InvalidInput(
-            "limits: must name at least one limit".into(),
-        ));
+        return Err(ApiError::InvalidInput("limits: must name at least one limit".into()));
     }
     let changes = extract::limits(body.limits)?;
     let now = clock::now_millis();
-    let change = state
-        .store
-        .change_limits(project, &human, changes, body.mode, now);
+    let change = state.store.change_limits(project, &human, changes, body.mode, now);
     let limits = settled(&state, project, &human, change).await?;
     Ok(Json(json!({ "human": human, "limits": views(limits) })))
 }
@@ -176,10 +170,7 @@ pub async fn update_ttl(
     let human = extract::human(body.human, "human")?;
     let ttl = extract::ttl_millis(body.ttl_seconds, max_ttl(&state))?;
     let now = clock::now_millis();
-    let updated = state
-        .store
-        .set_token_expiry(project, &human, now, now + ttl)
-        .await?;
+    let updated = state.store.set_token_expiry(project, &human, now, now + ttl).await?;
     if updated == 0 {
         return Err(ApiError::NotFound("the human has no live usage token"));
     }

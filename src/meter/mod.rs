@@ -54,9 +54,7 @@ pub struct Health {
 
 impl Health {
     pub fn new() -> Arc<Health> {
-        Arc::new(Health {
-            recording: AtomicBool::new(true),
-        })
+        Arc::new(Health { recording: AtomicBool::new(true) })
     }
 
     pub fn is_recording(&self) -> bool {

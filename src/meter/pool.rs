@@ -63,10 +63,7 @@ mod tests {
         // 10 s left at t=0 for the first session, the second joins at t=2 s:
         // 8 s are left then, drained twice as fast, so dry at t=6 s.
         let start = Instant::now();
-        assert_eq!(
-            exhaustion(10_000, &[start, start + ms(2000)]),
-            start + ms(6000)
-        );
+        assert_eq!(exhaustion(10_000, &[start, start + ms(2000)]), start + ms(6000));
     }
 
     #[test]

@@ -160,39 +160,19 @@ impl Meter {
         };
         let amount = pool::signed_millis(at, session.committed_to);
         let (human, limit_type) = session.pool;
-        let charge = Charge {
-            session: key,
-            human,
-            limit_type,
-            amount,
-        };
+        let charge = Charge { session: key, human, limit_type, amount };
         let span = session.span.clone();
-        self.ending.push(Ending {
-            key,
-            charge: Some(charge),
-            reason,
-            span,
-        });
+        self.ending.push(Ending { key, charge: Some(charge), reason, span });
         self.leave_pool(key, session.pool);
         if reason.close_code().is_some() {
-            session
-                .updates_tx
-                .send_modify(|update| update.close = Some(reason));
+            session.updates_tx.send_modify(|update| update.close = Some(reason));
         }
     }
 
     fn abandon(&mut self, key: SessionKey) {
-        debug!(
-            session = key.0,
-            "upgrade did not complete; nothing was charged"
-        );
+        debug!(session = key.0, "upgrade did not complete; nothing was charged");
         let reason = EndReason::UpgradeFailed;
-        self.ending.push(Ending {
-            key,
-            charge: None,
-            reason,
-            span: Span::none(),
-        });
+        self.ending.push(Ending { key, charge: None, reason, span: Span::none() });
     }
 
     async fn shutdown(&mut self, done_tx: oneshot::Sender<bool>) {
@@ -230,11 +210,8 @@ impl Meter {
     fn dry_at(&self, pool_key: PoolKey) -> Option<Instant> {
         let pool = self.pools.get(&pool_key)?;
         let remaining = pool.remaining?;
-        let committed: Vec<Instant> = pool
-            .members
-            .iter()
-            .map(|key| self.sessions[key].committed_to)
-            .collect();
+        let committed: Vec<Instant> =
+            pool.members.iter().map(|key| self.sessions[key].committed_to).collect();
         (!committed.is_empty()).then(|| pool::exhaustion(remaining, &committed))
     }
 
@@ -279,9 +256,7 @@ impl Meter {
         }
         for key in &self.pools[&pool_key].members {
             let reason = Some(EndReason::UsageLimitExceeded);
-            self.sessions[key]
-                .updates_tx
-                .send_modify(|update| update.close = reason);
+            self.sessions[key].updates_tx.send_modify(|update| update.close = reason);
         }
         Some(dry_at)
     }
@@ -334,12 +309,7 @@ impl Meter {
             let session = &self.sessions[&key];
             let amount = pool::signed_millis(now, session.committed_to).max(0);
             let (human, limit_type) = session.pool;
-            batch.charges.push(Charge {
-                session: key,
-                human,
-                limit_type,
-                amount,
-            });
+            batch.charges.push(Charge { session: key, human, limit_type, amount });
             charged.push((key, amount));
         }
         (batch, charged)
@@ -348,10 +318,7 @@ impl Meter {
     fn with_endings(&self, mut batch: UsageBatch, ending: &[Ending]) -> UsageBatch {
         for end in ending {
             batch.charges.extend(end.charge);
-            batch.ends.push(SessionEnd {
-                session: end.key,
-                reason: end.reason,
-            });
+            batch.ends.push(SessionEnd { session: end.key, reason: end.reason });
         }
         batch
     }
@@ -398,10 +365,7 @@ impl Meter {
             self.health.set_recording(true);
         }
         for (key, amount) in charged {
-            let session = self
-                .sessions
-                .get_mut(&key)
-                .expect("charged sessions stay open");
+            let session = self.sessions.get_mut(&key).expect("charged sessions stay open");
             session.committed_to += Duration::from_millis(amount as u64);
             session.used_millis += amount;
         }

@@ -51,10 +51,7 @@ pub struct Ticket {
 
 impl Ticket {
     pub fn new(key: SessionKey, meter: MeterHandle) -> Ticket {
-        Ticket {
-            key,
-            meter: Some(meter),
-        }
+        Ticket { key, meter: Some(meter) }
     }
 
     pub fn key(&self) -> SessionKey {
@@ -110,20 +107,10 @@ async fn serve(socket: WebSocket, context: SessionContext, ticket: Ticket) {
         .await;
     info!(remaining = context.remaining.map(seconds), "session opened");
 
-    let mut session = Session {
-        socket,
-        context,
-        updates_rx,
-        last_frame: started,
-        low_sent: false,
-    };
+    let mut session = Session { socket, context, updates_rx, last_frame: started, low_sent: false };
     let reason = match session.serve(started).await {
         Outcome::Ended { at, reason } => {
-            session
-                .context
-                .meter
-                .end(session.context.key, at, reason)
-                .await;
+            session.context.meter.end(session.context.key, at, reason).await;
             reason
         }
         Outcome::ClosedByMeter(reason) => reason,
@@ -189,16 +176,10 @@ impl Session {
         let now = Instant::now();
         let message = match message {
             None => {
-                return Err(Outcome::Ended {
-                    at: now,
-                    reason: EndReason::ClientDisconnected,
-                });
+                return Err(Outcome::Ended { at: now, reason: EndReason::ClientDisconnected });
             }
             Some(Err(error)) => {
-                return Err(Outcome::Ended {
-                    at: now,
-                    reason: classify(error),
-                });
+                return Err(Outcome::Ended { at: now, reason: classify(error) });
             }
             Some(Ok(message)) => message,
         };
@@ -206,10 +187,7 @@ impl Session {
         match message {
             Message::Text(_) | Message::Binary(_) => self.send(message).await,
             Message::Ping(_) | Message::Pong(_) => Ok(()),
-            Message::Close(_) => Err(Outcome::Ended {
-                at: now,
-                reason: EndReason::ClientClosed,
-            }),
+            Message::Close(_) => Err(Outcome::Ended { at: now, reason: EndReason::ClientClosed }),
         }
     }
 
@@ -227,15 +205,13 @@ impl Session {
         }
         let remaining = update.remaining_millis.map(seconds);
         let used = seconds(update.used_millis);
-        self.send_event(ServerMessage::Remaining { remaining, used }.to_json())
-            .await?;
+        self.send_event(ServerMessage::Remaining { remaining, used }.to_json()).await?;
         if !update.low {
             self.low_sent = false;
         } else if !self.low_sent {
             self.low_sent = true;
             let remaining = remaining.unwrap_or_default();
-            self.send_event(ServerMessage::Warning { remaining }.to_json())
-                .await?;
+            self.send_event(ServerMessage::Warning { remaining }.to_json()).await?;
         }
         Ok(())
     }
@@ -244,10 +220,7 @@ impl Session {
         if self.last_frame.elapsed() >= 2 * self.context.ping {
             warn!("client sent nothing for two ping intervals; dropping it");
             let at = self.last_frame;
-            return Err(Outcome::Ended {
-                at,
-                reason: EndReason::ClientTimeout,
-            });
+            return Err(Outcome::Ended { at, reason: EndReason::ClientTimeout });
         }
         self.send(Message::Ping(Default::default())).await
     }
@@ -264,16 +237,12 @@ impl Session {
     async fn send(&mut self, message: Message) -> Step {
         match timeout(2 * self.context.ping, self.socket.send(message)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Outcome::Ended {
-                at: Instant::now(),
-                reason: EndReason::ClientDisconnected,
-            }),
+            Ok(Err(_)) => {
+                Err(Outcome::Ended { at: Instant::now(), reason: EndReason::ClientDisconnected })
+            }
             Err(_) => {
                 warn!("client stopped reading; dropping it");
-                Err(Outcome::Ended {
-                    at: Instant::now(),
-                    reason: EndReason::ClientTimeout,
-                })
+                Err(Outcome::Ended { at: Instant::now(), reason: EndReason::ClientTimeout })
             }
         }
     }
@@ -282,10 +251,7 @@ impl Session {
     /// briefly for the client's half of the closing handshake.
     async fn close(mut self, reason: EndReason) {
         if let Some(code) = reason.close_code() {
-            let frame = CloseFrame {
-                code,
-                reason: reason.as_str().into(),
-            };
+            let frame = CloseFrame { code, reason: reason.as_str().into() };
             let sent = timeout(CLOSE_TIMEOUT, self.socket.send(Message::Close(Some(frame)))).await;
             debug!(code, sent = matches!(sent, Ok(Ok(()))), "close frame sent");
         }

@@ -61,10 +61,7 @@ mod tests {
             "remaining": null,
         });
         assert_eq!(json, expected);
-        let remaining = ServerMessage::Remaining {
-            remaining: Some(seconds(1500)),
-            used: 0.25,
-        };
+        let remaining = ServerMessage::Remaining { remaining: Some(seconds(1500)), used: 0.25 };
         let expected = r#"{"type":"usage.remaining","remaining":1.5,"used":0.25}"#;
         assert_eq!(remaining.to_json(), expected);
     }

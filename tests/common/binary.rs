@@ -43,11 +43,7 @@ impl Process {
     /// The API key printed on standard output, if this start printed one.
     pub fn printed_key(&self) -> Option<String> {
         let lines = self.stdout.lock().unwrap();
-        lines
-            .iter()
-            .map(|l| l.trim())
-            .find(|l| l.starts_with("tgk_"))
-            .map(str::to_owned)
+        lines.iter().map(|l| l.trim()).find(|l| l.starts_with("tgk_")).map(str::to_owned)
     }
 
     pub fn stdout(&self) -> Vec<String> {
@@ -60,10 +56,7 @@ impl Process {
 
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args(["-s", name, &pid])
-            .status()
-            .unwrap();
+        let status = Command::new("kill").args(["-s", name, &pid]).status().unwrap();
         assert!(status.success(), "kill -s {name} failed");
     }
 
@@ -82,10 +75,7 @@ impl Process {
                 std::thread::sleep(Duration::from_millis(100));
                 return (status, self.stderr());
             }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not exit within {limit:?}"
-            );
+            assert!(Instant::now() < deadline, "the server did not exit within {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -145,15 +135,9 @@ fn wait_for_address(stderr: &Arc<Mutex<Vec<String>>>, child: &mut Child) -> Stri
             return addr;
         }
         if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "the server exited with {status}: {:?}",
-                stderr.lock().unwrap()
-            );
+            panic!("the server exited with {status}: {:?}", stderr.lock().unwrap());
         }
-        assert!(
-            Instant::now() < deadline,
-            "the server never said where it listens"
-        );
+        assert!(Instant::now() < deadline, "the server never said where it listens");
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -64,11 +64,7 @@ impl TestServer {
         adjust(&mut settings);
         let server = tollgate::start(settings).await.unwrap();
         let addr = server.local_addr();
-        let key = server
-            .first_api_key()
-            .expect("a new database gets a key")
-            .expose()
-            .to_owned();
+        let key = server.first_api_key().expect("a new database gets a key").expose().to_owned();
         TestServer {
             api: Api::new(&addr.to_string(), key),
             db_path,
@@ -111,10 +107,7 @@ impl Api {
         path: &str,
         body: Value,
     ) -> (StatusCode, Value) {
-        let request = self
-            .http
-            .request(method, self.url(path))
-            .header("x-api-key", &self.key);
+        let request = self.http.request(method, self.url(path)).header("x-api-key", &self.key);
         send(request.json(&body)).await
     }
 
@@ -128,23 +121,15 @@ impl Api {
 
     /// Mints a token for `human` with the given limits, returning the token.
     pub async fn mint(&self, human: &str, limits: Value) -> String {
-        let (status, body) = self
-            .post(
-                "/v1/usage/token",
-                json!({ "human": human, "limits": limits }),
-            )
-            .await;
+        let (status, body) =
+            self.post("/v1/usage/token", json!({ "human": human, "limits": limits })).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body["token"].as_str().unwrap().to_owned()
     }
 
     /// A token with `seconds` of conversational time.
     pub async fn mint_seconds(&self, human: &str, seconds: f64) -> String {
-        self.mint(
-            human,
-            json!([{ "type": "conversational_seconds", "value": seconds }]),
-        )
-        .await
+        self.mint(human, json!([{ "type": "conversational_seconds", "value": seconds }])).await
     }
 
     /// The human's limits as the backend reads them.
@@ -164,27 +149,18 @@ impl Api {
         let limits = self.limits_of(human).await;
         let limits = limits.as_array().unwrap();
         let entry = limits.iter().find(|l| l["type"] == limit_type);
-        entry.unwrap_or_else(|| panic!("no {limit_type} in {limits:?}"))["value"]
-            .as_f64()
-            .unwrap()
+        entry.unwrap_or_else(|| panic!("no {limit_type} in {limits:?}"))["value"].as_f64().unwrap()
     }
 
     /// Opens a conversational session with a token in the query string.
     pub async fn connect(&self, token: &str) -> Client {
-        self.connect_to(&format!(
-            "/v1/realtime/session?kind=conversational&token={token}"
-        ))
-        .await
+        self.connect_to(&format!("/v1/realtime/session?kind=conversational&token={token}")).await
     }
 
     /// Opens a session at `path_and_query`, panicking if it is refused.
     pub async fn connect_to(&self, path_and_query: &str) -> Client {
-        let request = format!("{}{path_and_query}", self.ws_base)
-            .into_client_request()
-            .unwrap();
-        self.connect_request(request)
-            .await
-            .expect("the session was refused")
+        let request = format!("{}{path_and_query}", self.ws_base).into_client_request().unwrap();
+        self.connect_request(request).await.expect("the session was refused")
     }
 
     /// Opens a session, or returns the refusal's status and body.
@@ -193,10 +169,7 @@ impl Api {
         request: tungstenite::handshake::client::Request,
     ) -> Result<Client, (StatusCode, Value)> {
         match tokio_tungstenite::connect_async(request).await {
-            Ok((ws, _)) => Ok(Client {
-                ws,
-                opened: Instant::now(),
-            }),
+            Ok((ws, _)) => Ok(Client { ws, opened: Instant::now() }),
             Err(tungstenite::Error::Http(response)) => {
                 let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
                 let body = response.body().clone().unwrap_or_default();
@@ -208,9 +181,7 @@ impl Api {
 
     /// Tries to open a session and returns the refusal.
     pub async fn refused(&self, path_and_query: &str) -> (StatusCode, Value) {
-        let request = format!("{}{path_and_query}", self.ws_base)
-            .into_client_request()
-            .unwrap();
+        let request = format!("{}{path_and_query}", self.ws_base).into_client_request().unwrap();
         match self.connect_request(request).await {
             Ok(_) => panic!("the session to {path_and_query} was admitted"),
             Err(refusal) => refusal,
@@ -236,17 +207,12 @@ pub fn assert_ledger_identity(db: &rusqlite::Connection) {
              FROM limits l",
         )
         .unwrap()
-        .query_map([], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-        })
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
         .unwrap()
         .map(Result::unwrap)
         .filter(|(_, _, balance, sum)| balance != sum)
         .collect();
-    assert!(
-        broken.is_empty(),
-        "balance differs from the ledger: {broken:?}"
-    );
+    assert!(broken.is_empty(), "balance differs from the ledger: {broken:?}");
     let orphans: i64 = db
         .query_row(
             "SELECT COUNT(*) FROM ledger g WHERE NOT EXISTS (SELECT 1 FROM limits l
@@ -282,10 +248,7 @@ async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
     let response = request.send().await.unwrap();
     let status = response.status();
     let text = response.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
 /// A WebSocket client of a session.

@@ -16,11 +16,8 @@ pub fn add_api_key(conn: &mut Connection, project: &str, key: SecretHash) -> Sto
         "INSERT INTO projects (name, created_at) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
         params![project, now],
     )?;
-    let project_id: i64 = tx.query_row(
-        "SELECT id FROM projects WHERE name = ?1",
-        [project],
-        |row| row.get(0),
-    )?;
+    let project_id: i64 =
+        tx.query_row("SELECT id FROM projects WHERE name = ?1", [project], |row| row.get(0))?;
     tx.execute(
         "INSERT INTO api_keys (project_id, key_hash, created_at) VALUES (?1, ?2, ?3)",
         params![project_id, key.0.as_slice(), now],
@@ -30,11 +27,7 @@ pub fn add_api_key(conn: &mut Connection, project: &str, key: SecretHash) -> Sto
 }
 
 pub fn has_projects(conn: &Connection) -> StoreResult<bool> {
-    Ok(
-        conn.query_row("SELECT EXISTS (SELECT 1 FROM projects)", [], |row| {
-            row.get(0)
-        })?,
-    )
+    Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM projects)", [], |row| row.get(0))?)
 }
 
 pub fn find_api_key(conn: &Connection, key: SecretHash) -> StoreResult<Option<ProjectId>> {
@@ -42,13 +35,9 @@ pub fn find_api_key(conn: &Connection, key: SecretHash) -> StoreResult<Option<Pr
         "SELECT project_id, key_hash FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
     )?;
     let found = stmt
-        .query_row([key.0.as_slice()], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
-        })
+        .query_row([key.0.as_slice()], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)))
         .optional()?;
-    Ok(found
-        .filter(|(_, hash)| key.matches(hash))
-        .map(|(id, _)| ProjectId(id)))
+    Ok(found.filter(|(_, hash)| key.matches(hash)).map(|(id, _)| ProjectId(id)))
 }
 
 pub fn find_usage_token(
@@ -78,9 +67,7 @@ pub fn find_usage_token(
             Ok((hash, record))
         })
         .optional()?;
-    Ok(found
-        .filter(|(hash, _)| token.matches(hash))
-        .map(|(_, record)| record))
+    Ok(found.filter(|(hash, _)| token.matches(hash)).map(|(_, record)| record))
 }
 
 pub fn find_human(conn: &Connection, project: ProjectId, name: &str) -> StoreResult<Option<Human>> {
@@ -204,10 +191,7 @@ fn raise_refund_floors(
     human: HumanId,
     limit_type: LimitType,
 ) -> StoreResult<()> {
-    for kind in SessionKind::ALL
-        .into_iter()
-        .filter(|k| k.limit_type() == limit_type)
-    {
+    for kind in SessionKind::ALL.into_iter().filter(|k| k.limit_type() == limit_type) {
         conn.prepare_cached(
             "UPDATE sessions SET refund_floor =
                  (SELECT -COALESCE(SUM(amount), 0) FROM ledger WHERE session_id = sessions.id)
@@ -228,9 +212,7 @@ pub fn pool(
         "SELECT balance, limited FROM limits WHERE human_id = ?1 AND limit_type = ?2",
     )?;
     Ok(stmt
-        .query_row(params![human.0, limit_type.as_str()], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })
+        .query_row(params![human.0, limit_type.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?)
 }
 
@@ -271,9 +253,7 @@ pub fn newest_live_token(
          WHERE human_id = ?1 AND revoked_at IS NULL AND expires_at > ?2
          ORDER BY created_at DESC, id DESC LIMIT 1",
     )?;
-    Ok(stmt
-        .query_row(params![human.id.0, now], |row| row.get(0))
-        .optional()?)
+    Ok(stmt.query_row(params![human.id.0, now], |row| row.get(0)).optional()?)
 }
 
 pub fn set_token_expiry(

@@ -87,20 +87,11 @@ impl SqliteStore {
             .with_context(cannot_open)?;
         reader.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
 
-        let writer = Writer {
-            conn,
-            segments: HashMap::new(),
-        };
+        let writer = Writer { conn, segments: HashMap::new() };
         let (writes_tx, write_thread) = spawn_thread("tollgate-store-writer", writer)?;
         let (reads_tx, read_thread) = spawn_thread("tollgate-store-reader", reader)?;
         let threads = StoreThreads(vec![write_thread, read_thread]);
-        Ok((
-            SqliteStore {
-                writes_tx,
-                reads_tx,
-            },
-            threads,
-        ))
+        Ok((SqliteStore { writes_tx, reads_tx }, threads))
     }
 
     /// Runs `f` on the writer thread and waits for its answer.
@@ -175,8 +166,7 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     )?;
     if !exists {
         let tx = write_transaction(conn)?;
-        tx.execute_batch(SCHEMA)
-            .context("cannot apply schema.sql")?;
+        tx.execute_batch(SCHEMA).context("cannot apply schema.sql")?;
         tx.execute(
             "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
             params![SCHEMA_VERSION, crate::clock::now_millis()],
@@ -185,9 +175,7 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         return Ok(());
     }
     let version: Option<i64> = conn
-        .query_row("SELECT MAX(version) FROM schema_version", [], |row| {
-            row.get(0)
-        })
+        .query_row("SELECT MAX(version) FROM schema_version", [], |row| row.get(0))
         .optional()?
         .flatten();
     match version {
@@ -227,14 +215,12 @@ impl From<rusqlite::Error> for StoreError {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
-        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
-            .await
+        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
     }
 
     async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()> {
         let project = project.to_owned();
-        self.write(move |w| accounts::add_api_key(&mut w.conn, &project, key))
-            .await
+        self.write(move |w| accounts::add_api_key(&mut w.conn, &project, key)).await
     }
 
     async fn has_projects(&self) -> StoreResult<bool> {
@@ -242,31 +228,26 @@ impl Store for SqliteStore {
     }
 
     async fn find_api_key(&self, key: SecretHash) -> StoreResult<Option<ProjectId>> {
-        self.read(move |conn| accounts::find_api_key(conn, key))
-            .await
+        self.read(move |conn| accounts::find_api_key(conn, key)).await
     }
 
     async fn find_usage_token(&self, token: SecretHash) -> StoreResult<Option<UsageTokenRecord>> {
-        self.read(move |conn| accounts::find_usage_token(conn, token))
-            .await
+        self.read(move |conn| accounts::find_usage_token(conn, token)).await
     }
 
     async fn find_human(&self, project: ProjectId, name: &str) -> StoreResult<Option<Human>> {
         let name = name.to_owned();
-        self.read(move |conn| accounts::find_human(conn, project, &name))
-            .await
+        self.read(move |conn| accounts::find_human(conn, project, &name)).await
     }
 
     async fn find_or_create_human(&self, project: ProjectId, name: &str) -> StoreResult<Human> {
         let name = name.to_owned();
         let now = crate::clock::now_millis();
-        self.write(move |w| accounts::find_or_create_human(&w.conn, project, &name, now))
-            .await
+        self.write(move |w| accounts::find_or_create_human(&w.conn, project, &name, now)).await
     }
 
     async fn mint_token(&self, request: MintRequest) -> StoreResult<Vec<Limit>> {
-        self.write(move |w| accounts::mint_token(&mut w.conn, request))
-            .await
+        self.write(move |w| accounts::mint_token(&mut w.conn, request)).await
     }
 
     async fn limits(&self, human: HumanId) -> StoreResult<Vec<Limit>> {
@@ -300,8 +281,7 @@ impl Store for SqliteStore {
         now: UnixMillis,
     ) -> StoreResult<Option<u64>> {
         let human = human.to_owned();
-        self.write(move |w| accounts::revoke(&mut w.conn, project, &human, now))
-            .await
+        self.write(move |w| accounts::revoke(&mut w.conn, project, &human, now)).await
     }
 
     async fn newest_live_token(
@@ -311,8 +291,7 @@ impl Store for SqliteStore {
         now: UnixMillis,
     ) -> StoreResult<Option<UnixMillis>> {
         let human = human.to_owned();
-        self.read(move |conn| accounts::newest_live_token(conn, project, &human, now))
-            .await
+        self.read(move |conn| accounts::newest_live_token(conn, project, &human, now)).await
     }
 
     async fn set_token_expiry(
@@ -328,8 +307,7 @@ impl Store for SqliteStore {
     }
 
     async fn open_session(&self, session: NewSession) -> StoreResult<Admission> {
-        self.write(move |w| usage::open_session(&mut w.conn, session))
-            .await
+        self.write(move |w| usage::open_session(&mut w.conn, session)).await
     }
 
     async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {
@@ -347,10 +325,7 @@ mod tests {
 
     fn version_of(path: &Path) -> i64 {
         let conn = Connection::open(path).unwrap();
-        conn.query_row("SELECT MAX(version) FROM schema_version", [], |row| {
-            row.get(0)
-        })
-        .unwrap()
+        conn.query_row("SELECT MAX(version) FROM schema_version", [], |row| row.get(0)).unwrap()
     }
 
     #[test]
@@ -363,18 +338,15 @@ mod tests {
 
         assert_eq!(version_of(&path), SCHEMA_VERSION);
         let conn = Connection::open(&path).unwrap();
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
-            .unwrap();
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |row| row.get(0)).unwrap();
         assert_eq!(mode, "wal");
 
         // Opening it again keeps what is there.
         let (store, threads) = SqliteStore::open(&path).unwrap();
         drop(store);
         threads.join();
-        let versions: i64 = conn
-            .query_row("SELECT COUNT(*) FROM schema_version", [], |row| row.get(0))
-            .unwrap();
+        let versions: i64 =
+            conn.query_row("SELECT COUNT(*) FROM schema_version", [], |row| row.get(0)).unwrap();
         assert_eq!(versions, 1);
     }
 
@@ -386,15 +358,9 @@ mod tests {
         drop(store);
         threads.join();
         let conn = Connection::open(&path).unwrap();
-        conn.execute(
-            "INSERT INTO schema_version VALUES (?1, 0)",
-            [SCHEMA_VERSION + 1],
-        )
-        .unwrap();
+        conn.execute("INSERT INTO schema_version VALUES (?1, 0)", [SCHEMA_VERSION + 1]).unwrap();
 
-        let error = SqliteStore::open(&path)
-            .err()
-            .expect("a newer schema is refused");
+        let error = SqliteStore::open(&path).err().expect("a newer schema is refused");
         let expected = format!("schema version {}", SCHEMA_VERSION + 1);
         assert!(error.to_string().contains(&expected), "{error}");
     }

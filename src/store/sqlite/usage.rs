@@ -66,11 +66,7 @@ pub fn open_session(conn: &mut Connection, session: NewSession) -> StoreResult<A
         |row| row.get(0),
     )?;
     tx.commit()?;
-    Ok(Admission::Admitted {
-        key,
-        remaining: limited.then_some(balance),
-        revocation_epoch,
-    })
+    Ok(Admission::Admitted { key, remaining: limited.then_some(balance), revocation_epoch })
 }
 
 /// Refuses a session whose token was revoked or expired since the caller
@@ -137,12 +133,10 @@ fn group_by_pool(charges: &[Charge]) -> Vec<Vec<Charge>> {
     let mut pools: Vec<Vec<Charge>> = Vec::new();
     let mut index = std::collections::HashMap::new();
     for charge in charges {
-        let slot = *index
-            .entry((charge.human, charge.limit_type))
-            .or_insert_with(|| {
-                pools.push(Vec::new());
-                pools.len() - 1
-            });
+        let slot = *index.entry((charge.human, charge.limit_type)).or_insert_with(|| {
+            pools.push(Vec::new());
+            pools.len() - 1
+        });
         pools[slot].push(*charge);
     }
     pools
@@ -162,11 +156,7 @@ fn charge_pool(
     let (mut balance, limited, revocation_epoch) = pool_for_update(conn, human, limit_type)?;
     for charge in charges {
         if charge.amount >= 0 {
-            let applied = if limited {
-                charge.amount.min(balance.max(0))
-            } else {
-                charge.amount
-            };
+            let applied = if limited { charge.amount.min(balance.max(0)) } else { charge.amount };
             let segment = segments.get(&charge.session.0).copied();
             if let Some(new) = debit(conn, &charge, applied, segment, now)? {
                 started.push((charge.session.0, new));
@@ -180,12 +170,7 @@ fn charge_pool(
         "UPDATE limits SET balance = ?3, updated_at = ?4 WHERE human_id = ?1 AND limit_type = ?2",
     )?
     .execute(params![human.0, limit_type.as_str(), balance, now])?;
-    Ok(PoolState {
-        human,
-        limit_type,
-        remaining: limited.then_some(balance),
-        revocation_epoch,
-    })
+    Ok(PoolState { human, limit_type, remaining: limited.then_some(balance), revocation_epoch })
 }
 
 fn pool_for_update(
@@ -203,11 +188,7 @@ fn pool_for_update(
     })
     .optional()?
     .ok_or_else(|| {
-        StoreError::Other(format!(
-            "no {} pool for human {}",
-            limit_type.as_str(),
-            human.0
-        ))
+        StoreError::Other(format!("no {} pool for human {}", limit_type.as_str(), human.0))
     })
 }
 
@@ -246,10 +227,7 @@ fn debit(
         charge.session.0,
         now
     ])?;
-    Ok(Some(Segment {
-        ledger_id: conn.last_insert_rowid(),
-        started_at: now,
-    }))
+    Ok(Some(Segment { ledger_id: conn.last_insert_rowid(), started_at: now }))
 }
 
 /// Gives back up to `-charge.amount`, never more than the session was
