@@ -72,7 +72,8 @@ pub struct ServeArgs {
     pub warn_seconds: f64,
 
     /// Longest a single session may last, in seconds.
-    #[arg(long, env = "TOLLGATE_MAX_SESSION_SECONDS", default_value_t = DEFAULT_MAX_SESSION_SECONDS)]
+    #[arg(long, env = "TOLLGATE_MAX_SESSION_SECONDS",
+          default_value_t = DEFAULT_MAX_SESSION_SECONDS)]
     pub max_session_seconds: f64,
 
     /// Most sessions one human may have open at once (default: no cap).

@@ -176,7 +176,8 @@ pub fn apply_limits(
             "INSERT INTO limits (human_id, limit_type, balance, limited, updated_at)
              VALUES (?1, ?2, ?3, 1, ?4)
              ON CONFLICT (human_id, limit_type)
-             DO UPDATE SET balance = excluded.balance, limited = 1, updated_at = excluded.updated_at",
+             DO UPDATE SET balance = excluded.balance, limited = 1,
+                           updated_at = excluded.updated_at",
         )?
         .execute(params![human.0, change.limit_type.as_str(), target, now])?;
     }

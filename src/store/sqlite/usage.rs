@@ -217,7 +217,8 @@ fn debit(
         }
     }
     conn.prepare_cached(
-        "INSERT INTO ledger (human_id, limit_type, entry, amount, session_id, created_at, updated_at)
+        "INSERT INTO ledger
+             (human_id, limit_type, entry, amount, session_id, created_at, updated_at)
          VALUES (?1, ?2, 'debit', ?3, ?4, ?5, ?5)",
     )?
     .execute(params![
