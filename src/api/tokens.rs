@@ -190,8 +190,12 @@ async fn settled<T>(
     change: impl Future<Output = StoreResult<T>>,
 ) -> Result<T, ApiError> {
     let found = state.store.find_human(project, human).await?;
-    if let Some(found) = &found {
-        state.meter.settle(found.id).await;
+    if let Some(found) = &found
+        && !state.meter.settle(found.id).await
+    {
+        // The usage so far could not be recorded: the change would be
+        // charged with it.
+        return Err(ApiError::Unavailable("usage cannot be recorded right now; try again later"));
     }
     let result = change.await?;
     if let Some(found) = &found {

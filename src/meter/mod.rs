@@ -104,10 +104,11 @@ enum Command {
         key: SessionKey,
     },
     /// Answered once the human's open sessions are charged up to now and
-    /// the store's answer about their pools is acted on.
+    /// the store's answer about their pools is acted on: `true`, or `false`
+    /// if the store could not record it.
     Settle {
         human: HumanId,
-        done_tx: oneshot::Sender<()>,
+        done_tx: oneshot::Sender<bool>,
     },
     /// Answered once the ended sessions' usage is recorded (`true`) or could
     /// not be (`false`).
@@ -159,10 +160,11 @@ impl MeterHandle {
     /// human's limits, so that usage until then counts against the limit as
     /// it was, and after it, so that the change reaches the sessions at once
     /// (a set-to-zero or a revocation closes them before this returns).
-    pub async fn settle(&self, human: HumanId) {
+    /// Returns whether the store recorded it.
+    pub async fn settle(&self, human: HumanId) -> bool {
         let (done_tx, done_rx) = oneshot::channel();
         self.send(Command::Settle { human, done_tx }).await;
-        let _ = done_rx.await;
+        done_rx.await.unwrap_or(false)
     }
 
     /// Ends every session with `server_shutdown` and records their usage;
@@ -188,6 +190,6 @@ pub fn spawn(
     health: Arc<Health>,
 ) -> (MeterHandle, JoinHandle<()>) {
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-    let task = tokio::spawn(task::Meter::new(store, settings, health).run(commands_rx));
+    let task = tokio::spawn(task::Meter::new(store, settings, health, commands_rx).run());
     (MeterHandle { commands_tx }, task)
 }

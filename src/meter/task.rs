@@ -1,7 +1,13 @@
 //! The meter task itself: its state (open sessions, their pools, the cut-off
 //! timers, the ends still to be recorded) and the loop that drives it.
+//!
+//! A pool's picture is what the store answered at the last commit that
+//! charged it, less the charges of sessions that have ended since and are
+//! not yet recorded. While a commit waits for the store the meter goes on
+//! receiving sessions' opens and ends and cutting pools off; only what
+//! needs a commit of its own (a settle, the shutdown) waits for it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +25,13 @@ use crate::store::{
     Charge, HumanId, PoolState, SessionEnd, SessionKey, Store, StoreError, StoreResult, UsageBatch,
     UsageRecorded,
 };
+
+/// How long the close of a session the meter has ended may wait for the
+/// store to record the end before it is sent anyway. Long enough for a
+/// commit in the normal run of things, so that a client reading its limits
+/// right after the close sees them recorded; short enough to keep cut-offs
+/// precise while the store is slow.
+const CLOSE_WAIT: Duration = Duration::from_millis(50);
 
 /// The furthest ahead a cut-off timer is set. A pool that lasts longer gets
 /// a timer this far out, which finds time left and is set again; every tick
@@ -44,6 +57,10 @@ struct Pool {
     remaining: Option<i64>,
     members: Vec<SessionKey>,
     deadline: Option<delay_queue::Key>,
+    /// Time is being given back to a dead client and the store has not yet
+    /// said how much (its refund floor may cap it): until it has, the pool
+    /// is not cut off on the meter's own reckoning.
+    refund_pending: bool,
 }
 
 /// A session that has ended but whose last charge and end are not yet
@@ -53,57 +70,91 @@ struct Ending {
     charge: Option<Charge>,
     reason: EndReason,
     span: Span,
+    /// For an end the meter decided: the way to tell the session to close,
+    /// once the end is recorded (or has waited [`CLOSE_WAIT`] for it).
+    close_tx: Option<watch::Sender<SessionUpdate>>,
+}
+
+impl Ending {
+    fn close_session(&self) {
+        if let Some(close_tx) = &self.close_tx {
+            close_tx.send_modify(|update| update.close = Some(self.reason));
+        }
+    }
 }
 
 /// What one commit charged the open sessions, to be taken into account
 /// once the store has accepted it.
 type Charged = Vec<(SessionKey, i64)>;
 
+/// Pools that ran dry while a commit waited for the store, and when.
+type Dry = Vec<(PoolKey, Instant)>;
+
 pub struct Meter {
     store: Arc<dyn Store>,
     settings: MeterSettings,
     health: Arc<Health>,
+    commands_rx: mpsc::Receiver<Command>,
+    /// Commands received while a commit waited for the store that need a
+    /// commit of their own.
+    held: VecDeque<Command>,
+    /// Every handle is gone: once `held` is empty, the meter stops.
+    handles_gone: bool,
     sessions: HashMap<SessionKey, Metered>,
     pools: HashMap<PoolKey, Pool>,
     deadlines: DelayQueue<PoolKey>,
     ending: Vec<Ending>,
+    /// The charges of ended sessions in the commit waiting for the store.
+    in_flight: Vec<Charge>,
+    /// Sessions that opened a pool the meter did not know: their figures
+    /// came from admission and may be stale, so the next commit charges
+    /// them to bring back the store's.
+    fresh: Vec<SessionKey>,
     draining: bool,
 }
 
 impl Meter {
-    pub fn new(store: Arc<dyn Store>, settings: MeterSettings, health: Arc<Health>) -> Meter {
+    pub fn new(
+        store: Arc<dyn Store>,
+        settings: MeterSettings,
+        health: Arc<Health>,
+        commands_rx: mpsc::Receiver<Command>,
+    ) -> Meter {
         Meter {
             store,
             settings,
             health,
+            commands_rx,
+            held: VecDeque::new(),
+            handles_gone: false,
             sessions: HashMap::new(),
             pools: HashMap::new(),
             deadlines: DelayQueue::new(),
             ending: Vec::new(),
+            in_flight: Vec::new(),
+            fresh: Vec::new(),
             draining: false,
         }
     }
 
-    /// Runs until every handle is gone, then records what is left.
-    pub async fn run(mut self, mut commands_rx: mpsc::Receiver<Command>) {
+    /// Runs until every handle is gone, then records what is left. Ticks
+    /// and cut-offs come first, then commands; what they left to record is
+    /// committed whenever nothing else is ready.
+    pub async fn run(mut self) {
         let mut tick = tokio::time::interval(self.settings.tick);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
+        while !(self.handles_gone && self.held.is_empty()) {
+            let idle =
+                (self.ending.is_empty() && self.fresh.is_empty()) || !self.health.is_recording();
             tokio::select! {
-                command = commands_rx.recv() => match command {
-                    Some(command) => self.dispatch(command).await,
-                    None => break,
-                },
+                biased;
                 _ = tick.tick() => self.tick().await,
                 Some(expired) = self.deadlines.next() => self.deadline(expired.into_inner()),
-            }
-            while let Ok(command) = commands_rx.try_recv() {
-                self.dispatch(command).await;
-            }
-            // While the store is failing, endings are retried by the tick
-            // rather than on every command.
-            if !self.ending.is_empty() && self.health.is_recording() {
-                self.commit(Vec::new()).await;
+                command = next_command(&mut self.held, &mut self.commands_rx) => match command {
+                    Some(command) => self.dispatch(command).await,
+                    None => self.handles_gone = true,
+                },
+                _ = std::future::ready(()), if !idle => self.flush().await,
             }
         }
         if !self.ending.is_empty() {
@@ -112,16 +163,31 @@ impl Meter {
     }
 
     async fn dispatch(&mut self, command: Command) {
+        match self.dispatch_now(command) {
+            Some(Command::Settle { human, done_tx }) => {
+                let mut recorded = self.commit(self.members_of(human)).await;
+                // Ends the commit decided (a revocation, a pool set to
+                // zero) are recorded, and their sessions closed, before the
+                // answer.
+                while recorded && !self.ending.is_empty() {
+                    recorded = self.commit(Vec::new()).await;
+                }
+                let _ = done_tx.send(recorded);
+            }
+            Some(Command::Shutdown(done_tx)) => self.shutdown(done_tx).await,
+            _ => {}
+        }
+    }
+
+    /// Handles what needs no commit and hands back what does.
+    fn dispatch_now(&mut self, command: Command) -> Option<Command> {
         match command {
             Command::Open(registration) => self.open(registration),
             Command::End { key, at, reason } => self.end(key, at, reason),
             Command::Abandon { key } => self.abandon(key),
-            Command::Settle { human, done_tx } => {
-                self.commit(self.members_of(human)).await;
-                let _ = done_tx.send(());
-            }
-            Command::Shutdown(done_tx) => self.shutdown(done_tx).await,
+            command => return Some(command),
         }
+        None
     }
 
     fn open(&mut self, r: Registration) {
@@ -135,54 +201,71 @@ impl Meter {
             span: r.span,
         };
         self.sessions.insert(r.key, session);
+        if !self.pools.contains_key(&pool_key) {
+            self.fresh.push(r.key);
+        }
         let pool = self.pools.entry(pool_key).or_insert_with(|| Pool {
             remaining: r.remaining,
             members: Vec::new(),
             deadline: None,
+            refund_pending: false,
         });
         pool.members.push(r.key);
         if self.draining {
-            self.end(r.key, r.started, EndReason::ServerShutdown);
+            self.end_and_close(r.key, r.started, EndReason::ServerShutdown);
             return;
         }
         self.schedule(pool_key);
         self.notify(r.key);
     }
 
-    /// Stops charging a session at `at` and queues its last charge and its
-    /// end for the next commit. Both the session's own ends (the client left,
-    /// its time limit came) and the meter's decisions come here, and the
-    /// session is told to close; an end for a session already ended is
-    /// ignored.
+    /// The session ended on its own side (the client left, its time limit
+    /// came): stops charging it at `at`, which may lie in the past (a dead
+    /// client is charged only up to its last frame).
     fn end(&mut self, key: SessionKey, at: Instant, reason: EndReason) {
+        self.stop(key, at, reason, false);
+    }
+
+    /// The meter ends a session: as [`Meter::end`], and the session is told
+    /// to close once the end is recorded.
+    fn end_and_close(&mut self, key: SessionKey, at: Instant, reason: EndReason) {
+        self.stop(key, at, reason, true);
+    }
+
+    /// Queues a session's last charge and its end for the next commit. An
+    /// end for a session already ended is ignored.
+    fn stop(&mut self, key: SessionKey, at: Instant, reason: EndReason, close: bool) {
         let Some(session) = self.sessions.remove(&key) else {
             return;
         };
         let amount = pool::signed_millis(at, session.committed_to);
         let (human, limit_type) = session.pool;
-        let charge = Charge { session: key, human, limit_type, amount };
-        let span = session.span.clone();
-        self.ending.push(Ending { key, charge: Some(charge), reason, span });
-        self.leave_pool(key, session.pool);
-        if reason.close_code().is_some() {
-            session.updates_tx.send_modify(|update| update.close = Some(reason));
+        let charge = Some(Charge { session: key, human, limit_type, amount });
+        let close_tx = close.then_some(session.updates_tx);
+        self.ending.push(Ending { key, charge, reason, span: session.span, close_tx });
+        if let Some(pool) = self.pools.get_mut(&session.pool) {
+            pool.refund_pending |= amount < 0;
         }
+        self.leave_pool(key, session.pool);
     }
 
     fn abandon(&mut self, key: SessionKey) {
         debug!(session = key.0, "upgrade did not complete; nothing was charged");
         let reason = EndReason::UpgradeFailed;
-        self.ending.push(Ending { key, charge: None, reason, span: Span::none() });
+        self.ending.push(Ending { key, charge: None, reason, span: Span::none(), close_tx: None });
     }
 
     async fn shutdown(&mut self, done_tx: oneshot::Sender<bool>) {
         self.draining = true;
         let now = Instant::now();
         for key in self.open_keys() {
-            self.end(key, now, EndReason::ServerShutdown);
+            self.end_and_close(key, now, EndReason::ServerShutdown);
         }
-        self.commit(Vec::new()).await;
-        let _ = done_tx.send(self.ending.is_empty());
+        let mut recorded = true;
+        while recorded && !self.ending.is_empty() {
+            recorded = self.commit(Vec::new()).await;
+        }
+        let _ = done_tx.send(recorded);
     }
 
     fn open_keys(&self) -> Vec<SessionKey> {
@@ -205,11 +288,22 @@ impl Meter {
         self.schedule(pool_key);
     }
 
+    /// What ended sessions of the pool have used that the store has not
+    /// recorded yet.
+    fn unrecorded(&self, pool_key: PoolKey) -> i64 {
+        let queued = self.ending.iter().filter_map(|end| end.charge.as_ref());
+        queued
+            .chain(&self.in_flight)
+            .filter(|charge| (charge.human, charge.limit_type) == pool_key && charge.amount > 0)
+            .map(|charge| charge.amount)
+            .sum()
+    }
+
     /// When the pool runs dry, from what remains and its open sessions.
     /// `None` for an unlimited or unknown pool.
     fn dry_at(&self, pool_key: PoolKey) -> Option<Instant> {
         let pool = self.pools.get(&pool_key)?;
-        let remaining = pool.remaining?;
+        let remaining = pool.remaining? - self.unrecorded(pool_key);
         let committed: Vec<Instant> =
             pool.members.iter().map(|key| self.sessions[key].committed_to).collect();
         (!committed.is_empty()).then(|| pool::exhaustion(remaining, &committed))
@@ -244,10 +338,13 @@ impl Meter {
     }
 
     /// Takes note of an expired timer and tells the pool's sessions to close
-    /// if it has run dry, returning the instant it did.
+    /// if it has run dry, returning the instant it did. A pool waiting for a
+    /// refund's answer is left to the commit that brings it.
     fn timer_went_off(&mut self, pool_key: PoolKey) -> Option<Instant> {
-        if let Some(pool) = self.pools.get_mut(&pool_key) {
-            pool.deadline = None;
+        let pool = self.pools.get_mut(&pool_key)?;
+        pool.deadline = None;
+        if pool.refund_pending {
+            return None;
         }
         let dry_at = self.dry_at(pool_key)?;
         if dry_at > Instant::now() + Duration::from_millis(1) {
@@ -272,31 +369,47 @@ impl Meter {
             let committed_to = self.sessions[&key].committed_to;
             let millis = pool::millis_up_to(dry_at, committed_to);
             let at = committed_to + Duration::from_millis(millis as u64);
-            self.end(key, at, EndReason::UsageLimitExceeded);
+            self.end_and_close(key, at, EndReason::UsageLimitExceeded);
         }
     }
 
     async fn tick(&mut self) {
+        self.fresh.clear();
         self.commit(self.open_keys()).await;
+    }
+
+    /// Records the ends and the fresh sessions left by what just happened.
+    async fn flush(&mut self) {
+        let fresh = std::mem::take(&mut self.fresh);
+        let open: Vec<SessionKey> =
+            fresh.into_iter().filter(|key| self.sessions.contains_key(key)).collect();
+        self.commit(open).await;
     }
 
     /// Records, in one transaction, the open sessions `keys` up to now and
     /// every pending ending, then acts on what the store says remains.
-    async fn commit(&mut self, keys: Vec<SessionKey>) {
-        let now = Instant::now();
-        let (batch, charged) = self.batch(keys, now);
+    /// Returns whether the store took it.
+    async fn commit(&mut self, keys: Vec<SessionKey>) -> bool {
+        let (batch, charged) = self.batch(keys, Instant::now());
         let ending = std::mem::take(&mut self.ending);
-        let batch = self.with_endings(batch, &ending);
+        let batch = with_endings(batch, &ending);
         if batch.charges.is_empty() && batch.ends.is_empty() {
-            return;
+            return true;
         }
-        let (result, dry) = self.record(batch).await;
+        self.in_flight = ending.iter().filter_map(|end| end.charge).collect();
+        let (result, dry) = self.record(batch, &ending).await;
+        self.in_flight.clear();
+        ending.iter().for_each(Ending::close_session);
         match result {
-            Ok(recorded) => self.committed(charged, ending, recorded, dry),
+            Ok(recorded) => {
+                self.committed(charged, ending, recorded, dry);
+                true
+            }
             Err(err) => {
                 self.ending.splice(0..0, ending);
                 self.cut_off_all(dry);
                 self.fail_closed(err);
+                false
             }
         }
     }
@@ -315,39 +428,50 @@ impl Meter {
         (batch, charged)
     }
 
-    fn with_endings(&self, mut batch: UsageBatch, ending: &[Ending]) -> UsageBatch {
-        for end in ending {
-            batch.charges.extend(end.charge);
-            batch.ends.push(SessionEnd { session: end.key, reason: end.reason });
-        }
-        batch
-    }
-
-    /// Hands the batch to the store. Cut-offs that fall due meanwhile do not
-    /// wait for it: their sessions are told to close at once, and the pools
-    /// and instants are returned, to be ended once the store has answered.
+    /// Hands the batch to the store. Meanwhile the meter goes on: opens and
+    /// ends are taken in, settles and the shutdown are held for later, and
+    /// cut-offs that fall due do not wait either: their sessions are told to
+    /// close at once, and the pools and instants are returned, to be ended
+    /// once the store has answered. Sessions whose end is in the batch are
+    /// told to close if the store takes longer than [`CLOSE_WAIT`].
     async fn record(
         &mut self,
         batch: UsageBatch,
-    ) -> (StoreResult<UsageRecorded>, Vec<(PoolKey, Instant)>) {
+        ending: &[Ending],
+    ) -> (StoreResult<UsageRecorded>, Dry) {
         let store = self.store.clone();
         let recording = store.record_usage(batch, clock::now_millis());
         tokio::pin!(recording);
+        let close_anyway = tokio::time::sleep(CLOSE_WAIT);
+        tokio::pin!(close_anyway);
+        let mut waited = false;
         let mut dry = Vec::new();
         loop {
             tokio::select! {
                 result = &mut recording => return (result, dry),
+                _ = &mut close_anyway, if !waited => {
+                    waited = true;
+                    ending.iter().for_each(Ending::close_session);
+                }
                 Some(expired) = self.deadlines.next() => {
                     let pool_key = expired.into_inner();
                     if let Some(at) = self.timer_went_off(pool_key) {
                         dry.push((pool_key, at));
                     }
                 }
+                command = self.commands_rx.recv(), if !self.handles_gone => match command {
+                    Some(command) => {
+                        if let Some(command) = self.dispatch_now(command) {
+                            self.held.push_back(command);
+                        }
+                    }
+                    None => self.handles_gone = true,
+                },
             }
         }
     }
 
-    fn cut_off_all(&mut self, dry: Vec<(PoolKey, Instant)>) {
+    fn cut_off_all(&mut self, dry: Dry) {
         for (pool_key, at) in dry {
             self.cut_off(pool_key, at);
         }
@@ -358,16 +482,14 @@ impl Meter {
         charged: Charged,
         ending: Vec<Ending>,
         recorded: UsageRecorded,
-        dry: Vec<(PoolKey, Instant)>,
+        dry: Dry,
     ) {
         if !self.health.is_recording() {
             info!("usage is being recorded again");
             self.health.set_recording(true);
         }
         for (key, amount) in charged {
-            let session = self.sessions.get_mut(&key).expect("charged sessions stay open");
-            session.committed_to += Duration::from_millis(amount as u64);
-            session.used_millis += amount;
+            self.recorded_charge(key, amount);
         }
         // The store ends sessions in the order of the batch, which is the
         // order of `ending`.
@@ -382,6 +504,20 @@ impl Meter {
         }
     }
 
+    /// The store recorded `amount` for a session. If it ended while the
+    /// store worked, its last charge, reckoned from before, no longer needs
+    /// that part.
+    fn recorded_charge(&mut self, key: SessionKey, amount: i64) {
+        if let Some(session) = self.sessions.get_mut(&key) {
+            session.committed_to += Duration::from_millis(amount as u64);
+            session.used_millis += amount;
+        } else if let Some(charge) =
+            self.ending.iter_mut().find(|end| end.key == key).and_then(|end| end.charge.as_mut())
+        {
+            charge.amount -= amount;
+        }
+    }
+
     /// Acts on a pool's state after a commit: closes what was revoked or has
     /// run dry, reschedules the cut-off, and tells the sessions.
     fn apply(&mut self, state: PoolState) {
@@ -390,12 +526,15 @@ impl Meter {
             return;
         };
         pool.remaining = state.remaining;
+        pool.refund_pending = self.ending.iter().any(|end| {
+            end.charge.is_some_and(|c| (c.human, c.limit_type) == pool_key && c.amount < 0)
+        });
         let now = Instant::now();
         for key in pool.members.clone() {
             if self.sessions[&key].revocation_epoch < state.revocation_epoch {
-                self.end(key, now, EndReason::TokenRevoked);
+                self.end_and_close(key, now, EndReason::TokenRevoked);
             } else if state.remaining.is_some_and(|remaining| remaining <= 0) {
-                self.end(key, now, EndReason::UsageLimitExceeded);
+                self.end_and_close(key, now, EndReason::UsageLimitExceeded);
             } else {
                 self.notify(key);
             }
@@ -426,7 +565,27 @@ impl Meter {
         }
         let now = Instant::now();
         for key in self.open_keys() {
-            self.end(key, now, EndReason::Internal);
+            self.end_and_close(key, now, EndReason::Internal);
         }
+        self.ending.iter().for_each(Ending::close_session);
     }
+}
+
+/// The next command: one held back during a commit, or a new one.
+async fn next_command(
+    held: &mut VecDeque<Command>,
+    commands_rx: &mut mpsc::Receiver<Command>,
+) -> Option<Command> {
+    match held.pop_front() {
+        Some(command) => Some(command),
+        None => commands_rx.recv().await,
+    }
+}
+
+fn with_endings(mut batch: UsageBatch, ending: &[Ending]) -> UsageBatch {
+    for end in ending {
+        batch.charges.extend(end.charge);
+        batch.ends.push(SessionEnd { session: end.key, reason: end.reason });
+    }
+    batch
 }
