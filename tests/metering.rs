@@ -424,14 +424,7 @@ async fn a_client_that_leaves_while_its_session_is_being_recorded_leaves_nothing
 
     // The session is recorded once the lock is gone, then ended as
     // abandoned; it must not stay open.
-    let mut rows = session_rows(&server.db());
-    for _ in 0..100 {
-        if rows.first().is_some_and(|(reason, _)| reason.is_some()) {
-            break;
-        }
-        sleep(Duration::from_millis(20)).await;
-        rows = session_rows(&server.db());
-    }
+    let rows = rows_once_all_ended(&server).await;
     assert_eq!(rows, vec![(Some("upgrade_failed".to_owned()), 0)]);
     let mut again = server.connect(&token).await;
     assert_eq!(again.next_event().await["type"], "usage.session_started");
@@ -522,15 +515,4 @@ async fn next_data(client: &mut Client) -> Message {
             _ => continue,
         }
     }
-}
-
-/// Waits until the session's end is recorded; returns reason and charge.
-async fn wait_for_end(server: &TestServer, session_id: &str) -> (String, i64) {
-    for _ in 0..200 {
-        if let (Some(reason), charged) = session_row(&server.db(), session_id) {
-            return (reason, charged);
-        }
-        sleep(Duration::from_millis(25)).await;
-    }
-    panic!("session {session_id} never ended");
 }

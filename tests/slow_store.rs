@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use tokio::task::JoinHandle;
 use tokio::time::sleep;
 
 const CONVERSATIONAL: &str = "conversational_seconds";
@@ -17,33 +16,8 @@ const CONVERSATIONAL: &str = "conversational_seconds";
 /// A tick too slow to explain anything these tests see.
 const SLOW_TICK: Duration = Duration::from_secs(10);
 
-/// From `after` on, holds the write lock for `hold`, as a backup tool or
-/// an operator's shell might.
-fn hold_write_lock(server: &TestServer, after: Duration, hold: Duration) -> JoinHandle<()> {
-    let db_path = server.db_path.clone();
-    tokio::task::spawn_blocking(move || {
-        std::thread::sleep(after);
-        let conn = rusqlite::Connection::open(db_path).unwrap();
-        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        std::thread::sleep(hold);
-        conn.execute_batch("ROLLBACK").unwrap();
-    })
-}
-
 fn ms(millis: u64) -> Duration {
     Duration::from_millis(millis)
-}
-
-/// Every session's row once all of them have ended.
-async fn rows_once_all_ended(server: &TestServer) -> Vec<(Option<String>, i64)> {
-    for _ in 0..200 {
-        let rows = session_rows(&server.db());
-        if rows.iter().all(|(reason, _)| reason.is_some()) {
-            return rows;
-        }
-        sleep(ms(25)).await;
-    }
-    panic!("sessions never ended: {:?}", session_rows(&server.db()));
 }
 
 #[tokio::test]

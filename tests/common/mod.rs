@@ -234,6 +234,46 @@ pub fn session_row(db: &rusqlite::Connection, public_id: &str) -> (Option<String
     .unwrap()
 }
 
+/// Waits until the session's end is recorded; returns reason and charge.
+pub async fn wait_for_end(server: &TestServer, session_id: &str) -> (String, i64) {
+    for _ in 0..200 {
+        if let (Some(reason), charged) = session_row(&server.db(), session_id) {
+            return (reason, charged);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("session {session_id} never ended");
+}
+
+/// Every session's row once there is one and all of them have ended.
+pub async fn rows_once_all_ended(server: &TestServer) -> Vec<(Option<String>, i64)> {
+    for _ in 0..200 {
+        let rows = session_rows(&server.db());
+        if !rows.is_empty() && rows.iter().all(|(reason, _)| reason.is_some()) {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("sessions never ended: {:?}", session_rows(&server.db()));
+}
+
+/// From `after` on, holds the database's write lock for `hold`, as a
+/// backup tool or an operator's shell might.
+pub fn hold_write_lock(
+    server: &TestServer,
+    after: Duration,
+    hold: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let db_path = server.db_path.clone();
+    tokio::task::spawn_blocking(move || {
+        std::thread::sleep(after);
+        let conn = rusqlite::Connection::open(db_path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        std::thread::sleep(hold);
+        conn.execute_batch("ROLLBACK").unwrap();
+    })
+}
+
 /// Every session's (end_reason, charged milliseconds), oldest first.
 pub fn session_rows(db: &rusqlite::Connection) -> Vec<(Option<String>, i64)> {
     db.prepare("SELECT end_reason, charged FROM sessions ORDER BY id")
