@@ -28,7 +28,8 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(args) => serve(args).await,
-        Command::Keys(KeysCommand::Create { project, db }) => {
+        Command::Keys(KeysCommand::Create { project, db, config }) => {
+            let db = Settings::database(db, config.as_deref()).map_err(anyhow::Error::msg)?;
             let key = tollgate::create_api_key(&db, &project).await?;
             println!("{}", key.expose());
             Ok(())
@@ -37,7 +38,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let settings = Settings::try_from(args).map_err(anyhow::Error::msg)?;
+    let settings = Settings::load(args).map_err(anyhow::Error::msg)?;
     let server = tollgate::start(settings).await?;
     if let Some(key) = server.first_api_key() {
         println!(

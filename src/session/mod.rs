@@ -262,7 +262,7 @@ impl Session {
 
 /// The end reason for a failed read.
 fn classify(error: axum::Error) -> EndReason {
-    use tungstenite::error::{Error, ProtocolError};
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
 
     let Ok(error) = error.into_inner().downcast::<Error>() else {
         return EndReason::ClientDisconnected;
