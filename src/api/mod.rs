@@ -13,14 +13,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath};
-use axum::http::Request;
+use axum::http::{Method, Request, header};
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
+use tower::util::option_layer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::debug_span;
 
-use crate::config::Settings;
+use crate::config::{AllowedOrigins, Settings};
 use crate::meter::{Health, MeterHandle};
 use crate::store::Store;
 use error::ApiError;
@@ -29,6 +31,9 @@ use error::ApiError;
 /// are in. Bodies are at most 64 KiB; a client that stalls mid-body would
 /// otherwise hold its connection, and shutdown, for as long as it likes.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a browser may reuse the answer to a CORS preflight.
+const CORS_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -58,7 +63,25 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(option_layer(cors(&state.settings.allowed_origins)))
         .with_state(state)
+}
+
+/// CORS for the allowed origins, so that pages can read their limits with
+/// a usage token. Browsers may send `Authorization` but not `x-api-key`: an
+/// API key has no business in a page.
+fn cors(origins: &AllowedOrigins) -> Option<CorsLayer> {
+    let allow = match origins {
+        AllowedOrigins::None => return None,
+        AllowedOrigins::Any => AllowOrigin::any(),
+        AllowedOrigins::List(list) => AllowOrigin::list(list.clone()),
+    };
+    let layer = CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::PUT])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(CORS_MAX_AGE);
+    Some(layer)
 }
 
 /// A span per request with the method and the route it matched. Neither

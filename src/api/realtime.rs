@@ -8,7 +8,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use serde::Deserialize;
 use tokio::sync::oneshot;
@@ -18,6 +18,7 @@ use super::AppState;
 use super::auth::{self, HumanCredential};
 use super::error::ApiError;
 use crate::clock;
+use crate::config::AllowedOrigins;
 use crate::limits::SessionKind;
 use crate::meter::MeterHandle;
 use crate::session::{self, SessionContext, Ticket};
@@ -55,6 +56,7 @@ pub async fn open(
     let upgrade = upgrade.map_err(|_| {
         ApiError::InvalidInput("this endpoint takes a WebSocket upgrade request".into())
     })?;
+    check_origin(&state.settings.allowed_origins, &headers)?;
     let (human, token) = caller(&state, &headers, query.token.as_deref()).await?;
     let admitted = admit(&state, &human, kind, token).await?;
 
@@ -153,6 +155,20 @@ async fn caller(
             (state.store.find_or_create_human(project, &human).await?, None)
         }
     })
+}
+
+/// With a list of allowed origins, a page from any other origin may not
+/// open a session. Clients that send no `Origin` (apps, servers) are not
+/// browsers and pass.
+fn check_origin(allowed: &AllowedOrigins, headers: &HeaderMap) -> Result<(), ApiError> {
+    let (AllowedOrigins::List(list), Some(origin)) = (allowed, headers.get(header::ORIGIN)) else {
+        return Ok(());
+    };
+    if list.contains(origin) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden("this origin may not open sessions"))
+    }
 }
 
 fn parse_kind(kind: Option<&str>) -> Result<SessionKind, ApiError> {
