@@ -20,6 +20,7 @@ use crate::meter::{self, Health, MeterSettings};
 use crate::secret::{Secret, SecretKind};
 use crate::store::Store;
 use crate::store::sqlite::{SqliteStore, StoreThreads};
+use crate::upstream::UpstreamClient;
 
 /// The project an empty database starts with.
 pub const DEFAULT_PROJECT: &str = "default";
@@ -69,6 +70,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     }
     let first_api_key = create_first_project(store.as_ref()).await?;
 
+    let upstream_client = upstream_client(&settings)?;
     let health = Health::new();
     let meter_settings =
         MeterSettings { tick: settings.tick, warn_millis: settings.warn.as_millis() as i64 };
@@ -80,11 +82,22 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         settings: Arc::new(settings),
         health,
         shutdown: shutdown.clone(),
+        upstream_client,
     };
     let http = tokio::spawn(listener::serve(listener, api::router(state), shutdown.clone()));
     let parts = Parts { http, meter, meter_task, store_threads, _lock: lock };
     let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts));
     Ok(RunningServer { local_addr, first_api_key, shutdown, done })
+}
+
+/// The TLS set-up for upstreams, when any session kind has one.
+fn upstream_client(settings: &Settings) -> anyhow::Result<Option<Arc<UpstreamClient>>> {
+    let upstreams = &settings.upstreams;
+    if upstreams.conversational.is_none() && upstreams.voice_synthesis.is_none() {
+        return Ok(None);
+    }
+    let client = UpstreamClient::new(settings.upstream_ca_file.as_deref())?;
+    Ok(Some(Arc::new(client)))
 }
 
 /// What a running server is made of, taken down in order by

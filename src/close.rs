@@ -9,9 +9,11 @@ pub enum EndReason {
     ClientClosed,
     /// The connection dropped without a close frame.
     ClientDisconnected,
-    /// The client sent nothing, pong included, for two ping intervals, or
-    /// stopped reading what the server sent.
+    /// The client sent nothing, pong included, for two ping intervals.
     ClientTimeout,
+    /// The client did not read what the session sent it fast enough: its
+    /// queue filled up.
+    ClientTooSlow,
     /// The client broke the WebSocket protocol.
     ProtocolError,
     /// A text message from the client was not valid UTF-8.
@@ -24,6 +26,11 @@ pub enum EndReason {
     TokenRevoked,
     /// The session reached the server-wide maximum duration.
     SessionTimeLimit,
+    /// The service behind the session closed its connection or dropped it.
+    UpstreamClosed,
+    /// The service behind the session could not be reached, so the session
+    /// never started.
+    UpstreamUnavailable,
     /// The server is shutting down.
     ServerShutdown,
     /// The store could not record usage, so the session could not be
@@ -43,12 +50,15 @@ impl EndReason {
             EndReason::ClientClosed => "client_closed",
             EndReason::ClientDisconnected => "client_disconnected",
             EndReason::ClientTimeout => "client_timeout",
+            EndReason::ClientTooSlow => "client_too_slow",
             EndReason::ProtocolError => "protocol_error",
             EndReason::InvalidPayload => "invalid_payload",
             EndReason::MessageTooBig => "message_too_big",
             EndReason::UsageLimitExceeded => "usage_limit_exceeded",
             EndReason::TokenRevoked => "token_revoked",
             EndReason::SessionTimeLimit => "session_time_limit",
+            EndReason::UpstreamClosed => "upstream_closed",
+            EndReason::UpstreamUnavailable => "upstream_unavailable",
             EndReason::ServerShutdown => "server_shutdown",
             EndReason::Internal => "internal",
             EndReason::ServerRestart => "server_restart",
@@ -64,16 +74,18 @@ impl EndReason {
             EndReason::ServerShutdown => Some(1001),
             EndReason::ProtocolError => Some(1002),
             EndReason::InvalidPayload => Some(1007),
-            EndReason::ClientTimeout => Some(1008),
+            EndReason::ClientTimeout | EndReason::ClientTooSlow => Some(1008),
             EndReason::MessageTooBig => Some(1009),
             EndReason::Internal => Some(1011),
             EndReason::UsageLimitExceeded => Some(4001),
             EndReason::TokenRevoked => Some(4002),
             EndReason::SessionTimeLimit => Some(4004),
+            EndReason::UpstreamClosed => Some(4006),
             EndReason::ClientClosed
             | EndReason::ClientDisconnected
             | EndReason::ServerRestart
-            | EndReason::UpgradeFailed => None,
+            | EndReason::UpgradeFailed
+            | EndReason::UpstreamUnavailable => None,
         }
     }
 }

@@ -19,5 +19,6 @@ pub mod secret;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod upstream;
 
 pub use app::{DEFAULT_PROJECT, RunningServer, create_api_key, start};

@@ -30,6 +30,9 @@ pub enum ApiError {
     UsageLimitExceeded(&'static str),
     #[error("the human already has the most open sessions allowed")]
     TooManySessions,
+    /// The service behind the session could not be reached; why is logged.
+    #[error("the service behind the session cannot be reached; try again later")]
+    UpstreamUnavailable,
     /// Usage cannot be recorded right now, so nothing new is admitted.
     #[error("{0}")]
     Unavailable(&'static str),
@@ -51,6 +54,7 @@ impl ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, "usage_limit_exceeded")
             }
             ApiError::TooManySessions => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions"),
+            ApiError::UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

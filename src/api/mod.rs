@@ -25,6 +25,7 @@ use tracing::debug_span;
 use crate::config::{AllowedOrigins, Settings};
 use crate::meter::{Health, MeterHandle};
 use crate::store::Store;
+use crate::upstream::UpstreamClient;
 use error::ApiError;
 
 /// How long a client may take to send a request's body once its headers
@@ -44,6 +45,8 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// Cancelled when the server starts shutting down.
     pub shutdown: CancellationToken,
+    /// How sessions reach their upstreams; `None` when every kind echoes.
+    pub upstream_client: Option<Arc<UpstreamClient>>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -12,22 +12,19 @@ use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use serde::Deserialize;
 use tokio::sync::oneshot;
-use tracing::info_span;
+use tracing::{Instrument, info_span, warn};
 
 use super::AppState;
 use super::auth::{self, HumanCredential};
 use super::error::ApiError;
 use crate::clock;
+use crate::close::EndReason;
 use crate::config::AllowedOrigins;
 use crate::limits::SessionKind;
 use crate::meter::MeterHandle;
 use crate::session::{self, SessionContext, Ticket};
 use crate::store::{Admission, Human, NewSession, StoreError};
-
-/// Largest message (and frame) a client may send. Audio frames are a few
-/// kilobytes; a megabyte leaves room for anything a voice protocol sends
-/// while bounding what one connection can make the server buffer.
-const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+use crate::upstream::UpstreamSocket;
 
 /// Read buffer per connection. tungstenite's default of 128 KiB would cost
 /// that much per idle session; frames larger than this still arrive, in
@@ -59,9 +56,11 @@ pub async fn open(
     check_origin(&state.settings.allowed_origins, &headers)?;
     let (human, token) = caller(&state, &headers, query.token.as_deref()).await?;
     let admitted = admit(&state, &human, kind, token).await?;
-
     let span = info_span!(parent: None, "session", id = %admitted.public_id,
                           human = %human.name, kind = kind.as_str(), %peer);
+    let (admitted, upstream) =
+        connect_upstream(&state, kind, &human, admitted).instrument(span.clone()).await?;
+
     let context = SessionContext {
         key: admitted.ticket.key(),
         public_id: admitted.public_id,
@@ -75,12 +74,39 @@ pub async fn open(
         max_duration: state.settings.max_session,
         meter: state.meter.clone(),
         span,
+        upstream,
     };
+    let max_message_bytes = state.settings.max_message_bytes;
     Ok(upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(MAX_MESSAGE_BYTES)
-        .max_frame_size(MAX_MESSAGE_BYTES)
+        .max_message_size(max_message_bytes)
+        .max_frame_size(max_message_bytes)
         .on_upgrade(move |socket| session::run(socket, context, admitted.ticket)))
+}
+
+/// Opens the connection to the service behind the session, if its kind has
+/// one, before the client's upgrade is accepted: a service that cannot be
+/// reached is a 502 and costs the client nothing.
+async fn connect_upstream(
+    state: &AppState,
+    kind: SessionKind,
+    human: &Human,
+    admitted: Admitted,
+) -> Result<(Admitted, Option<UpstreamSocket>), ApiError> {
+    let (Some(upstream), Some(client)) =
+        (state.settings.upstreams.for_kind(kind), state.upstream_client.as_ref())
+    else {
+        return Ok((admitted, None));
+    };
+    let max_message_bytes = state.settings.max_message_bytes;
+    match client.connect(upstream, &human.name, &admitted.public_id, max_message_bytes).await {
+        Ok(socket) => Ok((admitted, Some(socket))),
+        Err(error) => {
+            warn!(%error, "cannot reach the upstream");
+            admitted.ticket.cancel(EndReason::UpstreamUnavailable);
+            Err(ApiError::UpstreamUnavailable)
+        }
+    }
 }
 
 /// A session the store has recorded as open.

@@ -102,6 +102,7 @@ enum Command {
     },
     Abandon {
         key: SessionKey,
+        reason: EndReason,
     },
     /// Answered once the human's open sessions are charged up to now and
     /// the store's answer about their pools is acted on: `true`, or `false`
@@ -143,16 +144,16 @@ impl MeterHandle {
         self.send(Command::End { key, at, reason }).await;
     }
 
-    /// Records the end of a session whose upgrade never completed. Usable
-    /// where one cannot wait, such as `Drop`.
-    pub fn abandon(&self, key: SessionKey) {
+    /// Records the end of a session that never started, for `reason`.
+    /// Usable where one cannot wait, such as `Drop`.
+    pub fn abandon(&self, key: SessionKey, reason: EndReason) {
         let commands_tx = self.commands_tx.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // Only when the runtime itself is gone; the next start closes
             // the session's row as `server_restart`, with nothing charged.
             return;
         };
-        runtime.spawn(async move { commands_tx.send(Command::Abandon { key }).await });
+        runtime.spawn(async move { commands_tx.send(Command::Abandon { key, reason }).await });
     }
 
     /// Charges the human's open sessions up to now and acts on what the

@@ -184,7 +184,7 @@ impl Meter {
         match command {
             Command::Open(registration) => self.open(registration),
             Command::End { key, at, reason } => self.end(key, at, reason),
-            Command::Abandon { key } => self.abandon(key),
+            Command::Abandon { key, reason } => self.abandon(key, reason),
             command => return Some(command),
         }
         None
@@ -249,9 +249,8 @@ impl Meter {
         self.leave_pool(key, session.pool);
     }
 
-    fn abandon(&mut self, key: SessionKey) {
-        debug!(session = key.0, "upgrade did not complete; nothing was charged");
-        let reason = EndReason::UpgradeFailed;
+    fn abandon(&mut self, key: SessionKey, reason: EndReason) {
+        debug!(session = key.0, reason = reason.as_str(), "session never started");
         self.ending.push(Ending { key, charge: None, reason, span: Span::none(), close_tx: None });
     }
 

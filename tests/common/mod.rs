@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod upstream;
 
 use std::path::PathBuf;
 use std::time::Duration;

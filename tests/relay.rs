@@ -1,0 +1,320 @@
+//! Sessions relayed to a real upstream (a WebSocket service written in the
+//! tests, plain and TLS): frames both ways, the headers it is given, every
+//! close path with the time it charged, an upstream that cannot be reached,
+//! and a client that cannot keep up.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue};
+use common::upstream::TestUpstream;
+use common::*;
+use tokio::time::sleep;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tollgate::config::{Settings, Upstream};
+
+const CONVERSATIONAL: &str = "conversational_seconds";
+const UPSTREAM_SECRET: &str = "Bearer upstream-secret";
+
+fn upstream_settings(upstream: &TestUpstream) -> Upstream {
+    let mut secret = HeaderValue::from_static(UPSTREAM_SECRET);
+    secret.set_sensitive(true);
+    Upstream {
+        url: upstream.url.clone(),
+        headers: vec![
+            (HeaderName::from_static("x-region"), HeaderValue::from_static("eu")),
+            (HeaderName::from_static("authorization"), secret),
+        ],
+        human_id_header: HeaderName::from_static("x-human-id"),
+        session_id_header: HeaderName::from_static("x-session-id"),
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
+async fn relayed_to(upstream: &TestUpstream, adjust: impl FnOnce(&mut Settings)) -> TestServer {
+    let settings = upstream_settings(upstream);
+    let ca_file = upstream.ca_file.clone();
+    TestServer::start_with(|s| {
+        s.upstreams.conversational = Some(settings);
+        s.upstream_ca_file = ca_file;
+        adjust(s);
+    })
+    .await
+}
+
+/// The next frame that is not one of the server's `usage.*` messages.
+async fn next_data(client: &mut Client) -> Message {
+    loop {
+        match client.next_message().await.expect("connection open") {
+            Message::Text(text) if text.starts_with("{\"type\":\"usage.") => continue,
+            message @ (Message::Text(_) | Message::Binary(_)) => return message,
+            _ => continue,
+        }
+    }
+}
+
+async fn session_id_of(client: &mut Client) -> String {
+    client.next_event().await["session_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn frames_go_both_ways_through_the_upstream() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    client.next_event().await;
+
+    client.send(Message::Text("hello".into())).await;
+    assert_eq!(next_data(&mut client).await, Message::Text("upstream: hello".into()));
+    client.send(Message::Binary(vec![1, 2, 3].into())).await;
+    assert_eq!(next_data(&mut client).await, Message::Binary(vec![3, 2, 1].into()));
+
+    // The server's own messages went to the client only.
+    let seen = upstream.connection(0);
+    assert_eq!(seen.received.len(), 2, "{:?}", seen.received);
+    assert!(seen.received.iter().all(|m| !m.to_text().unwrap_or("").contains("usage.")));
+}
+
+#[tokio::test]
+async fn the_upstream_is_told_the_human_and_the_session_but_never_sees_the_token() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada@example.com", 30.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = session_id_of(&mut client).await;
+
+    let seen = upstream.connection(0);
+    assert_eq!(seen.header("x-human-id"), Some("ada@example.com"));
+    assert_eq!(seen.header("x-session-id"), Some(session_id.as_str()));
+    assert_eq!(seen.header("x-region"), Some("eu"));
+    assert_eq!(seen.header("authorization"), Some(UPSTREAM_SECRET));
+    assert_eq!(seen.uri, "/agent");
+    let everything = format!("{} {:?}", seen.uri, seen.headers);
+    assert!(!everything.contains(&token[4..]), "the usage token reached the upstream");
+}
+
+#[tokio::test]
+async fn events_none_gives_a_pure_relay() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let path = format!("/v1/realtime/session?kind=conversational&events=none&token={token}");
+    let mut client = server.connect_to(&path).await;
+    client.send(Message::Text("hi".into())).await;
+    match client.next_message().await.unwrap() {
+        Message::Text(text) => assert_eq!(text.as_str(), "upstream: hi"),
+        other => panic!("expected the upstream's answer first, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_kind_without_an_upstream_keeps_the_echo() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint("ada", serde_json::json!([])).await;
+    let path = format!("/v1/realtime/session?kind=voice_synthesis&events=none&token={token}");
+    let mut client = server.connect_to(&path).await;
+    client.send(Message::Text("hi".into())).await;
+    assert_eq!(next_data(&mut client).await, Message::Text("hi".into()));
+    assert_eq!(upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502_and_costs_nothing() {
+    // A port nothing listens on.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/agent", unused.local_addr().unwrap());
+    drop(unused);
+    let server = TestServer::start_with(|s| {
+        let mut gone = upstream_settings_for(&url);
+        gone.connect_timeout = Duration::from_millis(500);
+        s.upstreams.conversational = Some(gone);
+    })
+    .await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    let (status, body) = server.refused(&path).await;
+    assert_eq!((status.as_u16(), body["type"].as_str()), (502, Some("upstream_unavailable")));
+
+    let rows = rows_once_all_ended(&server).await;
+    assert_eq!(rows, vec![(Some("upstream_unavailable".to_owned()), 0)]);
+    assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 30.0);
+    assert_ledger_identity(&server.db());
+}
+
+fn upstream_settings_for(url: &str) -> Upstream {
+    Upstream {
+        url: url.to_owned(),
+        headers: Vec::new(),
+        human_id_header: HeaderName::from_static("x-human-id"),
+        session_id_header: HeaderName::from_static("x-session-id"),
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_closes_closes_the_upstream_and_stops_its_meter() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = session_id_of(&mut client).await;
+    sleep(Duration::from_millis(600)).await;
+    let used = client.opened.elapsed().as_secs_f64();
+    client.close().await;
+
+    let seen = upstream.ended(0).await;
+    assert_eq!(seen.close.map(|frame| frame.code), Some(CloseCode::Normal));
+    let (reason, charged) = wait_for_end(&server, &session_id).await;
+    assert_eq!(reason, "client_closed");
+    assert_near(charged as f64 / 1000.0, used, 0.1);
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_closes_the_client_with_4006_and_its_code() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = session_id_of(&mut client).await;
+    sleep(Duration::from_millis(500)).await;
+    client.send(Message::Text("close 4321".into())).await;
+
+    let closed = client.until_closed().await;
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(4006), "upstream_closed 4321"));
+    let (reason, charged) = wait_for_end(&server, &session_id).await;
+    assert_eq!(reason, "upstream_closed");
+    assert_near(charged as f64 / 1000.0, closed.after, 0.1);
+    assert!(upstream.ended(0).await.ended);
+}
+
+#[tokio::test]
+async fn an_upstream_that_drops_closes_the_client_with_4006() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = session_id_of(&mut client).await;
+    client.send(Message::Text("drop".into())).await;
+
+    let closed = client.until_closed().await;
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(4006), "upstream_closed 1006"));
+    let (_, charged) = wait_for_end(&server, &session_id).await;
+    assert_near(charged as f64 / 1000.0, closed.after, 0.1);
+}
+
+#[tokio::test]
+async fn a_cut_off_closes_both_sides() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 1.0).await;
+    let closed = server.connect(&token).await.until_closed().await;
+    assert_eq!(closed.code, Some(4001));
+    assert_near(closed.after, 1.0, 0.1);
+
+    let seen = upstream.ended(0).await;
+    let frame = seen.close.expect("the upstream got a close frame");
+    assert_eq!((frame.code, frame.reason.as_str()), (CloseCode::Normal, "usage_limit_exceeded"));
+    assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
+}
+
+#[tokio::test]
+async fn revocation_and_the_time_limit_close_both_sides() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |s| s.max_session = Duration::from_millis(700)).await;
+    let ada = server.mint_seconds("ada", 30.0).await;
+    let bob = server.mint_seconds("bob", 30.0).await;
+    let mut revoked = server.connect(&ada).await;
+    revoked.next_event().await;
+    let timed = server.connect(&bob).await;
+    let revoke = serde_json::json!({ "human": "ada" });
+    assert_eq!(server.post("/v1/usage/token/revoke", revoke).await.0, 200);
+
+    assert_eq!(revoked.until_closed().await.code, Some(4002));
+    let mut timed = timed;
+    let closed = timed.until_closed().await;
+    assert_eq!(closed.code, Some(4004));
+    assert_near(closed.after, 0.7, 0.1);
+    for index in 0..2 {
+        let seen = upstream.ended(index).await;
+        assert!(seen.close.is_some(), "upstream connection {index} got no close frame");
+    }
+}
+
+#[tokio::test]
+async fn shutting_down_tells_the_upstream_the_server_is_going_away() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    client.next_event().await;
+    let (closed, _dir) = tokio::join!(client.until_closed(), server.shutdown());
+    assert_eq!(closed.code, Some(1001));
+    let seen = upstream.ended(0).await;
+    assert_eq!(seen.close.map(|frame| frame.code), Some(CloseCode::Away));
+}
+
+#[tokio::test]
+async fn a_client_that_cannot_keep_up_is_dropped_without_memory_growing() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 60.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = session_id_of(&mut client).await;
+
+    // The upstream sends 200 MB the client never reads.
+    let before = resident_bytes();
+    client.send(Message::Text("flood 3200 65536".into())).await;
+    let (reason, _) = wait_for_end(&server, &session_id).await;
+    assert_eq!(reason, "client_too_slow");
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(grown < 48 << 20, "memory grew by {} MiB", grown >> 20);
+    assert!(upstream.ended(0).await.ended, "the upstream connection was left open");
+    drop(client);
+}
+
+#[tokio::test]
+async fn messages_over_the_size_limit_close_with_1009() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |s| s.max_message_bytes = 64 * 1024).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+
+    let mut client = server.connect(&token).await;
+    client.next_event().await;
+    client.send(Message::Binary(vec![0u8; 64 * 1024 + 1].into())).await;
+    let closed = client.until_closed().await;
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(1009), "message_too_big"));
+
+    let mut client = server.connect(&token).await;
+    client.next_event().await;
+    client.send(Message::Text(format!("big {}", 64 * 1024 + 1).into())).await;
+    let closed = client.until_closed().await;
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(4006), "upstream_closed 1009"));
+}
+
+#[tokio::test]
+async fn a_tls_upstream_is_reached_with_its_ca_and_refused_without_it() {
+    let upstream = TestUpstream::tls().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    client.next_event().await;
+    client.send(Message::Text("over tls".into())).await;
+    assert_eq!(next_data(&mut client).await, Message::Text("upstream: over tls".into()));
+
+    let untrusting = relayed_to(&upstream, |s| s.upstream_ca_file = None).await;
+    let token = untrusting.mint_seconds("ada", 30.0).await;
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    let (status, body) = untrusting.refused(&path).await;
+    assert_eq!((status.as_u16(), body["type"].as_str()), (502, Some("upstream_unavailable")));
+}
+
+/// The resident memory of this process, which runs the server.
+fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
