@@ -6,9 +6,11 @@ mod common;
 use std::time::Duration;
 
 use common::binary::{self, Process};
+use common::upstream::TestUpstream;
 use common::*;
 use serde_json::json;
 use tokio::time::sleep;
+use tokio_tungstenite::tungstenite::Message;
 
 const TICK_MS: u64 = 200;
 
@@ -37,6 +39,53 @@ async fn a_fresh_database_prints_its_api_key_once_and_only_on_stdout() {
     let second = binary::spawn(&db, &[], "info");
     assert_eq!(second.printed_key(), None);
     assert!(second.stdout().is_empty(), "{:?}", second.stdout());
+}
+
+#[tokio::test]
+async fn a_settings_file_sets_the_upstream_with_a_secret_header_from_the_environment() {
+    let upstream = TestUpstream::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    let settings = format!(
+        "tick_ms = 100\n\n[upstream.conversational]\nurl = \"{}\"\n\
+         header_env = {{ Authorization = \"TEST_VOICE_AUTH\" }}\n",
+        upstream.url
+    );
+    std::fs::write(&config, settings).unwrap();
+    let secret = "Bearer secret-from-the-environment";
+    let args = ["--config", config.to_str().unwrap()];
+    let env = [("TEST_VOICE_AUTH", secret)];
+    let process = binary::spawn_with_env(&dir.path().join("t.db"), &args, "debug", &env);
+    let api = api_of(&process, &process.printed_key().unwrap());
+
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut client = api.connect(&token).await;
+    client.next_event().await;
+    client.send(Message::Text("hi".into())).await;
+    loop {
+        match client.next_message().await.expect("the session is open") {
+            Message::Text(text) if text.starts_with("{\"type\":\"usage.") => continue,
+            message => break assert_eq!(message, Message::Text("upstream: hi".into())),
+        }
+    }
+    assert_eq!(upstream.connection(0).header("authorization"), Some(secret));
+    client.close().await;
+    process.signal("TERM");
+    let (status, stderr) = wait_for_exit(process).await;
+    assert!(status.success());
+    assert!(stderr.iter().all(|line| !line.contains("secret-from")), "the secret was logged");
+}
+
+#[tokio::test]
+async fn an_unknown_key_in_the_settings_file_stops_start_up_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(&config, "tick_millis = 100\n").unwrap();
+    let db = dir.path().join("t.db");
+    let args = ["serve", "--config", config.to_str().unwrap()];
+    let (status, _, stderr) = binary::run_binary(&args, &db);
+    assert!(!status.success());
+    assert!(stderr.contains("tick_millis"), "{stderr}");
 }
 
 #[tokio::test]

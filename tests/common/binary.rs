@@ -18,11 +18,17 @@ pub struct Process {
 /// Starts `tollgate serve` on 127.0.0.1:0 with the database `db` and the
 /// extra arguments, and waits until it logs the address it listens on.
 pub fn spawn(db: &Path, args: &[&str], rust_log: &str) -> Process {
+    spawn_with_env(db, args, rust_log, &[])
+}
+
+/// As [`spawn`], with these environment variables set.
+pub fn spawn_with_env(db: &Path, args: &[&str], rust_log: &str, env: &[(&str, &str)]) -> Process {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["serve", "--listen", "127.0.0.1:0", "--db"])
         .arg(db)
         .args(args)
         .env("RUST_LOG", rust_log)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
