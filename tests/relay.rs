@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use axum::http::{HeaderName, HeaderValue};
-use common::upstream::TestUpstream;
+use common::upstream::{TestUpstream, upstream_at};
 use common::*;
 use tokio::time::sleep;
 use tokio_tungstenite::tungstenite::Message;
@@ -21,16 +21,11 @@ const UPSTREAM_SECRET: &str = "Bearer upstream-secret";
 fn upstream_settings(upstream: &TestUpstream) -> Upstream {
     let mut secret = HeaderValue::from_static(UPSTREAM_SECRET);
     secret.set_sensitive(true);
-    Upstream {
-        url: upstream.url.clone(),
-        headers: vec![
-            (HeaderName::from_static("x-region"), HeaderValue::from_static("eu")),
-            (HeaderName::from_static("authorization"), secret),
-        ],
-        human_id_header: HeaderName::from_static("x-human-id"),
-        session_id_header: HeaderName::from_static("x-session-id"),
-        connect_timeout: Duration::from_secs(2),
-    }
+    let headers = vec![
+        (HeaderName::from_static("x-region"), HeaderValue::from_static("eu")),
+        (HeaderName::from_static("authorization"), secret),
+    ];
+    Upstream { headers, ..upstream_at(&upstream.url) }
 }
 
 async fn relayed_to(upstream: &TestUpstream, adjust: impl FnOnce(&mut Settings)) -> TestServer {
@@ -129,7 +124,7 @@ async fn an_unreachable_upstream_is_a_502_and_costs_nothing() {
     let url = format!("ws://{}/agent", unused.local_addr().unwrap());
     drop(unused);
     let server = TestServer::start_with(|s| {
-        let mut gone = upstream_settings_for(&url);
+        let mut gone = upstream_at(&url);
         gone.connect_timeout = Duration::from_millis(500);
         s.upstreams.conversational = Some(gone);
     })
@@ -143,16 +138,6 @@ async fn an_unreachable_upstream_is_a_502_and_costs_nothing() {
     assert_eq!(rows, vec![(Some("upstream_unavailable".to_owned()), 0)]);
     assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 30.0);
     assert_ledger_identity(&server.db());
-}
-
-fn upstream_settings_for(url: &str) -> Upstream {
-    Upstream {
-        url: url.to_owned(),
-        headers: Vec::new(),
-        human_id_header: HeaderName::from_static("x-human-id"),
-        session_id_header: HeaderName::from_static("x-session-id"),
-        connect_timeout: Duration::from_secs(2),
-    }
 }
 
 #[tokio::test]

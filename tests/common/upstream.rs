@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::http::HeaderName;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -46,6 +47,17 @@ impl Connection {
 }
 
 type Connections = Arc<Mutex<Vec<Arc<Mutex<Connection>>>>>;
+
+/// The server's settings for an upstream at `url`, with no extra headers.
+pub fn upstream_at(url: &str) -> tollgate::config::Upstream {
+    tollgate::config::Upstream {
+        url: url.to_owned(),
+        headers: Vec::new(),
+        human_id_header: HeaderName::from_static("x-human-id"),
+        session_id_header: HeaderName::from_static("x-session-id"),
+        connect_timeout: Duration::from_secs(2),
+    }
+}
 
 pub struct TestUpstream {
     pub url: String,
