@@ -207,25 +207,31 @@ async fn a_cut_off_closes_both_sides() {
 }
 
 #[tokio::test]
-async fn revocation_and_the_time_limit_close_both_sides() {
+async fn revocation_and_the_time_limit_close_both_sides_charged_up_to_then() {
     let upstream = TestUpstream::plain().await;
     let server = relayed_to(&upstream, |s| s.max_session = Duration::from_millis(700)).await;
     let ada = server.mint_seconds("ada", 30.0).await;
     let bob = server.mint_seconds("bob", 30.0).await;
     let mut revoked = server.connect(&ada).await;
-    revoked.next_event().await;
-    let timed = server.connect(&bob).await;
+    let revoked_id = session_id_of(&mut revoked).await;
+    let mut timed = server.connect(&bob).await;
+    let timed_id = session_id_of(&mut timed).await;
+    sleep(Duration::from_millis(300)).await;
     let revoke = serde_json::json!({ "human": "ada" });
     assert_eq!(server.post("/v1/usage/token/revoke", revoke).await.0, 200);
 
-    assert_eq!(revoked.until_closed().await.code, Some(4002));
-    let mut timed = timed;
+    let closed = revoked.until_closed().await;
+    assert_eq!(closed.code, Some(4002));
+    let (_, charged) = wait_for_end(&server, &revoked_id).await;
+    assert_near(charged as f64 / 1000.0, closed.after, 0.1);
     let closed = timed.until_closed().await;
     assert_eq!(closed.code, Some(4004));
     assert_near(closed.after, 0.7, 0.1);
-    for index in 0..2 {
+    assert_eq!(wait_for_end(&server, &timed_id).await.1, 700);
+    for (index, reason) in [(0, "token_revoked"), (1, "session_time_limit")] {
         let seen = upstream.ended(index).await;
-        assert!(seen.close.is_some(), "upstream connection {index} got no close frame");
+        let close = seen.close.unwrap_or_else(|| panic!("connection {index} got no close frame"));
+        assert_eq!((close.code, close.reason.as_str()), (CloseCode::Normal, reason));
     }
 }
 
@@ -236,10 +242,16 @@ async fn shutting_down_tells_the_upstream_the_server_is_going_away() {
     let token = server.mint_seconds("ada", 30.0).await;
     let mut client = server.connect(&token).await;
     client.next_event().await;
+    sleep(Duration::from_millis(400)).await;
+    let db_path = server.db_path.clone();
+    let used = client.opened.elapsed().as_secs_f64();
     let (closed, _dir) = tokio::join!(client.until_closed(), server.shutdown());
     assert_eq!(closed.code, Some(1001));
     let seen = upstream.ended(0).await;
     assert_eq!(seen.close.map(|frame| frame.code), Some(CloseCode::Away));
+    let rows = session_rows(&open_db(&db_path));
+    assert_eq!(rows[0].0.as_deref(), Some("server_shutdown"));
+    assert_near(rows[0].1 as f64 / 1000.0, used, 0.1);
 }
 
 #[tokio::test]
