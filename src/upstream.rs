@@ -27,6 +27,8 @@ pub enum UpstreamError {
     Timeout(std::time::Duration),
     #[error("{0}")]
     Connect(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("the human or session id cannot be sent as a header")]
+    Human,
 }
 
 /// What every upstream connection is made with.
@@ -75,10 +77,11 @@ impl UpstreamClient {
         for (name, value) in &upstream.headers {
             headers.insert(name.clone(), value.clone());
         }
-        // Human ids are checked at the edge: no control characters.
-        let human = HeaderValue::from_bytes(human.as_bytes()).expect("a checked human id");
+        // Human ids are checked at the edge (no control characters), so
+        // this only fails for one stored before that check existed.
+        let human = HeaderValue::from_bytes(human.as_bytes()).map_err(|_| UpstreamError::Human)?;
         headers.insert(upstream.human_id_header.clone(), human);
-        let session = HeaderValue::from_str(session_id).expect("session ids are ASCII");
+        let session = HeaderValue::from_str(session_id).map_err(|_| UpstreamError::Human)?;
         headers.insert(upstream.session_id_header.clone(), session);
 
         let config = WebSocketConfig::default()
