@@ -4,13 +4,23 @@
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, fmt};
+
+/// The WebSocket library logs, at trace, the raw bytes of every handshake
+/// (an upstream's secret headers with them) and of every frame (people's
+/// audio and text). Whatever `RUST_LOG` says, it is heard at most at info.
+const WEBSOCKET_LIBRARIES: [&str; 2] = ["tungstenite", "tokio_tungstenite"];
 
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let cap = WEBSOCKET_LIBRARIES
+        .iter()
+        .fold(Targets::new().with_default(LevelFilter::TRACE), |cap, target| {
+            cap.with_target(*target, LevelFilter::INFO)
+        });
+    let layer =
+        fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry().with(layer.with_filter(filter).with_filter(cap)).init();
 }

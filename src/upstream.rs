@@ -13,13 +13,46 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tracing::warn;
 
 use crate::config::Upstream;
 
 pub type UpstreamSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The read buffer of an upstream connection, as for clients: frames
+/// larger than this still arrive, in several reads.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// How long an unused upstream connection is given to take its close.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// An upstream connection opened for a session whose upgrade has not
+/// completed yet. If the session never starts, the upstream is told so with
+/// a close frame rather than left to find its connection dropped.
+pub struct OpenUpstream(Option<UpstreamSocket>);
+
+impl OpenUpstream {
+    pub fn into_socket(mut self) -> UpstreamSocket {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for OpenUpstream {
+    fn drop(&mut self) {
+        let (Some(mut socket), Ok(runtime)) =
+            (self.0.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            let frame = CloseFrame { code: CloseCode::Away, reason: "upgrade_failed".into() };
+            let _ = tokio::time::timeout(CLOSE_WAIT, socket.close(Some(frame))).await;
+        });
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -46,13 +79,7 @@ impl UpstreamClient {
         }
         roots.add_parsable_certificates(native.certs);
         if let Some(path) = extra_ca_file {
-            let certificates = CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("cannot read the CA file {}", path.display()))?;
-            for certificate in certificates {
-                let certificate = certificate
-                    .with_context(|| format!("a certificate in {} is malformed", path.display()))?;
-                roots.add(certificate).context("a certificate of the CA file was refused")?;
-            }
+            add_ca_file(&mut roots, path)?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = ClientConfig::builder_with_provider(provider)
@@ -71,7 +98,7 @@ impl UpstreamClient {
         human: &str,
         session_id: &str,
         max_message_bytes: usize,
-    ) -> Result<UpstreamSocket, UpstreamError> {
+    ) -> Result<OpenUpstream, UpstreamError> {
         let mut request = upstream.url.as_str().into_client_request()?;
         let headers = request.headers_mut();
         for (name, value) in &upstream.headers {
@@ -85,6 +112,7 @@ impl UpstreamClient {
         headers.insert(upstream.session_id_header.clone(), session);
 
         let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_BYTES)
             .max_message_size(Some(max_message_bytes))
             .max_frame_size(Some(max_message_bytes));
         let connector = Connector::Rustls(self.tls.clone());
@@ -95,8 +123,39 @@ impl UpstreamClient {
             Some(connector),
         );
         match tokio::time::timeout(upstream.connect_timeout, connecting).await {
-            Ok(connected) => Ok(connected?.0),
+            Ok(connected) => Ok(OpenUpstream(Some(connected?.0))),
             Err(_) => Err(UpstreamError::Timeout(upstream.connect_timeout)),
         }
+    }
+}
+
+/// Adds every certificate of a PEM file to `roots`; a file with none is an
+/// error, since nothing could then be reached through it.
+fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> anyhow::Result<()> {
+    let certificates = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+    let mut added = 0;
+    for certificate in certificates {
+        let certificate = certificate
+            .with_context(|| format!("a certificate in {} is malformed", path.display()))?;
+        roots.add(certificate).context("a certificate of the CA file was refused")?;
+        added += 1;
+    }
+    anyhow::ensure!(added > 0, "the CA file {} holds no PEM certificate", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.der");
+        std::fs::write(&path, b"\x30\x82\x01\x0a\x02\x82").unwrap();
+        let error = UpstreamClient::new(Some(&path)).err().expect("refused");
+        assert!(error.to_string().contains("holds no PEM certificate"), "{error}");
+        assert!(UpstreamClient::new(None).is_ok());
     }
 }

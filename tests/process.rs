@@ -55,7 +55,8 @@ async fn a_settings_file_sets_the_upstream_with_a_secret_header_from_the_environ
     let secret = "Bearer secret-from-the-environment";
     let args = ["--config", config.to_str().unwrap()];
     let env = [("TEST_VOICE_AUTH", secret)];
-    let process = binary::spawn_with_env(&dir.path().join("t.db"), &args, "debug", &env);
+    // At trace the WebSocket library would print the raw handshake.
+    let process = binary::spawn_with_env(&dir.path().join("t.db"), &args, "trace", &env);
     let api = api_of(&process, &process.printed_key().unwrap());
 
     let token = api.mint_seconds("ada", 30.0).await;
@@ -236,7 +237,7 @@ async fn no_log_line_contains_a_token_or_an_api_key() {
     process.signal("TERM");
     let (status, stderr) = wait_for_exit(process).await;
     assert!(status.success());
-    assert!(stderr.len() > 20, "too few log lines to mean anything: {stderr:?}");
+    assert!(stderr.len() > 10, "too few log lines to mean anything: {stderr:?}");
     for secret in [&token, &key] {
         let body = &secret[4..];
         let leaks: Vec<&String> = stderr.iter().filter(|l| l.contains(body)).collect();

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use axum::http::{HeaderName, HeaderValue};
-use common::upstream::{TestUpstream, upstream_at};
+use common::upstream::{TestUpstream, stalling, upstream_at};
 use common::*;
 use tokio::time::sleep;
 use tokio_tungstenite::tungstenite::Message;
@@ -314,4 +314,164 @@ fn resident_bytes() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
     pages * 4096
+}
+
+#[tokio::test]
+async fn a_client_that_cannot_keep_up_is_told_so() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 60.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = session_id_of(&mut client).await;
+    client.send(Message::Text("flood 400 65536".into())).await;
+    let (reason, _) = wait_for_end(&server, &session_id).await;
+    assert_eq!(reason, "client_too_slow");
+
+    // Once it reads again, the close is among the first things it gets.
+    let closed = client.until_closed().await;
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(1008), "client_too_slow"));
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_reading_is_not_blamed_on_the_client() {
+    let (url, _) = stalling(Duration::from_secs(3)).await;
+    let server = TestServer::start_with(|s| {
+        s.upstreams.conversational = Some(upstream_at(&url));
+        s.ping = Duration::from_millis(300);
+    })
+    .await;
+    let token = server.mint_seconds("ada", 60.0).await;
+    let client = server.connect(&token).await;
+    let opened = client.opened;
+    let (mut tx, mut rx) = futures::StreamExt::split(client.ws);
+    // The client keeps sending, and keeps reading (so it answers pings).
+    let writer = tokio::spawn(async move {
+        let frame = vec![1u8; 256 * 1024];
+        while futures::SinkExt::send(&mut tx, Message::Binary(frame.clone().into())).await.is_ok() {
+        }
+    });
+    let mut close = None;
+    while let Some(Ok(message)) = futures::StreamExt::next(&mut rx).await {
+        if let Message::Close(frame) = message {
+            close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+        }
+    }
+    writer.abort();
+    assert_eq!(close, Some((4006, "upstream_closed 1006".to_owned())));
+    let rows = rows_once_all_ended(&server).await;
+    assert_eq!(rows[0].0.as_deref(), Some("upstream_closed"), "{rows:?}");
+    assert!(opened.elapsed() < Duration::from_secs(3), "noticed only after the stall");
+}
+
+#[tokio::test]
+async fn a_hung_upstream_is_noticed_and_costs_nothing_after_its_last_frame() {
+    let (url, _) = stalling(Duration::from_secs(3600)).await;
+    let server = TestServer::start_with(|s| {
+        s.upstreams.conversational = Some(upstream_at(&url));
+        s.ping = Duration::from_millis(200);
+        s.max_session = Duration::from_secs(5);
+    })
+    .await;
+    let token = server.mint_seconds("ada", 60.0).await;
+    let mut client = server.connect(&token).await;
+    let session_id = session_id_of(&mut client).await;
+    let closed = client.until_closed().await;
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(4006), "upstream_closed 1006"));
+    assert!(closed.after < 1.0, "noticed after {} s", closed.after);
+    let (_, charged) = wait_for_end(&server, &session_id).await;
+    assert!(charged < 50, "charged {charged} ms for an upstream that never answered");
+}
+
+#[tokio::test]
+async fn the_client_is_read_again_as_soon_as_the_upstream_drains() {
+    let (url, seen) = stalling(Duration::from_secs(1)).await;
+    let server = TestServer::start_with(|s| {
+        s.upstreams.conversational = Some(upstream_at(&url));
+        s.tick = Duration::from_secs(5);
+    })
+    .await;
+    let token = server.mint_seconds("ada", 600.0).await;
+    let path = format!("/v1/realtime/session?kind=conversational&events=none&token={token}");
+    let client = server.connect_to(&path).await;
+    let (mut tx, mut rx) = futures::StreamExt::split(client.ws);
+    tokio::spawn(async move { while let Some(Ok(_)) = futures::StreamExt::next(&mut rx).await {} });
+    const FRAMES: usize = 2000;
+    tokio::spawn(async move {
+        let frame = vec![1u8; 16 * 1024];
+        for _ in 0..FRAMES {
+            futures::SinkExt::send(&mut tx, Message::Binary(frame.clone().into())).await.unwrap();
+        }
+    });
+    for _ in 0..400 {
+        if seen.lock().unwrap().arrivals.len() >= FRAMES {
+            break;
+        }
+        sleep(Duration::from_millis(25)).await;
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.arrivals.len(), FRAMES);
+    let took = *seen.arrivals.last().unwrap() - seen.resumed.unwrap();
+    assert!(took < Duration::from_secs(2), "relaying 32 MiB took {took:?} after the stall");
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_its_echo_costs_a_bounded_amount_of_memory() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 60.0).await;
+    let path = format!("/v1/realtime/session?kind=conversational&events=none&token={token}");
+    let client = server.connect_to(&path).await;
+    let (mut tx, _rx) = futures::StreamExt::split(client.ws);
+    let before = peak_bytes();
+    let sending = tokio::spawn(async move {
+        let frame = vec![1u8; 1024 * 1024];
+        while futures::SinkExt::send(&mut tx, Message::Binary(frame.clone().into())).await.is_ok() {
+        }
+    });
+    let rows = rows_once_all_ended(&server).await;
+    sending.abort();
+    assert_eq!(rows[0].0.as_deref(), Some("client_too_slow"));
+    let grown = peak_bytes().saturating_sub(before);
+    assert!(grown < 48 << 20, "peak memory grew by {} MiB", grown >> 20);
+}
+
+#[tokio::test]
+async fn an_upstream_that_sends_too_much_is_closed_with_1009() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |s| s.max_message_bytes = 64 * 1024).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut client = server.connect(&token).await;
+    client.next_event().await;
+    client.send(Message::Text(format!("big {}", 64 * 1024 + 1).into())).await;
+    assert_eq!(client.until_closed().await.code, Some(4006));
+    let close = upstream.ended(0).await.close.expect("the upstream got a close frame");
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1009, "message_too_big"));
+}
+
+#[tokio::test]
+async fn an_upgrade_abandoned_by_its_client_still_closes_the_upstream_with_a_frame() {
+    // The client gives up while the upstream is still answering.
+    let upstream = TestUpstream::slow_to_answer(Duration::from_millis(300)).await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "GET /v1/realtime/session?kind=conversational&token={token} HTTP/1.1\r\n\
+         Host: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes()).await.unwrap();
+    sleep(Duration::from_millis(100)).await;
+    drop(tcp);
+    let seen = upstream.ended(0).await;
+    assert!(seen.close.is_some(), "the upstream's connection was dropped without a close");
+    rows_once_all_ended(&server).await;
+}
+
+/// The peak resident memory of this process, which runs the server.
+fn peak_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|line| line.starts_with("VmHWM:")).unwrap();
+    let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
 }

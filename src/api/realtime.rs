@@ -24,7 +24,7 @@ use crate::limits::SessionKind;
 use crate::meter::MeterHandle;
 use crate::session::{self, SessionContext, Ticket};
 use crate::store::{Admission, Human, NewSession, StoreError};
-use crate::upstream::UpstreamSocket;
+use crate::upstream::OpenUpstream;
 
 /// Read buffer per connection. tungstenite's default of 128 KiB would cost
 /// that much per idle session; frames larger than this still arrive, in
@@ -72,6 +72,7 @@ pub async fn open(
         events,
         ping: state.settings.ping,
         max_duration: state.settings.max_session,
+        max_message_bytes: state.settings.max_message_bytes,
         meter: state.meter.clone(),
         span,
         upstream,
@@ -92,14 +93,30 @@ async fn connect_upstream(
     kind: SessionKind,
     human: &Human,
     admitted: Admitted,
-) -> Result<(Admitted, Option<UpstreamSocket>), ApiError> {
+) -> Result<(Admitted, Option<OpenUpstream>), ApiError> {
     let (Some(upstream), Some(client)) =
         (state.settings.upstreams.for_kind(kind), state.upstream_client.as_ref())
     else {
         return Ok((admitted, None));
     };
-    let max_message_bytes = state.settings.max_message_bytes;
-    match client.connect(upstream, &human.name, &admitted.public_id, max_message_bytes).await {
+    // Connecting goes on in a task of its own: should the client go away
+    // meanwhile, this handler is dropped but the connection is not, and,
+    // dropped unsent, it closes with a frame rather than in mid-handshake.
+    let (client, upstream) = (client.clone(), upstream.clone());
+    let (human, session, max_message_bytes) =
+        (human.name.clone(), admitted.public_id.clone(), state.settings.max_message_bytes);
+    let (connected_tx, connected_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let connected = client.connect(&upstream, &human, &session, max_message_bytes).await;
+        let _ = connected_tx.send(connected);
+    });
+    let connected = connected_rx.await.map_err(|_| ApiError::UpstreamUnavailable)?;
+    match connected {
+        // Shutdown may have begun while the upstream answered.
+        Ok(_) if state.shutdown.is_cancelled() => {
+            admitted.ticket.cancel(EndReason::ServerShutdown);
+            Err(ApiError::Unavailable("the server is shutting down"))
+        }
         Ok(socket) => Ok((admitted, Some(socket))),
         Err(error) => {
             warn!(%error, "cannot reach the upstream");

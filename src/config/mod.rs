@@ -5,16 +5,17 @@
 //! start-up with a message naming it.
 
 mod file;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderValue, Uri};
 use clap::{Args, Parser, Subcommand};
 
-use crate::limits::SessionKind;
-use file::{FileSettings, FileUpstream};
+use file::FileSettings;
+pub use upstream::{Upstream, Upstreams};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_DB: &str = "./tollgate.db";
@@ -27,9 +28,6 @@ const DEFAULT_MAX_TOKEN_TTL: f64 = 86_400.0;
 /// voice protocol sends while bounding what one connection can make the
 /// server hold.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
-const DEFAULT_CONNECT_TIMEOUT_SECONDS: f64 = 10.0;
-const DEFAULT_HUMAN_ID_HEADER: &str = "x-human-id";
-const DEFAULT_SESSION_ID_HEADER: &str = "x-session-id";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -157,35 +155,6 @@ pub enum AllowedOrigins {
     List(Vec<HeaderValue>),
 }
 
-/// The service behind each kind of session; a kind with none echoes.
-#[derive(Debug, Clone, Default)]
-pub struct Upstreams {
-    pub conversational: Option<Upstream>,
-    pub voice_synthesis: Option<Upstream>,
-}
-
-impl Upstreams {
-    pub fn for_kind(&self, kind: SessionKind) -> Option<&Upstream> {
-        match kind {
-            SessionKind::Conversational => self.conversational.as_ref(),
-            SessionKind::VoiceSynthesis => self.voice_synthesis.as_ref(),
-        }
-    }
-}
-
-/// A WebSocket service a session is relayed to.
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    /// `ws://` or `wss://`.
-    pub url: String,
-    /// Sent on every connection; values read from the environment are
-    /// marked sensitive, so that they never print.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub human_id_header: HeaderName,
-    pub session_id_header: HeaderName,
-    pub connect_timeout: Duration,
-}
-
 impl Settings {
     /// The defaults, with the given database.
     pub fn new(db: PathBuf) -> Settings {
@@ -276,8 +245,8 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
         allowed_origins: allowed_origins(origins)?,
         max_message_bytes,
         upstreams: Upstreams {
-            conversational: upstream("conversational", file.upstream.conversational)?,
-            voice_synthesis: upstream("voice_synthesis", file.upstream.voice_synthesis)?,
+            conversational: upstream::check("conversational", file.upstream.conversational)?,
+            voice_synthesis: upstream::check("voice_synthesis", file.upstream.voice_synthesis)?,
         },
         upstream_ca_file: args.upstream_ca_file.or(file.upstream.ca_file),
     })
@@ -291,12 +260,16 @@ fn seconds(
     min: f64,
     max: f64,
 ) -> Result<Duration, String> {
-    let value = value.unwrap_or(default);
+    let flag = key.replace('_', "-");
+    within(&format!("{key} (--{flag})"), value.unwrap_or(default), min, max)
+}
+
+/// A number of seconds within bounds, or an error naming the setting.
+fn within(name: &str, value: f64, min: f64, max: f64) -> Result<Duration, String> {
     if value.is_finite() && (min..=max).contains(&value) {
         Ok(Duration::from_secs_f64(value))
     } else {
-        let flag = key.replace('_', "-");
-        Err(format!("{key} (--{flag}) must be between {min} and {max} seconds, not {value}"))
+        Err(format!("{name} must be between {min} and {max} seconds, not {value}"))
     }
 }
 
@@ -309,73 +282,35 @@ fn allowed_origins(origins: Vec<String>) -> Result<AllowedOrigins, String> {
     if origins.iter().any(|origin| origin == "*") {
         return Ok(AllowedOrigins::Any);
     }
-    let mut list = Vec::with_capacity(origins.len());
-    for origin in origins {
-        let scheme_ok = origin.starts_with("http://") || origin.starts_with("https://");
-        let value =
-            HeaderValue::from_str(&origin).ok().filter(|_| scheme_ok && !origin.ends_with('/'));
-        list.push(value.ok_or_else(|| {
-            format!("allowed_origins: {origin:?} is not an origin such as https://app.example.com")
-        })?);
-    }
-    Ok(AllowedOrigins::List(list))
+    origins
+        .iter()
+        .map(|origin| origin_value(origin))
+        .collect::<Result<_, _>>()
+        .map(AllowedOrigins::List)
 }
 
-/// Checks `[upstream.<kind>]` and reads the headers it takes from the
-/// environment.
-fn upstream(kind: &str, file: Option<FileUpstream>) -> Result<Option<Upstream>, String> {
-    let Some(file) = file else {
-        return Ok(None);
+/// An origin as browsers send it: scheme and host (and port), lowercase,
+/// with no path.
+fn origin_value(origin: &str) -> Result<HeaderValue, String> {
+    let refused =
+        || format!("allowed_origins: {origin:?} is not an origin such as https://app.example.com");
+    let uri: Uri = origin.parse().map_err(|_| refused())?;
+    let scheme = uri.scheme_str().filter(|scheme| *scheme == "http" || *scheme == "https");
+    let (Some(scheme), Some(authority)) = (scheme, uri.authority()) else {
+        return Err(refused());
     };
-    let key = format!("upstream.{kind}");
-    if !(file.url.starts_with("ws://") || file.url.starts_with("wss://")) {
-        return Err(format!("{key}.url must start with ws:// or wss://, not {:?}", file.url));
+    let bare = !origin.trim_end_matches('/').contains(['?', '#']) && matches!(uri.path(), "" | "/");
+    if !bare || authority.as_str().contains('@') {
+        return Err(refused());
     }
-    let mut headers = Vec::new();
-    for (name, value) in &file.headers {
-        headers.push((header_name(&key, name)?, header_value(&key, name, value)?));
-    }
-    for (name, variable) in &file.header_env {
-        let value = std::env::var(variable).map_err(|_| {
-            format!("{key}.header_env.{name}: the environment variable {variable} is not set")
-        })?;
-        let mut value = header_value(&key, name, &value)?;
-        value.set_sensitive(true);
-        headers.push((header_name(&key, name)?, value));
-    }
-    let name_or = |given: &Option<String>, default: &str| {
-        header_name(&key, given.as_deref().unwrap_or(default))
-    };
-    let timeout = file.connect_timeout_seconds;
-    Ok(Some(Upstream {
-        url: file.url,
-        headers,
-        human_id_header: name_or(&file.human_id_header, DEFAULT_HUMAN_ID_HEADER)?,
-        session_id_header: name_or(&file.session_id_header, DEFAULT_SESSION_ID_HEADER)?,
-        connect_timeout: seconds(
-            "connect_timeout_seconds",
-            timeout,
-            DEFAULT_CONNECT_TIMEOUT_SECONDS,
-            0.1,
-            300.0,
-        )
-        .map_err(|error| format!("{key}.{error}"))?,
-    }))
-}
-
-fn header_name(key: &str, name: &str) -> Result<HeaderName, String> {
-    HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| format!("{key}: {name:?} is not a valid header name"))
-}
-
-fn header_value(key: &str, name: &str, value: &str) -> Result<HeaderValue, String> {
-    HeaderValue::from_str(value)
-        .map_err(|_| format!("{key}: the value for {name} is not a valid header value"))
+    let value = format!("{scheme}://{}", authority.as_str().to_ascii_lowercase());
+    HeaderValue::from_str(&value).map_err(|_| refused())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::SessionKind;
 
     fn load(args: &[&str], file: &str) -> Result<Settings, String> {
         let cli = Cli::try_parse_from(std::iter::once("tollgate").chain(args.iter().copied()))
@@ -457,6 +392,46 @@ mod tests {
         assert!(error.contains("TOLLGATE_UNSET_VARIABLE"), "{error}");
         let error = load(&[], "[upstream.conversational]\nurl = \"http://x\"").unwrap_err();
         assert!(error.contains("upstream.conversational.url"), "{error}");
+    }
+
+    #[test]
+    fn an_upstream_may_not_set_the_servers_headers_or_name_one_twice() {
+        let with = |extra: &str| {
+            load(&[], &format!("[upstream.conversational]\nurl = \"ws://up.test/a\"\n{extra}"))
+        };
+        for (extra, expected) in [
+            (r#"headers = { "X-Human-Id" = "x" }"#, "set by the server"),
+            (r#"headers = { "Sec-WebSocket-Key" = "x" }"#, "set by the server"),
+            (r#"headers = { "A" = "1", "a" = "2" }"#, "given twice"),
+            (r#"session_id_header = "x-human-id""#, "the same"),
+            ("connect_timeout_seconds = 0", "connect_timeout_seconds"),
+        ] {
+            let error = with(extra).unwrap_err();
+            assert!(error.contains(expected), "{extra}: {error}");
+            assert!(!error.contains("--connect"), "names a flag that does not exist: {error}");
+        }
+        for url in ["ws://", "ws:///path", "wss://"] {
+            let error =
+                load(&[], &format!("[upstream.conversational]\nurl = \"{url}\"")).unwrap_err();
+            assert!(error.contains("upstream.conversational.url"), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn origins_are_kept_as_browsers_send_them() {
+        let settings =
+            load(&[], r#"allowed_origins = ["https://App.Example.com", "http://l:3000/"]"#);
+        let AllowedOrigins::List(list) = settings.unwrap().allowed_origins else { panic!() };
+        assert_eq!(list, ["https://app.example.com", "http://l:3000"]);
+        for bad in [
+            "https://a.example/page",
+            "https://a.example,https://b.example",
+            "a.example",
+            "ftp://a",
+        ] {
+            let file = format!("allowed_origins = [{bad:?}]");
+            assert!(load(&[], &file).is_err(), "{bad} was accepted");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! Frames go both ways unchanged between the client and the service behind
 //! the session (the upstream), or come straight back when the session's
 //! kind has none (the embedded echo). The loop also passes the meter's
-//! figures to the client as `usage.*` messages, pings the client, enforces
+//! figures to the client as `usage.*` messages, pings both sides, enforces
 //! the session time limit, and closes both sides with the code of whatever
 //! ended the session. The meter decides cut-offs; this loop carries them
 //! out.
@@ -26,22 +26,24 @@ use crate::close::EndReason;
 use crate::limits::SessionKind;
 use crate::meter::{MeterHandle, Registration, SessionUpdate};
 use crate::store::{HumanId, SessionKey};
-use crate::upstream::UpstreamSocket;
-use outbox::{Outbox, Refused};
+use crate::upstream::{OpenUpstream, UpstreamSocket};
+use outbox::{Backlog, Outbox, Refused, Weight};
 use protocol::{ServerMessage, seconds};
 
-/// How long the server waits for each side's half of the closing handshake
-/// before it drops the connection.
+/// How long the server waits for each side to take its close frame and
+/// answer it before it drops the connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How many messages may wait to be sent to the client: about two and a
-/// half seconds of 20 ms audio frames. A client further behind than that
-/// is not keeping up, and is dropped rather than buffered for.
-const CLIENT_QUEUE: usize = 128;
+/// How many messages may wait to be sent to either side: about two and a
+/// half seconds of 20 ms audio frames.
+const QUEUE_MESSAGES: usize = 128;
 
-/// How many messages may wait to be sent upstream. When it is full the
-/// loop stops reading the client, which slows the client down instead.
-const UPSTREAM_QUEUE: usize = 128;
+/// How many bytes may wait to be sent to either side, unless two messages
+/// of the largest size allowed need more. Together with the message count
+/// this bounds what one session can make the server hold. A client further
+/// behind than that is not keeping up and is dropped; towards the upstream
+/// the loop stops reading the client instead.
+const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Everything a session needs, gathered by admission.
 pub struct SessionContext {
@@ -56,11 +58,12 @@ pub struct SessionContext {
     pub events: bool,
     pub ping: Duration,
     pub max_duration: Duration,
+    pub max_message_bytes: usize,
     pub meter: MeterHandle,
     pub span: Span,
     /// The connection to the service behind the session, already open;
     /// `None` for the echo.
-    pub upstream: Option<UpstreamSocket>,
+    pub upstream: Option<OpenUpstream>,
 }
 
 /// Held from admission until the upgrade completes. If it is dropped first
@@ -101,18 +104,32 @@ impl Drop for Ticket {
     }
 }
 
+/// How the upstream figured in the end of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UpstreamPart {
+    None,
+    /// It closed with this code, or dropped (1006): it is owed no frame.
+    Closed(u16),
+    /// It broke the protocol (1002), sent a message over the limit (1009)
+    /// or stopped answering (1006): it is closed by the server.
+    Failed(u16),
+}
+
 /// How the loop came to an end.
 enum Outcome {
     /// The session ended on this side at `at`; the meter must be told.
-    /// `upstream_code` is the code the upstream closed with, if it did.
-    Ended { at: Instant, reason: EndReason, upstream_code: Option<u16> },
+    Ended { at: Instant, reason: EndReason, upstream: UpstreamPart },
     /// The meter ended the session and already stopped charging it.
     ClosedByMeter(EndReason),
 }
 
 impl Outcome {
     fn ended(reason: EndReason) -> Outcome {
-        Outcome::Ended { at: Instant::now(), reason, upstream_code: None }
+        Outcome::Ended { at: Instant::now(), reason, upstream: UpstreamPart::None }
+    }
+
+    fn upstream(at: Instant, part: UpstreamPart) -> Outcome {
+        Outcome::Ended { at, reason: EndReason::UpstreamClosed, upstream: part }
     }
 }
 
@@ -132,28 +149,35 @@ async fn serve(socket: WebSocket, mut context: SessionContext, ticket: Ticket) {
     context.meter.open(registration(&context, started, updates_tx)).await;
     info!(remaining = context.remaining.map(seconds), "session opened");
 
+    let queue_bytes = QUEUE_BYTES.max(2 * context.max_message_bytes);
     let (to_client, from_client) = socket.split();
-    let upstream = context.upstream.take().map(|socket| {
-        let (to, from) = socket.split();
-        Relay { from, to: Outbox::spawn(to, UPSTREAM_QUEUE) }
-    });
+    let (to_upstream, from_upstream) = match context.upstream.take().map(OpenUpstream::into_socket)
+    {
+        Some(socket) => {
+            let (to, from) = socket.split();
+            (Some(Outbox::spawn(to, QUEUE_MESSAGES, queue_bytes)), Some(from))
+        }
+        None => (None, None),
+    };
     let mut session = Session {
         from_client,
-        to_client: Outbox::spawn(to_client, CLIENT_QUEUE),
-        upstream,
+        to_client: Outbox::spawn(to_client, QUEUE_MESSAGES, queue_bytes),
+        from_upstream,
+        to_upstream,
         context,
         updates_rx,
         last_frame: started,
+        last_upstream_frame: started,
         low_sent: false,
     };
-    let (reason, upstream_code) = match session.serve(started).await {
-        Outcome::Ended { at, reason, upstream_code } => {
+    let (reason, upstream) = match session.serve(started).await {
+        Outcome::Ended { at, reason, upstream } => {
             session.context.meter.end(session.context.key, at, reason).await;
-            (reason, upstream_code)
+            (reason, upstream)
         }
-        Outcome::ClosedByMeter(reason) => (reason, None),
+        Outcome::ClosedByMeter(reason) => (reason, UpstreamPart::None),
     };
-    session.close(reason, upstream_code).await;
+    session.close(reason, upstream).await;
 }
 
 fn registration(
@@ -173,20 +197,17 @@ fn registration(
     }
 }
 
-/// The upstream side of a relay.
-struct Relay {
-    from: SplitStream<UpstreamSocket>,
-    to: Outbox<UpstreamMessage>,
-}
-
 struct Session {
     from_client: SplitStream<WebSocket>,
     to_client: Outbox<Message>,
-    upstream: Option<Relay>,
+    from_upstream: Option<SplitStream<UpstreamSocket>>,
+    to_upstream: Option<Outbox<UpstreamMessage>>,
     context: SessionContext,
     updates_rx: watch::Receiver<SessionUpdate>,
     /// When the client last sent anything, pongs included.
     last_frame: Instant,
+    /// When the upstream last sent anything, pongs included.
+    last_upstream_frame: Instant,
     /// A warning was sent and the pool has not been topped up since.
     low_sent: bool,
 }
@@ -208,19 +229,19 @@ impl Session {
         loop {
             // The meter's word and the time limit come first: a side sending
             // without pause must not delay the session's cut-off. The client
-            // is read only while the upstream's queue has room.
-            let upstream_has_room = self.upstream.as_ref().is_none_or(|relay| relay.to.has_room());
+            // is read only while the upstream's queue has room, and the loop
+            // wakes when it has room again.
+            let upstream_has_room = self.upstream_has_room();
             let step = tokio::select! {
                 biased;
                 changed = self.updates_rx.changed() => self.on_update(changed.is_ok()),
                 _ = &mut time_limit_reached => Err(Outcome::Ended {
                     at: time_limit,
                     reason: EndReason::SessionTimeLimit,
-                    upstream_code: None,
+                    upstream: UpstreamPart::None,
                 }),
-                message = from_upstream(&mut self.upstream), if self.upstream.is_some() => {
-                    self.on_upstream(message)
-                }
+                Some(message) = next_from(&mut self.from_upstream) => self.on_upstream(message),
+                _ = room(&self.to_upstream), if !upstream_has_room => Ok(()),
                 message = self.from_client.next(), if upstream_has_room => self.on_client(message),
                 _ = ping.tick() => self.on_ping(),
             };
@@ -228,6 +249,10 @@ impl Session {
                 return outcome;
             }
         }
+    }
+
+    fn upstream_has_room(&self) -> bool {
+        self.to_upstream.as_ref().is_none_or(Outbox::has_room)
     }
 
     fn send_started(&mut self) -> Step {
@@ -258,7 +283,7 @@ impl Session {
     /// Passes a client's frame to the upstream, or back to the client when
     /// the session echoes.
     fn forward(&mut self, message: Message) -> Step {
-        let Some(relay) = &self.upstream else {
+        let Some(to_upstream) = &self.to_upstream else {
             return self.send_to_client(message);
         };
         let message = match message {
@@ -268,34 +293,40 @@ impl Session {
         };
         // The loop reads the client only while the queue has room, so a
         // refusal means the upstream's writer has stopped.
-        relay.to.push(message).map_err(|_| Outcome::Ended {
-            at: Instant::now(),
-            reason: EndReason::UpstreamClosed,
-            upstream_code: Some(1006),
-        })
+        to_upstream
+            .push(message)
+            .map_err(|_| Outcome::upstream(Instant::now(), UpstreamPart::Closed(1006)))
     }
 
     fn on_upstream(
         &mut self,
         message: Option<Result<UpstreamMessage, tungstenite::Error>>,
     ) -> Step {
-        let gone = |code| Outcome::Ended {
-            at: Instant::now(),
-            reason: EndReason::UpstreamClosed,
-            upstream_code: Some(code),
-        };
-        match message {
+        use tungstenite::error::{Error, ProtocolError};
+
+        let now = Instant::now();
+        self.last_upstream_frame = now;
+        let part = match message {
             Some(Ok(UpstreamMessage::Text(text))) => {
-                self.send_to_client(Message::Text(text.as_str().into()))
+                return self.send_to_client(Message::Text(text.as_str().into()));
             }
-            Some(Ok(UpstreamMessage::Binary(bytes))) => self.send_to_client(Message::Binary(bytes)),
+            Some(Ok(UpstreamMessage::Binary(bytes))) => {
+                return self.send_to_client(Message::Binary(bytes));
+            }
             Some(Ok(UpstreamMessage::Close(frame))) => {
-                Err(gone(frame.map_or(1005, |frame| u16::from(frame.code))))
+                UpstreamPart::Closed(frame.map_or(1005, |frame| u16::from(frame.code)))
             }
-            Some(Ok(_)) => Ok(()),
-            Some(Err(tungstenite::Error::Capacity(_))) => Err(gone(1009)),
-            Some(Err(_)) | None => Err(gone(1006)),
-        }
+            Some(Ok(_)) => return Ok(()),
+            Some(Err(Error::Capacity(_))) => UpstreamPart::Failed(1009),
+            Some(Err(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+                UpstreamPart::Closed(1006)
+            }
+            Some(Err(Error::Protocol(_) | Error::Utf8(_) | Error::AttackAttempt)) => {
+                UpstreamPart::Failed(1002)
+            }
+            Some(Err(_)) | None => UpstreamPart::Closed(1006),
+        };
+        Err(Outcome::upstream(now, part))
     }
 
     fn on_update(&mut self, meter_alive: bool) -> Step {
@@ -323,15 +354,35 @@ impl Session {
         Ok(())
     }
 
+    /// Pings both sides, and ends the session if one of them has been
+    /// silent for two intervals.
     fn on_ping(&mut self) -> Step {
-        if self.last_frame.elapsed() >= 2 * self.context.ping {
+        let silent_for = 2 * self.context.ping;
+        if !self.upstream_has_room() {
+            // The loop itself has stopped reading the client, waiting for
+            // the upstream: the client's silence is not its own.
+            self.last_frame = Instant::now();
+        }
+        if self.last_frame.elapsed() >= silent_for {
             warn!("client sent nothing for two ping intervals; dropping it");
             let at = self.last_frame;
-            return Err(Outcome::Ended {
+            let outcome = Outcome::Ended {
                 at,
                 reason: EndReason::ClientTimeout,
-                upstream_code: None,
-            });
+                upstream: UpstreamPart::None,
+            };
+            return Err(outcome);
+        }
+        if let Some(to_upstream) = &self.to_upstream {
+            if self.last_upstream_frame.elapsed() >= silent_for {
+                warn!("the upstream sent nothing for two ping intervals; closing the session");
+                return Err(Outcome::upstream(
+                    self.last_upstream_frame,
+                    UpstreamPart::Failed(1006),
+                ));
+            }
+            // A full queue needs no ping: the check above will tell.
+            let _ = to_upstream.push(UpstreamMessage::Ping(Default::default()));
         }
         self.send_to_client(Message::Ping(Default::default()))
     }
@@ -356,59 +407,98 @@ impl Session {
         }
     }
 
-    /// Closes both sides: each gets its close frame, if it is owed one, and
-    /// a moment for its half of the closing handshake.
-    async fn close(self, reason: EndReason, upstream_code: Option<u16>) {
+    /// Closes both sides, at once: each gets its close frame, if it is
+    /// owed one, and a moment for its half of the closing handshake.
+    async fn close(self, reason: EndReason, upstream: UpstreamPart) {
         let client_frame = reason.close_code().map(|code| {
-            let text = match upstream_code {
-                Some(upstream_code) => format!("{} {upstream_code}", reason.as_str()),
-                None => reason.as_str().to_owned(),
+            let text = match upstream {
+                UpstreamPart::Closed(code) | UpstreamPart::Failed(code) => {
+                    format!("{} {code}", reason.as_str())
+                }
+                UpstreamPart::None => reason.as_str().to_owned(),
             };
             Message::Close(Some(CloseFrame { code, reason: text.into() }))
         });
-        let client = finish(self.to_client, client_frame, self.from_client);
-        let upstream = async {
-            if let Some(relay) = self.upstream {
-                let frame = upstream_close_frame(reason);
-                finish(relay.to, frame, relay.from).await;
+        // What the upstream said before it closed still reaches the client;
+        // otherwise the session was stopped, and the close goes first.
+        let client_backlog =
+            if reason == EndReason::UpstreamClosed { Backlog::Send } else { Backlog::Drop };
+        let client = finish(self.to_client, client_frame, client_backlog, self.from_client);
+        let upstream_side = async {
+            if let (Some(to), Some(from)) = (self.to_upstream, self.from_upstream) {
+                let (frame, backlog) = upstream_close(reason, upstream);
+                finish(to, frame, backlog, from).await;
             }
         };
-        tokio::join!(client, upstream);
+        tokio::join!(client, upstream_side);
     }
 }
 
-/// The close frame the upstream gets when the session ends for `reason`:
-/// none when it closed first.
-fn upstream_close_frame(reason: EndReason) -> Option<UpstreamMessage> {
-    let code = match reason {
-        EndReason::UpstreamClosed => return None,
-        EndReason::ServerShutdown => CloseCode::Away,
-        _ => CloseCode::Normal,
+/// The close frame the upstream gets when the session ends, if any, and
+/// whether what is queued for it goes first: the client's last frames do
+/// when the client closed.
+fn upstream_close(reason: EndReason, upstream: UpstreamPart) -> (Option<UpstreamMessage>, Backlog) {
+    let code = match upstream {
+        UpstreamPart::Closed(_) => return (None, Backlog::Drop),
+        UpstreamPart::Failed(1006) => CloseCode::Away,
+        UpstreamPart::Failed(code) => CloseCode::from(code),
+        UpstreamPart::None if reason == EndReason::ServerShutdown => CloseCode::Away,
+        UpstreamPart::None => CloseCode::Normal,
     };
-    let frame = UpstreamCloseFrame { code, reason: reason.as_str().into() };
-    Some(UpstreamMessage::Close(Some(frame)))
+    let text = match upstream {
+        UpstreamPart::Failed(1009) => EndReason::MessageTooBig.as_str(),
+        UpstreamPart::Failed(1002) => EndReason::ProtocolError.as_str(),
+        _ => reason.as_str(),
+    };
+    let frame = UpstreamMessage::Close(Some(UpstreamCloseFrame { code, reason: text.into() }));
+    let client_left = matches!(reason, EndReason::ClientClosed | EndReason::ClientDisconnected);
+    (Some(frame), if client_left { Backlog::Send } else { Backlog::Drop })
 }
 
-/// Sends a side its last frame and waits, briefly, for the rest of the
-/// closing handshake.
-async fn finish<M, S>(outbox: Outbox<M>, last: Option<M>, mut from: S)
+/// Sends a side its last frame and reads what it answers, both within
+/// [`CLOSE_TIMEOUT`]; then the connection is dropped.
+async fn finish<M, S>(outbox: Outbox<M>, last: Option<M>, backlog: Backlog, mut from: S)
 where
-    M: Send + 'static,
+    M: Weight + Send + 'static,
     S: futures::Stream + Unpin,
 {
-    outbox.finish(last, CLOSE_TIMEOUT).await;
+    let closing = outbox.finish(last, backlog);
     let drain = async { while from.next().await.is_some() {} };
-    let _ = timeout(CLOSE_TIMEOUT, drain).await;
+    let _ = timeout(CLOSE_TIMEOUT, async { tokio::join!(closing, drain) }).await;
 }
 
-/// The next message from the upstream; never ready for a session without
-/// one (the loop does not ask then).
-async fn from_upstream(
-    upstream: &mut Option<Relay>,
-) -> Option<Result<UpstreamMessage, tungstenite::Error>> {
-    match upstream {
-        Some(relay) => relay.from.next().await,
+/// The next message from the upstream, if the session has one; `None`
+/// (which the loop does not take) for the echo.
+async fn next_from(
+    from_upstream: &mut Option<SplitStream<UpstreamSocket>>,
+) -> Option<Option<Result<UpstreamMessage, tungstenite::Error>>> {
+    match from_upstream {
+        Some(from) => Some(from.next().await),
+        None => None,
+    }
+}
+
+/// Resolves when the upstream's queue has room again.
+async fn room(to_upstream: &Option<Outbox<UpstreamMessage>>) {
+    match to_upstream {
+        Some(outbox) => outbox.room().await,
         None => std::future::pending().await,
+    }
+}
+
+impl Weight for Message {
+    fn weight(&self) -> usize {
+        match self {
+            Message::Text(text) => text.len(),
+            Message::Binary(bytes) | Message::Ping(bytes) | Message::Pong(bytes) => bytes.len(),
+            Message::Close(_) => 0,
+        }
+    }
+}
+
+impl Weight for UpstreamMessage {
+    fn weight(&self) -> usize {
+        self.len()
     }
 }
 

@@ -1,17 +1,19 @@
 //! What a session sends one side of its relay goes through an outbox: a
-//! bounded queue drained by a task of its own, so that a side that reads
-//! slowly never stalls the session loop, and its backlog never grows past
-//! the bound.
+//! queue bounded in messages and in bytes, drained by a task of its own, so
+//! that a side that reads slowly never stalls the session loop and its
+//! backlog never grows past the bounds. One place is always kept free for
+//! the last frame, the close, which can also skip the backlog.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::{Sink, SinkExt};
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::task::JoinHandle;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::task::AbortOnDropHandle;
 
 /// Why a message could not be queued.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Refused {
     /// The queue is full: the other side is not keeping up.
     Full,
@@ -19,52 +21,224 @@ pub enum Refused {
     Gone,
 }
 
-pub struct Outbox<M> {
-    tx: mpsc::Sender<M>,
-    writer: JoinHandle<()>,
+/// What happens to what is still queued when the outbox is finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backlog {
+    /// Send it, then the last frame: the other side closed, and what it
+    /// said before it did still goes through.
+    Send,
+    /// Drop it and send the last frame at once: the session was stopped.
+    Drop,
 }
 
-impl<M: Send + 'static> Outbox<M> {
-    /// Starts the task that writes what is queued, at most `capacity`
-    /// messages ahead, to `sink`.
-    pub fn spawn<S>(mut sink: S, capacity: usize) -> Outbox<M>
+/// How much a message weighs in the byte bound.
+pub trait Weight {
+    fn weight(&self) -> usize;
+}
+
+pub struct Outbox<M> {
+    tx: mpsc::Sender<M>,
+    last_tx: oneshot::Sender<M>,
+    queued: Arc<Queued>,
+    writer: AbortOnDropHandle<()>,
+}
+
+/// What is waiting in an outbox, shared with its writer.
+struct Queued {
+    bytes: AtomicUsize,
+    max_bytes: usize,
+    /// Told each time the writer has sent a message.
+    sent: Notify,
+}
+
+impl<M: Weight + Send + 'static> Outbox<M> {
+    /// Starts the task that writes what is queued to `sink`, at most
+    /// `max_messages` and `max_bytes` ahead.
+    pub fn spawn<S>(sink: S, max_messages: usize, max_bytes: usize) -> Outbox<M>
     where
         S: Sink<M> + Unpin + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::channel(capacity);
-        let writer = tokio::spawn(async move {
-            while let Some(message) = rx.recv().await {
-                if sink.send(message).await.is_err() {
-                    return;
-                }
-            }
-            let _ = sink.close().await;
-        });
-        Outbox { tx, writer }
+        let (tx, rx) = mpsc::channel(max_messages + 1);
+        let (last_tx, last_rx) = oneshot::channel();
+        let queued =
+            Arc::new(Queued { bytes: AtomicUsize::new(0), max_bytes, sent: Notify::new() });
+        let writer = tokio::spawn(write(sink, rx, last_rx, queued.clone()));
+        Outbox { tx, last_tx, queued, writer: AbortOnDropHandle::new(writer) }
     }
 
     /// Whether one more message would be taken.
     pub fn has_room(&self) -> bool {
-        self.tx.capacity() > 0
+        // The channel holds one more than `max_messages`: the last frame's.
+        self.tx.capacity() > 1 && self.queued.bytes.load(Ordering::Relaxed) < self.queued.max_bytes
+    }
+
+    /// Resolves once there is room; never while the outbox stays full.
+    pub async fn room(&self) {
+        loop {
+            let sent = self.queued.sent.notified();
+            if self.has_room() || self.tx.is_closed() {
+                return;
+            }
+            sent.await;
+        }
     }
 
     pub fn push(&self, message: M) -> Result<(), Refused> {
-        self.tx.try_send(message).map_err(|error| match error {
-            TrySendError::Full(_) => Refused::Full,
-            TrySendError::Closed(_) => Refused::Gone,
+        if self.tx.is_closed() {
+            return Err(Refused::Gone);
+        }
+        if !self.has_room() {
+            return Err(Refused::Full);
+        }
+        let weight = message.weight();
+        self.queued.bytes.fetch_add(weight, Ordering::Relaxed);
+        self.tx.try_send(message).map_err(|error| {
+            self.queued.bytes.fetch_sub(weight, Ordering::Relaxed);
+            match error {
+                TrySendError::Full(_) => Refused::Full,
+                TrySendError::Closed(_) => Refused::Gone,
+            }
         })
     }
 
-    /// Queues `last` (a close frame) if there is room, lets the writer send
-    /// what is queued, and waits for it at most `limit`.
-    pub async fn finish(self, last: Option<M>, limit: Duration) {
-        if let Some(last) = last {
-            let _ = self.tx.try_send(last);
+    /// Hands the writer the last frame, if any, and waits until it has sent
+    /// it (and, with [`Backlog::Send`], what was queued before). Dropping
+    /// this future stops the writer.
+    pub async fn finish(self, last: Option<M>, backlog: Backlog) {
+        let Outbox { tx, last_tx, writer, .. } = self;
+        match (last, backlog) {
+            (Some(last), Backlog::Drop) => {
+                let _ = last_tx.send(last);
+            }
+            // The place kept free takes it.
+            (Some(last), Backlog::Send) => {
+                let _ = tx.try_send(last);
+            }
+            (None, _) => {}
         }
-        drop(self.tx);
-        let mut writer = self.writer;
-        if tokio::time::timeout(limit, &mut writer).await.is_err() {
-            writer.abort();
+        drop(tx);
+        let _ = writer.await;
+    }
+}
+
+/// The writer: sends what is queued, in order, until the queue closes; a
+/// last frame that skips the backlog ends it at once.
+async fn write<M, S>(
+    mut sink: S,
+    mut rx: mpsc::Receiver<M>,
+    mut last_rx: oneshot::Receiver<M>,
+    queued: Arc<Queued>,
+) where
+    M: Weight,
+    S: Sink<M> + Unpin,
+{
+    let mut skipping_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            last = &mut last_rx, if skipping_open => match last {
+                Ok(last) => {
+                    let _ = sink.send(last).await;
+                    break;
+                }
+                Err(_) => skipping_open = false,
+            },
+            message = rx.recv() => {
+                let Some(message) = message else { break };
+                let weight = message.weight();
+                let sent = sink.send(message).await;
+                queued.bytes.fetch_sub(weight, Ordering::Relaxed);
+                queued.sent.notify_waiters();
+                if sent.is_err() {
+                    return;
+                }
+            }
         }
+    }
+    let _ = sink.close().await;
+}
+
+impl Queued {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use futures::channel::mpsc as futures_mpsc;
+
+    impl Weight for Vec<u8> {
+        fn weight(&self) -> usize {
+            self.len()
+        }
+    }
+
+    /// An outbox writing into a channel whose other end the test holds,
+    /// bounded so that a test that does not read stalls the writer.
+    fn outbox(
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> (Outbox<Vec<u8>>, futures_mpsc::Receiver<Vec<u8>>) {
+        let (sink, read) = futures_mpsc::channel(0);
+        (Outbox::spawn(sink, max_messages, max_bytes), read)
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_refuses_but_keeps_a_place_for_the_last_frame() {
+        let (outbox, mut read) = outbox(2, 1 << 20);
+        // One message is taken by the stalled writer, two wait.
+        let mut taken = 0;
+        while outbox.push(vec![1]).is_ok() {
+            taken += 1;
+            tokio::task::yield_now().await;
+        }
+        assert!(taken <= 4, "took {taken}");
+        assert!(matches!(outbox.push(vec![1]), Err(Refused::Full)));
+
+        let finishing = tokio::spawn(outbox.finish(Some(vec![9]), Backlog::Send));
+        let mut received = Vec::new();
+        while let Some(message) = read.next().await {
+            received.push(message);
+        }
+        finishing.await.unwrap();
+        assert_eq!(received.last(), Some(&vec![9]), "{received:?}");
+        assert_eq!(received.len(), taken + 1);
+    }
+
+    #[tokio::test]
+    async fn a_last_frame_that_skips_the_backlog_goes_out_next() {
+        let (outbox, mut read) = outbox(8, 1 << 20);
+        for _ in 0..4 {
+            outbox.push(vec![1]).unwrap();
+        }
+        let first = read.next().await.unwrap();
+        let finishing = tokio::spawn(outbox.finish(Some(vec![9]), Backlog::Drop));
+        let mut received = vec![first];
+        while let Some(message) = read.next().await {
+            received.push(message);
+        }
+        finishing.await.unwrap();
+        // Whatever the writer had in hand when the close came, then the close.
+        assert_eq!(received.last(), Some(&vec![9]));
+        assert!(received.len() <= 3, "the backlog was sent: {received:?}");
+    }
+
+    #[tokio::test]
+    async fn bytes_bound_the_queue_as_well_as_messages() {
+        let (outbox, mut read) = outbox(100, 1000);
+        outbox.push(vec![0; 600]).unwrap();
+        tokio::task::yield_now().await;
+        outbox.push(vec![0; 600]).unwrap();
+        assert!(matches!(outbox.push(vec![0; 10]), Err(Refused::Full)));
+        assert!(outbox.queued.bytes() >= 1000);
+
+        read.next().await.unwrap();
+        read.next().await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), outbox.room()).await.unwrap();
+        assert!(outbox.has_room());
     }
 }

@@ -69,13 +69,22 @@ pub struct TestUpstream {
 
 impl TestUpstream {
     pub async fn plain() -> TestUpstream {
+        TestUpstream::slow_to_answer(Duration::ZERO).await
+    }
+
+    /// A plain upstream that waits `delay` before it answers a handshake.
+    pub async fn slow_to_answer(delay: Duration) -> TestUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/agent", listener.local_addr().unwrap());
         let connections = Connections::default();
         let recorded = connections.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, recorded.clone()));
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    serve(stream, recorded).await;
+                });
             }
         });
         TestUpstream { url, ca_file: None, connections, _dir: None }
@@ -227,4 +236,41 @@ fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
         .with_single_cert(vec![leaf.der().clone()], key)
         .unwrap();
     (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca.pem())
+}
+
+/// What a stalling upstream saw.
+#[derive(Debug, Default)]
+pub struct Stalled {
+    /// When it started reading again.
+    pub resumed: Option<tokio::time::Instant>,
+    /// When each data frame arrived after that.
+    pub arrivals: Vec<tokio::time::Instant>,
+    /// The close frame it got, if any.
+    pub close: Option<CloseFrame>,
+}
+
+/// An upstream that accepts one connection, then neither reads nor answers
+/// pings for `stall`; then it reads everything and never writes.
+pub async fn stalling(stall: Duration) -> (String, Arc<Mutex<Stalled>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/agent", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Stalled::default()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut socket = tokio_tungstenite::accept_async(stream).await.unwrap();
+        tokio::time::sleep(stall).await;
+        record.lock().unwrap().resumed = Some(tokio::time::Instant::now());
+        while let Some(Ok(message)) = socket.next().await {
+            let mut seen = record.lock().unwrap();
+            match message {
+                Message::Close(frame) => seen.close = frame,
+                Message::Text(_) | Message::Binary(_) => {
+                    seen.arrivals.push(tokio::time::Instant::now())
+                }
+                _ => {}
+            }
+        }
+    });
+    (url, seen)
 }
