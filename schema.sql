@@ -1,7 +1,9 @@
--- Tollgate's SQLite schema. Applied once to an empty database at start-up,
--- which then records the schema version it was built with. Times are Unix
--- milliseconds. Amounts are in base units: milliseconds for the *_seconds
--- limit types, tokens for token_cnt.
+-- Tollgate's SQLite schema, whole, at the latest version (SCHEMA_VERSION in
+-- src/store/sqlite/mod.rs). It is applied to an empty database at start-up;
+-- an older database is brought up to date by the upgrade scripts in
+-- src/store/sqlite/upgrades/, and every version it reaches is recorded.
+-- Times are Unix milliseconds. Amounts are in base units: milliseconds for
+-- the *_seconds limit types, tokens for token_cnt.
 
 CREATE TABLE schema_version (
     version    INTEGER NOT NULL,
@@ -80,19 +82,63 @@ CREATE TABLE sessions (
 
 CREATE INDEX sessions_open_by_human ON sessions (human_id) WHERE ended_at IS NULL;
 
+-- A chat completion. While it runs (ended_at NULL), reserved tokens of its
+-- human's token_cnt are held: admission counts them as spent, so that
+-- concurrent completions cannot together spend more than the pool holds.
+-- When it ends, its usage becomes one debit in the ledger and the hold
+-- goes back to 0. usage_source says where the counts came from: the
+-- upstream's usage, or Tollgate's own tokenizer when the upstream gave none.
+CREATE TABLE completions (
+    id                INTEGER PRIMARY KEY,
+    public_id         TEXT NOT NULL UNIQUE,
+    human_id          INTEGER NOT NULL REFERENCES humans (id),
+    token_id          INTEGER REFERENCES usage_tokens (id),
+    model             TEXT NOT NULL,
+    reserved          INTEGER NOT NULL,
+    started_at        INTEGER NOT NULL,
+    ended_at          INTEGER,
+    end_reason        TEXT,
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    usage_source      TEXT CHECK (usage_source IN ('upstream', 'counted'))
+);
+
+CREATE INDEX completions_open_by_human ON completions (human_id) WHERE ended_at IS NULL;
+
+-- Usage a backend measured itself and reported. The idempotency key is the
+-- backend's own, unique within its project: a retry finds the first report
+-- and is answered as it was. remaining is the pool's value right after the
+-- report (NULL when the type is not limited for the human).
+CREATE TABLE usage_reports (
+    id              INTEGER PRIMARY KEY,
+    project_id      INTEGER NOT NULL REFERENCES projects (id),
+    idempotency_key TEXT NOT NULL,
+    human_id        INTEGER NOT NULL REFERENCES humans (id),
+    limit_type      TEXT NOT NULL,
+    amount          INTEGER NOT NULL,
+    metadata        TEXT,
+    remaining       INTEGER,
+    created_at      INTEGER NOT NULL,
+    UNIQUE (project_id, idempotency_key)
+);
+
 -- Every change to a pool's balance. A grant comes from setting or raising
 -- limits; a debit is one session's use over at most a minute (the row grows
--- with each tick of that minute, then a new row starts); a refund gives back
--- time a dead client was charged for after its last frame.
+-- with each tick of that minute, then a new row starts), one chat
+-- completion, or one usage report; a refund gives back time a dead client
+-- was charged for after its last frame. A row names at most one of the
+-- session, completion or report it comes from.
 CREATE TABLE ledger (
-    id         INTEGER PRIMARY KEY,
-    human_id   INTEGER NOT NULL REFERENCES humans (id),
-    limit_type TEXT NOT NULL,
-    entry      TEXT NOT NULL CHECK (entry IN ('grant', 'debit', 'refund')),
-    amount     INTEGER NOT NULL,
-    session_id INTEGER REFERENCES sessions (id),
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
+    id            INTEGER PRIMARY KEY,
+    human_id      INTEGER NOT NULL REFERENCES humans (id),
+    limit_type    TEXT NOT NULL,
+    entry         TEXT NOT NULL CHECK (entry IN ('grant', 'debit', 'refund')),
+    amount        INTEGER NOT NULL,
+    session_id    INTEGER REFERENCES sessions (id),
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    completion_id INTEGER REFERENCES completions (id),
+    report_id     INTEGER REFERENCES usage_reports (id)
 );
 
 CREATE INDEX ledger_by_pool ON ledger (human_id, limit_type);

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod llm;
 pub mod upstream;
 
 use std::path::PathBuf;

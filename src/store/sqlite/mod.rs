@@ -27,8 +27,14 @@ use crate::limits::{ChangeMode, Limit};
 use crate::secret::SecretHash;
 
 /// The schema this build writes and understands; recorded in the database.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 const SCHEMA: &str = include_str!("../../../schema.sql");
+
+/// The script that brings a database from the version before to each
+/// version after the first, in order. Each runs in one transaction with
+/// the record of the version it reaches, so a crash mid-upgrade leaves the
+/// database as it was.
+const UPGRADES: &[(i64, &str)] = &[(2, include_str!("upgrades/2.sql"))];
 
 /// How many jobs may wait for each thread. Callers past this wait for room
 /// (backpressure on HTTP handlers and the meter) rather than queueing
@@ -156,8 +162,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
 }
 
-/// Applies the schema to an empty database, or checks the recorded version
-/// of an existing one.
+/// Applies the schema to an empty database, or brings an existing one up
+/// to this build's version.
 fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     let exists: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'schema_version')",
@@ -165,27 +171,40 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         |row| row.get(0),
     )?;
     if !exists {
-        let tx = write_transaction(conn)?;
-        tx.execute_batch(SCHEMA).context("cannot apply schema.sql")?;
-        tx.execute(
-            "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
-            params![SCHEMA_VERSION, crate::clock::now_millis()],
-        )?;
-        tx.commit()?;
-        return Ok(());
+        return apply(conn, SCHEMA, SCHEMA_VERSION).context("cannot apply schema.sql");
     }
     let version: Option<i64> = conn
         .query_row("SELECT MAX(version) FROM schema_version", [], |row| row.get(0))
         .optional()?
         .flatten();
-    match version {
-        Some(SCHEMA_VERSION) => Ok(()),
-        Some(v) => anyhow::bail!(
-            "the database has schema version {v}, and this build of Tollgate only knows \
-             version {SCHEMA_VERSION}"
-        ),
-        None => anyhow::bail!("the database has a schema_version table with no version in it"),
+    let Some(version) = version else {
+        anyhow::bail!("the database has a schema_version table with no version in it");
+    };
+    if version > SCHEMA_VERSION {
+        anyhow::bail!(
+            "the database has schema version {version}, and this build of Tollgate only knows \
+             versions up to {SCHEMA_VERSION}"
+        );
     }
+    for &(target, script) in UPGRADES.iter().filter(|(target, _)| *target > version) {
+        apply(conn, script, target)
+            .with_context(|| format!("cannot upgrade the database to schema version {target}"))?;
+        tracing::info!(version = target, "database schema upgraded");
+    }
+    Ok(())
+}
+
+/// Runs a schema script and records the version it reaches, in one
+/// transaction.
+fn apply(conn: &mut Connection, script: &str, version: i64) -> anyhow::Result<()> {
+    let tx = write_transaction(conn)?;
+    tx.execute_batch(script)?;
+    tx.execute(
+        "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+        params![version, crate::clock::now_millis()],
+    )?;
+    tx.commit()?;
+    Ok(())
 }
 
 /// Starts a transaction that takes the write lock at once. A deferred one
@@ -363,5 +382,67 @@ mod tests {
         let error = SqliteStore::open(&path).err().expect("a newer schema is refused");
         let expected = format!("schema version {}", SCHEMA_VERSION + 1);
         assert!(error.to_string().contains(&expected), "{error}");
+    }
+
+    /// Every table's columns and every index, as SQLite reports them.
+    fn shape_of(path: &Path) -> Vec<String> {
+        let conn = Connection::open(path).unwrap();
+        let mut names: Vec<(String, String)> = conn
+            .prepare("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        names.sort();
+        let mut shape = Vec::new();
+        for (kind, name) in names {
+            shape.push(format!("{kind} {name}"));
+            let pragma = if kind == "table" { "table_info" } else { "index_info" };
+            let mut stmt = conn.prepare(&format!("SELECT * FROM pragma_{pragma}(?1)")).unwrap();
+            let columns = stmt.column_count();
+            let rows = stmt
+                .query_map([&name], |row| {
+                    let values: Vec<String> =
+                        (0..columns).map(|i| format!("{:?}", row.get_ref(i).unwrap())).collect();
+                    Ok(values.join(" "))
+                })
+                .unwrap();
+            shape.extend(rows.map(Result::unwrap));
+        }
+        shape
+    }
+
+    #[test]
+    fn a_version_1_database_is_upgraded_to_what_a_new_one_gets_keeping_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old.db");
+        let conn = Connection::open(&old).unwrap();
+        conn.execute_batch(include_str!("upgrades/schema_1.sql")).unwrap();
+        conn.execute_batch(
+            "INSERT INTO schema_version VALUES (1, 0);
+             INSERT INTO projects VALUES (1, 'p', 0);
+             INSERT INTO humans (id, project_id, external_id, created_at) VALUES (1, 1, 'h', 0);
+             INSERT INTO limits VALUES (1, 'token_cnt', 50, 1, 0);
+             INSERT INTO ledger (human_id, limit_type, entry, amount, created_at, updated_at)
+                 VALUES (1, 'token_cnt', 'grant', 50, 0, 0);",
+        )
+        .unwrap();
+        drop(conn);
+
+        let (store, threads) = SqliteStore::open(&old).unwrap();
+        drop(store);
+        threads.join();
+        let new = dir.path().join("new.db");
+        let (store, threads) = SqliteStore::open(&new).unwrap();
+        drop(store);
+        threads.join();
+
+        assert_eq!(version_of(&old), SCHEMA_VERSION);
+        assert_eq!(shape_of(&old), shape_of(&new));
+        let conn = Connection::open(&old).unwrap();
+        let balance: i64 =
+            conn.query_row("SELECT balance FROM limits", [], |row| row.get(0)).unwrap();
+        assert_eq!(balance, 50);
     }
 }
