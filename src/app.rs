@@ -14,13 +14,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{self, AppState};
-use crate::config::Settings;
+use crate::config::{LLM_API_KEY_VARIABLE, Settings};
 use crate::listener;
+use crate::llm::{LlmClient, Proxy};
 use crate::meter::{self, Health, MeterSettings};
 use crate::secret::{Secret, SecretKind};
 use crate::store::Store;
 use crate::store::sqlite::{SqliteStore, StoreThreads};
-use crate::upstream::UpstreamClient;
+use crate::upstream::{self, UpstreamClient};
 
 /// The project an empty database starts with.
 pub const DEFAULT_PROJECT: &str = "default";
@@ -68,6 +69,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     if abandoned > 0 {
         info!(sessions = abandoned, "closed sessions the previous run left open");
     }
+    let abandoned = store.close_abandoned_completions(crate::clock::now_millis()).await?;
+    if abandoned > 0 {
+        warn!(
+            completions = abandoned,
+            "ended completions the previous run left running, charging nothing"
+        );
+    }
     let first_api_key = create_first_project(store.as_ref()).await?;
 
     let upstream_client = upstream_client(&settings)?;
@@ -76,6 +84,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         MeterSettings { tick: settings.tick, warn_millis: settings.warn.as_millis() as i64 };
     let (meter, meter_task) = meter::spawn(store.clone(), meter_settings, health.clone());
     let shutdown = CancellationToken::new();
+    let llm = Arc::new(Proxy::new(
+        settings.llm.clone(),
+        llm_client(&settings)?,
+        store.clone(),
+        shutdown.clone(),
+    ));
     let state = AppState {
         store,
         meter: meter.clone(),
@@ -83,6 +97,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         health,
         shutdown: shutdown.clone(),
         upstream_client,
+        llm,
     };
     let http = tokio::spawn(listener::serve(listener, api::router(state), shutdown.clone()));
     let parts = Parts { http, meter, meter_task, store_threads, _lock: lock };
@@ -98,6 +113,18 @@ fn upstream_client(settings: &Settings) -> anyhow::Result<Option<Arc<UpstreamCli
     }
     let client = UpstreamClient::new(settings.upstream_ca_file.as_deref())?;
     Ok(Some(Arc::new(client)))
+}
+
+/// The client of the chat completions upstream, when one is configured.
+fn llm_client(settings: &Settings) -> anyhow::Result<Option<LlmClient>> {
+    let Some(upstream) = &settings.llm.upstream else {
+        return Ok(None);
+    };
+    if upstream.authorization.is_none() {
+        warn!("no {LLM_API_KEY_VARIABLE} is set; chat completions go upstream without a key");
+    }
+    let tls = upstream::tls_config(settings.upstream_ca_file.as_deref())?;
+    Ok(Some(LlmClient::new(upstream.clone(), tls, settings.llm.idle_timeout)))
 }
 
 /// What a running server is made of, taken down in order by

@@ -5,15 +5,18 @@
 //! hands requests to [`api`], which authenticates them and either answers
 //! from the [`store`] or admits a realtime [`session`]; the [`meter`]
 //! charges every open session on each tick and cuts sessions off when
-//! their human's limit runs out.
+//! their human's limit runs out. Chat completions go through [`llm`],
+//! which holds tokens for each while it runs and debits what it used.
 
 pub mod api;
 mod app;
 pub mod clock;
 pub mod close;
 pub mod config;
+mod ids;
 pub mod limits;
 mod listener;
+pub mod llm;
 pub mod meter;
 pub mod secret;
 pub mod session;

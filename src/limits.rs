@@ -142,9 +142,29 @@ pub enum ChangeMode {
     Add,
 }
 
+/// How many completion tokens each choice of a chat completion may have,
+/// given what its human's `token_cnt` has `available` (the balance less
+/// what running completions hold): what the request `wanted`, lowered so
+/// that the prompt's estimate and every choice fit. `None` when nothing
+/// would be left for an answer.
+pub fn completion_allowance(available: i64, prompt: i64, wanted: i64, choices: i64) -> Option<i64> {
+    let per_choice = (available - prompt) / choices.max(1);
+    Some(wanted.min(per_choice)).filter(|allowance| *allowance > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_is_allowed_what_remains_after_the_prompt_and_no_more_than_asked() {
+        assert_eq!(completion_allowance(1000, 10, 100, 1), Some(100));
+        assert_eq!(completion_allowance(50, 10, 100, 1), Some(40));
+        assert_eq!(completion_allowance(50, 10, 100, 4), Some(10));
+        assert_eq!(completion_allowance(10, 10, 100, 1), None);
+        assert_eq!(completion_allowance(-5, 10, 100, 1), None);
+        assert_eq!(completion_allowance(12, 10, 100, 3), None);
+    }
 
     #[test]
     fn seconds_are_kept_in_milliseconds_rounded_to_the_nearest() {

@@ -72,22 +72,7 @@ pub struct UpstreamClient {
 impl UpstreamClient {
     /// Loads the system's roots and the extra CA file, if any.
     pub fn new(extra_ca_file: Option<&Path>) -> anyhow::Result<UpstreamClient> {
-        let mut roots = RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for error in &native.errors {
-            warn!(%error, "a system certificate could not be loaded");
-        }
-        roots.add_parsable_certificates(native.certs);
-        if let Some(path) = extra_ca_file {
-            add_ca_file(&mut roots, path)?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("cannot set up TLS")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(UpstreamClient { tls: Arc::new(tls) })
+        Ok(UpstreamClient { tls: Arc::new(tls_config(extra_ca_file)?) })
     }
 
     /// Opens a session's connection to `upstream`, telling it the human and
@@ -127,6 +112,27 @@ impl UpstreamClient {
             Err(_) => Err(UpstreamError::Timeout(upstream.connect_timeout)),
         }
     }
+}
+
+/// TLS for every upstream, WebSocket or HTTP: ring's cryptography, the
+/// system's roots and those of the extra CA file, if any.
+pub fn tls_config(extra_ca_file: Option<&Path>) -> anyhow::Result<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        warn!(%error, "a system certificate could not be loaded");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = extra_ca_file {
+        add_ca_file(&mut roots, path)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("cannot set up TLS")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tls)
 }
 
 /// Adds every certificate of a PEM file to `roots`; a file with none is an

@@ -1,12 +1,15 @@
 //! The HTTP API's errors and the one place where each becomes a status and
-//! a `{"type", "message"}` body. Internal detail is logged, never sent.
+//! a body: `{"type", "message"}` on Tollgate's own endpoints, OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}` on the OpenAI-compatible
+//! ones. Internal detail is logged, never sent.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tracing::error;
 
+use crate::llm::LlmError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,9 @@ pub enum ApiError {
     UsageLimitExceeded(&'static str),
     #[error("the human already has the most open sessions allowed")]
     TooManySessions,
+    /// An idempotency key was used before by a different request.
+    #[error("{0}")]
+    Conflict(&'static str),
     /// The service behind the session could not be reached; why is logged.
     #[error("the service behind the session cannot be reached; try again later")]
     UpstreamUnavailable,
@@ -54,6 +60,7 @@ impl ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, "usage_limit_exceeded")
             }
             ApiError::TooManySessions => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "idempotency_key_reused"),
             ApiError::UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -93,4 +100,124 @@ impl IntoResponse for ApiError {
         let body = ErrorBody { kind, message: self.to_string() };
         (status, Json(body)).into_response()
     }
+}
+
+/// An error of the OpenAI-compatible endpoints (`/chat/completions`,
+/// `/models`), answered in OpenAI's shape so that OpenAI SDKs raise it as
+/// they raise OpenAI's own: the status says what kind of error it is, and
+/// `code` carries the same name Tollgate's other endpoints put in `type`.
+#[derive(Debug)]
+pub enum OpenAiError {
+    Api(ApiError),
+    Llm(LlmError),
+}
+
+impl From<ApiError> for OpenAiError {
+    fn from(error: ApiError) -> OpenAiError {
+        OpenAiError::Api(error)
+    }
+}
+
+impl From<LlmError> for OpenAiError {
+    fn from(error: LlmError) -> OpenAiError {
+        OpenAiError::Llm(error)
+    }
+}
+
+impl From<StoreError> for OpenAiError {
+    fn from(error: StoreError) -> OpenAiError {
+        OpenAiError::Api(error.into())
+    }
+}
+
+/// The `error` object of an OpenAI error.
+#[derive(Serialize)]
+struct OpenAiBody {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: &'static str,
+}
+
+impl OpenAiError {
+    /// The status, the body's `type` and `code`, and the field at fault.
+    fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+        match self {
+            OpenAiError::Api(error) => (error.status_and_type().0, error.status_and_type().1, None),
+            OpenAiError::Llm(error) => match error {
+                LlmError::InvalidRequest { param, .. } => {
+                    (StatusCode::BAD_REQUEST, "invalid_input", *param)
+                }
+                LlmError::ModelNotFound(_) => {
+                    (StatusCode::NOT_FOUND, "model_not_found", Some("model"))
+                }
+                LlmError::LimitExhausted => {
+                    (StatusCode::TOO_MANY_REQUESTS, "usage_limit_exceeded", None)
+                }
+                LlmError::TokenRevoked => (StatusCode::UNAUTHORIZED, "token_revoked", None),
+                LlmError::TokenExpired => (StatusCode::UNAUTHORIZED, "token_expired", None),
+                LlmError::UpstreamRefused(status) => (*status, "upstream_refused", None),
+                LlmError::UpstreamUnavailable | LlmError::Upstream { .. } => {
+                    (StatusCode::BAD_GATEWAY, "upstream_unavailable", None)
+                }
+                LlmError::Store(store) => match store {
+                    StoreError::Unavailable(_) => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)
+                    }
+                    _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
+                },
+            },
+        }
+    }
+}
+
+/// OpenAI's `type` for a status.
+fn openai_kind(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "insufficient_quota",
+        400..=499 => "invalid_request_error",
+        502 => "upstream_error",
+        _ => "server_error",
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        match self {
+            OpenAiError::Llm(LlmError::Upstream { status, content_type, body }) => {
+                let mut response = (status, body).into_response();
+                if let Some(content_type) = content_type {
+                    response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+                }
+                response
+            }
+            other => openai_response(other),
+        }
+    }
+}
+
+fn openai_response(error: OpenAiError) -> Response {
+    let (status, code, param) = error.parts();
+    let message = match &error {
+        OpenAiError::Api(ApiError::Internal(cause)) => {
+            error!(error = %cause, "request failed");
+            "internal error".to_owned()
+        }
+        OpenAiError::Llm(LlmError::Store(cause)) => {
+            error!(error = %cause, "request failed");
+            match cause {
+                StoreError::Unavailable(_) => "usage cannot be recorded right now; try again later",
+                _ => "internal error",
+            }
+            .to_owned()
+        }
+        OpenAiError::Api(api) => api.to_string(),
+        OpenAiError::Llm(llm) => llm.to_string(),
+    };
+    let body = OpenAiBody { message, kind: openai_kind(status), param, code };
+    (status, Json(serde_json::json!({ "error": body }))).into_response()
 }

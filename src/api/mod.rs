@@ -2,10 +2,12 @@
 //! served under both `/v1` and `/api/v1`.
 
 mod auth;
+mod completions;
 pub mod error;
 mod extract;
 mod health;
 mod realtime;
+mod reports;
 mod tokens;
 
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use tower_http::trace::TraceLayer;
 use tracing::debug_span;
 
 use crate::config::{AllowedOrigins, Settings};
+use crate::llm::Proxy;
 use crate::meter::{Health, MeterHandle};
 use crate::store::Store;
 use crate::upstream::UpstreamClient;
@@ -47,6 +50,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// How sessions reach their upstreams; `None` when every kind echoes.
     pub upstream_client: Option<Arc<UpstreamClient>>,
+    /// The chat completions proxy.
+    pub llm: Arc<Proxy>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -56,7 +61,10 @@ pub fn router(state: AppState) -> Router {
         .route("/usage/token/revoke", post(tokens::revoke))
         .route("/usage/token/check", post(tokens::check))
         .route("/usage/token/update_ttl", post(tokens::update_ttl))
-        .route("/realtime/session", get(realtime::open));
+        .route("/usage/report", post(reports::report))
+        .route("/realtime/session", get(realtime::open))
+        .route("/chat/completions", post(completions::chat))
+        .route("/models", get(completions::models));
     Router::new()
         .nest("/v1", v1.clone())
         .nest("/api/v1", v1)

@@ -233,8 +233,5 @@ fn parse_events(events: Option<&str>) -> Result<bool, ApiError> {
 
 /// A public session id: `ses_` and 32 random hex digits.
 fn session_id() -> String {
-    let mut random = [0u8; 16];
-    rand::fill(&mut random[..]);
-    let hex: String = random.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("ses_{hex}")
+    crate::ids::public_id("ses")
 }

@@ -183,7 +183,7 @@ pub async fn update_ttl(
 /// meter: usage up to the change is charged against the limits as they
 /// were, and the change reaches the human's open sessions the moment it is
 /// made. A human that does not exist yet has no sessions to settle.
-async fn settled<T>(
+pub(super) async fn settled<T>(
     state: &AppState,
     project: ProjectId,
     human: &str,

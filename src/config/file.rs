@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::llm::FileLlm;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSettings {
@@ -23,6 +25,8 @@ pub struct FileSettings {
     pub max_message_bytes: Option<usize>,
     #[serde(default)]
     pub upstream: FileUpstreams,
+    #[serde(default)]
+    pub llm: FileLlm,
 }
 
 /// `[upstream]`: one table per session kind, and what TLS to upstreams

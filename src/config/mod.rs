@@ -5,6 +5,7 @@
 //! start-up with a message naming it.
 
 mod file;
+mod llm;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use axum::http::{HeaderValue, Uri};
 use clap::{Args, Parser, Subcommand};
 
 use file::FileSettings;
+pub use llm::{API_KEY_VARIABLE as LLM_API_KEY_VARIABLE, CapField, LlmSettings, LlmUpstream};
 pub use upstream::{Upstream, Upstreams};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -124,6 +126,17 @@ pub struct ServeArgs {
     /// system's.
     #[arg(long, env = "TOLLGATE_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<PathBuf>,
+
+    /// Base URL of the OpenAI-compatible service chat completions go to,
+    /// such as https://api.openai.com/v1; its key comes from
+    /// TOLLGATE_LLM_API_KEY [default: none, the built-in echo model].
+    #[arg(long, env = "TOLLGATE_LLM_UPSTREAM")]
+    pub llm_upstream: Option<String>,
+
+    /// Completion tokens held for a chat completion that names no cap
+    /// [default: 4096].
+    #[arg(long, env = "TOLLGATE_LLM_DEFAULT_MAX_TOKENS")]
+    pub llm_default_max_tokens: Option<u32>,
 }
 
 /// The server's settings, checked.
@@ -141,6 +154,7 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub upstreams: Upstreams,
     pub upstream_ca_file: Option<PathBuf>,
+    pub llm: LlmSettings,
 }
 
 /// Which browser origins may use the API.
@@ -171,6 +185,7 @@ impl Settings {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             upstreams: Upstreams::default(),
             upstream_ca_file: None,
+            llm: LlmSettings::default(),
         }
     }
 
@@ -249,6 +264,7 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
             voice_synthesis: upstream::check("voice_synthesis", file.upstream.voice_synthesis)?,
         },
         upstream_ca_file: args.upstream_ca_file.or(file.upstream.ca_file),
+        llm: llm::check(args.llm_upstream, args.llm_default_max_tokens, file.llm)?,
     })
 }
 

@@ -136,6 +136,142 @@ pub struct PoolState {
     pub revocation_epoch: i64,
 }
 
+/// A chat completion's key in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CompletionKey(pub i64);
+
+/// What starting a chat completion asks for. The store holds part of the
+/// human's `token_cnt` for it in the same transaction as it checks what is
+/// left, so that concurrent completions cannot together overspend.
+#[derive(Clone, Debug)]
+pub struct NewCompletion {
+    pub human: HumanId,
+    /// The token the request came with, re-checked in the transaction;
+    /// `None` for a request made with an API key.
+    pub token: Option<i64>,
+    pub public_id: String,
+    pub model: String,
+    /// The prompt's tokens as Tollgate's tokenizer counts them.
+    pub prompt_estimate: i64,
+    /// Completion tokens per choice the request asks for: its own cap, or
+    /// the configured default.
+    pub wanted: i64,
+    /// How many answers (`n`) the request asks for.
+    pub choices: i64,
+    pub now: UnixMillis,
+}
+
+/// The store's answer to [`NewCompletion`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CompletionAdmission {
+    Admitted {
+        key: CompletionKey,
+        /// The completion tokens per choice held for it, at most what it
+        /// wanted; `None` when `token_cnt` is not limited for the human,
+        /// and nothing is held.
+        allowance: Option<i64>,
+    },
+    LimitExhausted,
+    TokenRevoked,
+    TokenExpired,
+}
+
+/// Where a completion's token counts came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The upstream's `usage`.
+    Upstream,
+    /// Tollgate's tokenizer, because the upstream reported none.
+    Counted,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Upstream => "upstream",
+            UsageSource::Counted => "counted",
+        }
+    }
+}
+
+/// How a chat completion ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionOutcome {
+    Completed,
+    /// The client went away before the answer ended.
+    ClientGone,
+    /// The upstream answered with an error or broke off.
+    UpstreamFailed,
+    /// The server stopped while the answer was coming.
+    ServerShutdown,
+    /// A previous run of the server stopped while it was running.
+    ServerRestart,
+}
+
+impl CompletionOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompletionOutcome::Completed => "completed",
+            CompletionOutcome::ClientGone => "client_gone",
+            CompletionOutcome::UpstreamFailed => "upstream_failed",
+            CompletionOutcome::ServerShutdown => "server_shutdown",
+            CompletionOutcome::ServerRestart => "server_restart",
+        }
+    }
+}
+
+/// The end of a chat completion: its hold is released and its usage
+/// debited in full, even past what was held.
+#[derive(Clone, Copy, Debug)]
+pub struct CompletionEnd {
+    pub key: CompletionKey,
+    pub human: HumanId,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub source: UsageSource,
+    pub outcome: CompletionOutcome,
+    pub now: UnixMillis,
+}
+
+/// Usage a backend measured itself.
+#[derive(Clone, Debug)]
+pub struct NewReport {
+    pub project: ProjectId,
+    pub human: String,
+    pub limit_type: LimitType,
+    /// In base units, more than zero.
+    pub amount: i64,
+    pub idempotency_key: String,
+    /// The report's metadata as compact JSON text.
+    pub metadata: Option<String>,
+    pub now: UnixMillis,
+}
+
+/// A recorded usage report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub id: i64,
+    pub human: String,
+    pub limit_type: LimitType,
+    pub amount: i64,
+    pub idempotency_key: String,
+    pub metadata: Option<String>,
+    /// The pool's value right after the report; `None` when not limited.
+    pub remaining: Option<i64>,
+    pub created_at: UnixMillis,
+}
+
+/// The store's answer to [`NewReport`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReportOutcome {
+    Recorded(Report),
+    /// The key was used before by the same report, which is returned and
+    /// not recorded again.
+    Repeated(Report),
+    /// The key was used before by a different report, returned as it was.
+    KeyReused(Report),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database is locked, read-only, full or gone: writes may work
@@ -223,4 +359,22 @@ pub trait Store: Send + Sync + 'static {
     /// Ends the sessions a previous run left open (reason `server_restart`),
     /// their usage as of the last recorded tick. Returns how many.
     async fn close_abandoned_sessions(&self) -> StoreResult<u64>;
+
+    /// Starts a chat completion, holding tokens for it if `token_cnt` is
+    /// limited for the human.
+    async fn start_completion(&self, completion: NewCompletion)
+    -> StoreResult<CompletionAdmission>;
+
+    /// Ends a chat completion: releases its hold and debits its usage.
+    /// Returns the human's remaining `token_cnt`, `None` when unlimited.
+    async fn end_completion(&self, end: CompletionEnd) -> StoreResult<Option<i64>>;
+
+    /// Ends the completions a previous run left running (outcome
+    /// `server_restart`), releasing their holds and charging nothing: what
+    /// the upstream produced for them was never seen. Returns how many.
+    async fn close_abandoned_completions(&self, now: UnixMillis) -> StoreResult<u64>;
+
+    /// Records a usage report, or finds the one recorded earlier under its
+    /// idempotency key.
+    async fn report_usage(&self, report: NewReport) -> StoreResult<ReportOutcome>;
 }

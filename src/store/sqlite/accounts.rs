@@ -203,6 +203,87 @@ fn raise_refund_floors(
     Ok(())
 }
 
+/// A pool's balance and whether it is enforced, creating it unlimited (metered
+/// but not enforced) if the human has none of this type yet.
+pub fn ensure_pool(
+    conn: &Connection,
+    human: HumanId,
+    limit_type: LimitType,
+    now: UnixMillis,
+) -> StoreResult<(i64, bool)> {
+    conn.prepare_cached(
+        "INSERT INTO limits (human_id, limit_type, balance, limited, updated_at)
+         VALUES (?1, ?2, 0, 0, ?3) ON CONFLICT (human_id, limit_type) DO NOTHING",
+    )?
+    .execute(params![human.0, limit_type.as_str(), now])?;
+    pool(conn, human, limit_type)?
+        .ok_or_else(|| StoreError::Other("a pool vanished right after it was created".into()))
+}
+
+/// Why a usage token found earlier may no longer be used.
+pub enum TokenRefusal {
+    Revoked,
+    Expired,
+}
+
+/// Re-checks, inside a transaction, a token the caller looked up before;
+/// `None` for no token (an API key) or one still live.
+pub fn token_refusal(
+    conn: &Connection,
+    token: Option<i64>,
+    now: UnixMillis,
+) -> StoreResult<Option<TokenRefusal>> {
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    let (revoked, expires_at): (bool, i64) = conn
+        .prepare_cached(
+            "SELECT revoked_at IS NOT NULL, expires_at FROM usage_tokens WHERE id = ?1",
+        )?
+        .query_row([token], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    Ok(if revoked {
+        Some(TokenRefusal::Revoked)
+    } else if expires_at <= now {
+        Some(TokenRefusal::Expired)
+    } else {
+        None
+    })
+}
+
+/// What a debit outside a session is for.
+#[derive(Clone, Copy)]
+pub enum DebitOf {
+    Completion(i64),
+    Report(i64),
+}
+
+/// Takes `amount` from a pool in full, whatever it leaves, with a ledger row
+/// naming what it is for. Returns the balance after.
+pub fn debit(
+    conn: &Connection,
+    human: HumanId,
+    limit_type: LimitType,
+    amount: i64,
+    of: DebitOf,
+    now: UnixMillis,
+) -> StoreResult<i64> {
+    let (completion, report) = match of {
+        DebitOf::Completion(id) => (Some(id), None),
+        DebitOf::Report(id) => (None, Some(id)),
+    };
+    conn.prepare_cached(
+        "INSERT INTO ledger (human_id, limit_type, entry, amount, completion_id, report_id,
+                             created_at, updated_at)
+         VALUES (?1, ?2, 'debit', ?3, ?4, ?5, ?6, ?6)",
+    )?
+    .execute(params![human.0, limit_type.as_str(), -amount, completion, report, now])?;
+    let mut stmt = conn.prepare_cached(
+        "UPDATE limits SET balance = balance - ?3, updated_at = ?4
+         WHERE human_id = ?1 AND limit_type = ?2 RETURNING balance",
+    )?;
+    Ok(stmt.query_row(params![human.0, limit_type.as_str(), amount, now], |row| row.get(0))?)
+}
+
 /// A pool's balance and whether it is enforced, if the pool exists.
 pub fn pool(
     conn: &Connection,

@@ -5,6 +5,8 @@
 //! and the schema are applied here when the database is opened.
 
 mod accounts;
+mod completions;
+mod reports;
 mod usage;
 
 use std::collections::HashMap;
@@ -20,8 +22,9 @@ use rusqlite::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Admission, Human, HumanId, MintRequest, NewSession, ProjectId, Store, StoreError, StoreResult,
-    UnixMillis, UsageBatch, UsageRecorded, UsageTokenRecord,
+    Admission, CompletionAdmission, CompletionEnd, Human, HumanId, MintRequest, NewCompletion,
+    NewReport, NewSession, ProjectId, ReportOutcome, Store, StoreError, StoreResult, UnixMillis,
+    UsageBatch, UsageRecorded, UsageTokenRecord,
 };
 use crate::limits::{ChangeMode, Limit};
 use crate::secret::SecretHash;
@@ -335,6 +338,25 @@ impl Store for SqliteStore {
 
     async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
         self.write(|w| usage::close_abandoned(&w.conn)).await
+    }
+
+    async fn start_completion(
+        &self,
+        completion: NewCompletion,
+    ) -> StoreResult<CompletionAdmission> {
+        self.write(move |w| completions::start(&mut w.conn, completion)).await
+    }
+
+    async fn end_completion(&self, end: CompletionEnd) -> StoreResult<Option<i64>> {
+        self.write(move |w| completions::end(&mut w.conn, end)).await
+    }
+
+    async fn close_abandoned_completions(&self, now: UnixMillis) -> StoreResult<u64> {
+        self.write(move |w| completions::close_abandoned(&w.conn, now)).await
+    }
+
+    async fn report_usage(&self, report: NewReport) -> StoreResult<ReportOutcome> {
+        self.write(move |w| reports::record(&mut w.conn, report)).await
     }
 }
 

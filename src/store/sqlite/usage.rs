@@ -32,13 +32,7 @@ pub fn open_session(conn: &mut Connection, session: NewSession) -> StoreResult<A
     }
 
     let limit_type = session.kind.limit_type();
-    tx.prepare_cached(
-        "INSERT INTO limits (human_id, limit_type, balance, limited, updated_at)
-         VALUES (?1, ?2, 0, 0, ?3) ON CONFLICT (human_id, limit_type) DO NOTHING",
-    )?
-    .execute(params![session.human.0, limit_type.as_str(), session.now])?;
-    let (balance, limited) = accounts::pool(&tx, session.human, limit_type)?
-        .ok_or_else(|| StoreError::Other("a pool vanished right after it was created".into()))?;
+    let (balance, limited) = accounts::ensure_pool(&tx, session.human, limit_type, session.now)?;
     if limited && balance <= 0 {
         return Ok(Admission::LimitExhausted);
     }
@@ -76,21 +70,10 @@ fn check_token(
     token: Option<i64>,
     now: UnixMillis,
 ) -> StoreResult<Option<Admission>> {
-    let Some(token) = token else {
-        return Ok(None);
-    };
-    let (revoked, expires_at): (bool, i64) = conn.query_row(
-        "SELECT revoked_at IS NOT NULL, expires_at FROM usage_tokens WHERE id = ?1",
-        [token],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )?;
-    Ok(if revoked {
-        Some(Admission::TokenRevoked)
-    } else if expires_at <= now {
-        Some(Admission::TokenExpired)
-    } else {
-        None
-    })
+    Ok(accounts::token_refusal(conn, token, now)?.map(|refusal| match refusal {
+        accounts::TokenRefusal::Revoked => Admission::TokenRevoked,
+        accounts::TokenRefusal::Expired => Admission::TokenExpired,
+    }))
 }
 
 fn open_sessions(conn: &Connection, human: HumanId) -> StoreResult<u64> {

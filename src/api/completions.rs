@@ -1,0 +1,52 @@
+//! The OpenAI-compatible endpoints, `POST /v1/chat/completions` and
+//! `GET /v1/models`, for frontends that use an OpenAI SDK with a usage
+//! token as its API key. The caller is authenticated before the body is
+//! read; the proxy in [`crate::llm`] does the rest.
+
+use axum::body::to_bytes;
+use axum::extract::{Request, State};
+use axum::response::Response;
+
+use super::AppState;
+use super::auth::{self, HumanCredential};
+use super::error::{ApiError, OpenAiError};
+use crate::llm::{Caller, LlmError};
+
+/// `POST /v1/chat/completions`
+pub async fn chat(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, OpenAiError> {
+    let (parts, body) = request.into_parts();
+    let caller = caller(&state, &parts.headers).await?;
+    let limit = state.llm.max_request_bytes();
+    let body = to_bytes(body, limit).await.map_err(|_| {
+        let message =
+            format!("the request body could not be read, or is larger than {limit} bytes");
+        LlmError::InvalidRequest { param: None, message }
+    })?;
+    Ok(state.llm.chat(caller, &body).await?)
+}
+
+/// `GET /v1/models`
+pub async fn models(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, OpenAiError> {
+    caller(&state, &headers).await?;
+    Ok(state.llm.models().await?)
+}
+
+/// The human a request is for. With an API key and `x-human-id`, a human
+/// met for the first time is created, unlimited until its backend sets a
+/// limit.
+async fn caller(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller, OpenAiError> {
+    match auth::human(state, headers, None).await? {
+        HumanCredential::Token(token) => Ok(Caller { human: token.human, token: Some(token.id) }),
+        HumanCredential::Key { project, human } => {
+            let human =
+                state.store.find_or_create_human(project, &human).await.map_err(ApiError::from)?;
+            Ok(Caller { human, token: None })
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Counting tokens with tiktoken's encodings: the estimate of a prompt that
+//! admission holds tokens for, and the count of an answer whose upstream
+//! reported no usage.
+//!
+//! The estimate follows OpenAI's published way of counting chat messages
+//! (a few tokens of framing per message and for the reply). It counts text
+//! exactly for OpenAI's models and approximately for others, and an image
+//! as a fixed number of tokens; the debit itself comes from the upstream's
+//! own count whenever it gives one.
+
+use serde_json::Value;
+use tiktoken_rs::CoreBPE;
+use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
+
+/// Framing around each message, and the tokens that start the reply.
+const TOKENS_PER_MESSAGE: i64 = 3;
+const TOKENS_PER_NAME: i64 = 1;
+const REPLY_PRIMING: i64 = 3;
+
+/// What an image part is counted as: a 1024×1024 image at high detail
+/// (85 base tokens and 170 for each of four tiles). Smaller or low-detail
+/// images cost less, larger ones more.
+const TOKENS_PER_IMAGE: i64 = 765;
+
+/// The encoding of a model: its own for OpenAI's chat models, `o200k_base`
+/// (the encoding of OpenAI's current models) for any other.
+pub fn encoding_for(model: &str) -> &'static CoreBPE {
+    match get_tokenizer(model) {
+        Some(Tokenizer::Cl100kBase) => tiktoken_rs::cl100k_base_singleton(),
+        _ => tiktoken_rs::o200k_base_singleton(),
+    }
+}
+
+/// The tokens of a text, special-token markers in it counted as text.
+pub fn count(bpe: &CoreBPE, text: &str) -> i64 {
+    bpe.encode_ordinary(text).len() as i64
+}
+
+/// The prompt tokens of a chat completion request: its messages and the
+/// definitions of the tools it offers.
+pub fn estimate_prompt(bpe: &CoreBPE, messages: &[Value], tools: Option<&Value>) -> i64 {
+    let mut total = REPLY_PRIMING;
+    for message in messages {
+        total += TOKENS_PER_MESSAGE;
+        for (field, value) in message.as_object().into_iter().flatten() {
+            total += match (field.as_str(), value) {
+                ("content", content) => content_tokens(bpe, content),
+                ("name", Value::String(name)) => count(bpe, name) + TOKENS_PER_NAME,
+                (_, Value::String(text)) => count(bpe, text),
+                (_, Value::Null) => 0,
+                (_, other) => count(bpe, &other.to_string()),
+            };
+        }
+    }
+    total + tools.map_or(0, |tools| count(bpe, &tools.to_string()))
+}
+
+/// A message's content: a text, or a list of parts of which text parts are
+/// counted and images are given a fixed size.
+fn content_tokens(bpe: &CoreBPE, content: &Value) -> i64 {
+    match content {
+        Value::String(text) => count(bpe, text),
+        Value::Array(parts) => parts.iter().map(|part| part_tokens(bpe, part)).sum(),
+        Value::Null => 0,
+        other => count(bpe, &other.to_string()),
+    }
+}
+
+fn part_tokens(bpe: &CoreBPE, part: &Value) -> i64 {
+    match part.get("type").and_then(Value::as_str) {
+        Some("text") => part.get("text").and_then(Value::as_str).map_or(0, |t| count(bpe, t)),
+        Some("image_url") => TOKENS_PER_IMAGE,
+        _ => count(bpe, &part.to_string()),
+    }
+}
+
+/// The text a message's content carries, its text parts joined.
+pub fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(text) => text.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter(|part| part.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|part| part.get("text").and_then(Value::as_str))
+            .collect(),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_message_costs_its_text_and_the_framing_openai_describes() {
+        let bpe = encoding_for("gpt-4o");
+        let text = count(bpe, "Hello there");
+        let messages = [json!({"role": "user", "content": "Hello there"})];
+        let role = count(bpe, "user");
+        assert_eq!(estimate_prompt(bpe, &messages, None), 3 + 3 + role + text);
+    }
+
+    #[test]
+    fn text_parts_are_counted_and_images_given_a_fixed_size() {
+        let bpe = encoding_for("unknown-model");
+        let parts = json!([
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        ]);
+        let expected = count(bpe, "What is in this picture?") + TOKENS_PER_IMAGE;
+        assert_eq!(content_tokens(bpe, &parts), expected);
+        assert_eq!(content_text(&parts), "What is in this picture?");
+    }
+
+    #[test]
+    fn older_models_use_their_own_encoding() {
+        let old = encoding_for("gpt-3.5-turbo");
+        let new = encoding_for("gpt-4o-mini");
+        let text = "tokenizers disagree about 🦀 emoji and whitespace    runs";
+        assert_ne!(old.encode_ordinary(text), new.encode_ordinary(text));
+        assert!(std::ptr::eq(new, encoding_for("llama-3")));
+    }
+}
