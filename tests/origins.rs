@@ -105,3 +105,30 @@ async fn any_origin_can_be_allowed() {
     assert_eq!(response.headers()["access-control-allow-origin"], "*");
     assert_eq!(session_from(&server, &token, Some("http://any.test")).await, 101);
 }
+
+#[tokio::test]
+async fn a_page_may_call_chat_completions_with_the_openai_sdks_headers_but_never_an_api_key() {
+    let server = server_allowing(list(&[APP])).await;
+    let asked = "authorization, content-type, x-stainless-os, x-stainless-timeout, X-Api-Key";
+    let preflight = server
+        .http
+        .request(Method::OPTIONS, server.url("/v1/chat/completions"))
+        .header("origin", APP)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", asked)
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let allowed = preflight.headers()["access-control-allow-headers"].to_str().unwrap();
+    let allowed = allowed.to_lowercase();
+    for name in ["authorization", "content-type", "x-stainless-os", "x-stainless-timeout"] {
+        assert!(allowed.contains(name), "{name} not in {allowed}");
+    }
+    assert!(!allowed.contains("x-api-key"), "{allowed}");
+
+    let unknown =
+        server.http.request(Method::OPTIONS, server.url("/v1/nope")).header("origin", APP);
+    let unknown = unknown.header("access-control-request-method", "GET").send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+}

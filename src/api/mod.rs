@@ -14,12 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath};
-use axum::http::{Method, Request, header};
+use axum::http::{HeaderValue, Method, Request, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
-use tower::util::option_layer;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::debug_span;
@@ -64,23 +66,32 @@ pub fn router(state: AppState) -> Router {
         .route("/usage/report", post(reports::report))
         .route("/realtime/session", get(realtime::open))
         .route("/chat/completions", post(completions::chat))
-        .route("/models", get(completions::models));
+        .route("/models", get(completions::models))
+        .method_not_allowed_fallback(method_not_allowed);
+    let v1 = match cors(&state.settings.allowed_origins) {
+        Some(cors) => v1.layer(cors).layer(middleware::from_fn(keep_backend_headers_out)),
+        None => v1,
+    };
+    // The method fallback is set before the API's routes are nested, so
+    // that it does not replace theirs, which CORS wraps.
     Router::new()
+        .route("/healthz", get(health::healthz))
+        .method_not_allowed_fallback(method_not_allowed)
         .nest("/v1", v1.clone())
         .nest("/api/v1", v1)
-        .route("/healthz", get(health::healthz))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(option_layer(cors(&state.settings.allowed_origins)))
         .with_state(state)
 }
 
-/// CORS for the allowed origins, so that pages can read their limits with
-/// a usage token. Browsers may send `Authorization` but not `x-api-key`: an
-/// API key has no business in a page.
+/// CORS for the allowed origins, on the API's routes (an `OPTIONS` request
+/// to one of them is answered as a preflight), so that pages can read
+/// their limits and call the chat completions endpoint with a usage token.
+/// The request headers a preflight asks for are allowed, because OpenAI's
+/// browser SDK sends headers of its own that change between versions; all
+/// but the backend's, which [`keep_backend_headers_out`] removes first.
 fn cors(origins: &AllowedOrigins) -> Option<CorsLayer> {
     let allow = match origins {
         AllowedOrigins::None => return None,
@@ -90,9 +101,32 @@ fn cors(origins: &AllowedOrigins) -> Option<CorsLayer> {
     let layer = CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([Method::GET, Method::POST, Method::PUT])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .allow_headers(AllowHeaders::mirror_request())
         .max_age(CORS_MAX_AGE);
     Some(layer)
+}
+
+/// Headers only an app's backend sends: an API key has no business in a
+/// page, so a browser is never allowed to send one.
+const BACKEND_HEADERS: [&str; 2] = ["x-api-key", "x-human-id"];
+
+/// Takes the backend's headers out of the headers a preflight asks to
+/// send, so that the preflight's answer does not allow them and the
+/// browser refuses to send the request.
+async fn keep_backend_headers_out(mut request: Request<Body>, next: Next) -> Response {
+    let asked = request.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS);
+    if request.method() == Method::OPTIONS
+        && let Some(asked) = asked.and_then(|value| value.to_str().ok())
+    {
+        let kept: Vec<&str> = asked
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !BACKEND_HEADERS.iter().any(|b| name.eq_ignore_ascii_case(b)))
+            .collect();
+        let kept = HeaderValue::from_str(&kept.join(", ")).expect("taken from a header value");
+        request.headers_mut().insert(header::ACCESS_CONTROL_REQUEST_HEADERS, kept);
+    }
+    next.run(request).await
 }
 
 /// A span per request with the method and the route it matched. Neither
