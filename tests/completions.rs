@@ -464,3 +464,32 @@ async fn a_backend_may_call_for_a_human_with_its_key_and_usage_is_metered() {
     assert_eq!(tokens_left(&server.limits_of("new-human").await), None);
     assert_ledger_identity(&db);
 }
+
+#[tokio::test]
+async fn a_shutdown_mid_stream_settles_what_came_and_does_not_wait_for_the_upstream() {
+    let pieces: Vec<String> = (0..100).map(|i| format!(" w{i}")).collect();
+    let behaviour =
+        Behaviour { pieces, chunk_delay: Duration::from_millis(100), ..Behaviour::default() };
+    let llm = TestLlm::start(behaviour).await;
+    let server = server_for(&llm).await;
+    let token = mint_tokens(&server, "liv", 10_000).await;
+    let request = server
+        .http
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&token)
+        .json(&streaming(ask("test-model", "hi")));
+    let mut body = request.send().await.unwrap().bytes_stream();
+    body.next().await.unwrap().unwrap();
+
+    let db_path = server.db_path.clone();
+    let stopped = tokio::time::timeout(Duration::from_secs(8), server.shutdown()).await;
+    let _dir = stopped.expect("the shutdown waited for the upstream's stream");
+    let db = common::open_db(&db_path);
+    let (outcome, held, source): (String, i64, String) = db
+        .query_row("SELECT end_reason, reserved, usage_source FROM completions", [], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .unwrap();
+    assert_eq!((outcome.as_str(), held, source.as_str()), ("server_shutdown", 0, "counted"));
+    assert_ledger_identity(&db);
+}

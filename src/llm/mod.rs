@@ -192,7 +192,17 @@ impl Proxy {
         forwarded: Vec<u8>,
         head_tx: oneshot::Sender<Result<Response, LlmError>>,
     ) {
-        let answer = match self.ask(&running, forwarded).await {
+        let asked = tokio::select! {
+            asked = self.ask(&running, forwarded) => asked,
+            _ = self.shutdown.cancelled() => {
+                // The upstream has the prompt, and may bill for it.
+                let outcome = CompletionOutcome::ServerShutdown;
+                self.settle(&running, Some(&Tally::default()), outcome).await;
+                let _ = head_tx.send(Err(LlmError::UpstreamUnavailable));
+                return;
+            }
+        };
+        let answer = match asked {
             Ok(answer) => answer,
             Err(refusal) => {
                 self.settle(&running, None, CompletionOutcome::UpstreamFailed).await;
