@@ -68,6 +68,19 @@ async fn chat_stream(api: &Api, token: &str, body: &Value) -> (StatusCode, Vec<V
     (status, chunks, done)
 }
 
+/// Starts a streamed completion and returns its body as it comes.
+async fn open_stream(
+    server: &Api,
+    token: &str,
+) -> impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin + use<> {
+    let request = server
+        .http
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .json(&streaming(ask("test-model", "hi")));
+    request.send().await.unwrap().bytes_stream()
+}
+
 fn tokens_left(limits: &Value) -> Option<i64> {
     let limits = limits.as_array().unwrap();
     let entry = limits.iter().find(|limit| limit["type"] == "token_cnt")?;
@@ -311,13 +324,7 @@ async fn a_client_that_leaves_mid_stream_is_charged_what_the_upstream_produced()
     let llm = TestLlm::start(behaviour).await;
     let server = server_for(&llm).await;
     let token = mint_tokens(&server, "gus", 10_000).await;
-
-    let request = server
-        .http
-        .post(server.url("/v1/chat/completions"))
-        .bearer_auth(&token)
-        .json(&streaming(ask("test-model", "hi")));
-    let mut body = request.send().await.unwrap().bytes_stream();
+    let mut body = open_stream(&server, &token).await;
     let mut seen = String::new();
     while seen.matches("word").count() < 3 {
         seen.push_str(&String::from_utf8_lossy(&body.next().await.unwrap().unwrap()));
@@ -473,12 +480,7 @@ async fn a_shutdown_mid_stream_settles_what_came_and_does_not_wait_for_the_upstr
     let llm = TestLlm::start(behaviour).await;
     let server = server_for(&llm).await;
     let token = mint_tokens(&server, "liv", 10_000).await;
-    let request = server
-        .http
-        .post(server.url("/v1/chat/completions"))
-        .bearer_auth(&token)
-        .json(&streaming(ask("test-model", "hi")));
-    let mut body = request.send().await.unwrap().bytes_stream();
+    let mut body = open_stream(&server, &token).await;
     body.next().await.unwrap().unwrap();
 
     let db_path = server.db_path.clone();
