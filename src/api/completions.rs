@@ -25,7 +25,7 @@ pub async fn chat(
             format!("the request body could not be read, or is larger than {limit} bytes");
         LlmError::InvalidRequest { param: None, message }
     })?;
-    Ok(state.llm.chat(caller, &body).await?)
+    Ok(state.llm.chat(caller, body).await?)
 }
 
 /// `GET /v1/models`

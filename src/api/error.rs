@@ -161,6 +161,7 @@ impl OpenAiError {
                 LlmError::UpstreamUnavailable | LlmError::Upstream { .. } => {
                     (StatusCode::BAD_GATEWAY, "upstream_unavailable", None)
                 }
+                LlmError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
                 LlmError::Store(store) => match store {
                     StoreError::Unavailable(_) => {
                         (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)

@@ -33,7 +33,7 @@ pub fn answer(body: &[u8], completion_id: &str) -> Answer {
     let body: Value = serde_json::from_slice(body).unwrap_or_default();
     let asked = asked(&body);
     let bpe = tokenize::encoding_for(&asked.model);
-    let mut tokens = bpe.encode_ordinary(&asked.text);
+    let mut tokens = tokenize::encode(bpe, &asked.text);
     let cut = asked.cap.is_some_and(|cap| tokens.len() > cap);
     tokens.truncate(asked.cap.unwrap_or(usize::MAX));
     let finish = if cut { "length" } else { "stop" };
@@ -173,7 +173,7 @@ mod tests {
     fn pieces_join_back_to_the_text_even_across_multibyte_characters() {
         let bpe = tokenize::encoding_for(MODEL);
         let text = "Grüße, 世界! 🦀🦀 done";
-        let tokens = bpe.encode_ordinary(text);
+        let tokens = tokenize::encode(bpe, text);
         let pieces = pieces(bpe, &tokens);
         assert_eq!(pieces.concat(), text);
         assert!(pieces.len() > 3);

@@ -96,6 +96,9 @@ pub enum LlmError {
     UpstreamRefused(StatusCode),
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// A bug: a task of the proxy panicked.
+    #[error("internal error")]
+    Internal,
 }
 
 /// Whom a completion is for.
@@ -145,8 +148,11 @@ impl Proxy {
 
     /// `POST /v1/chat/completions`: admits the request and answers once
     /// the upstream has answered (a stream then goes on in the body).
-    pub async fn chat(self: &Arc<Self>, caller: Caller, body: &[u8]) -> Result<Response, LlmError> {
-        let request = ChatRequest::parse(body)?;
+    pub async fn chat(self: &Arc<Self>, caller: Caller, body: Bytes) -> Result<Response, LlmError> {
+        // Counting a prompt of megabytes takes a while: not on the runtime.
+        let request = tokio::task::spawn_blocking(move || ChatRequest::parse(&body))
+            .await
+            .map_err(|_| LlmError::Internal)??;
         if matches!(self.model, Model::Echo) && request.model != echo::MODEL {
             return Err(LlmError::ModelNotFound(request.model));
         }
@@ -197,7 +203,7 @@ impl Proxy {
             _ = self.shutdown.cancelled() => {
                 // The upstream has the prompt, and may bill for it.
                 let outcome = CompletionOutcome::ServerShutdown;
-                self.settle(&running, Some(&Tally::default()), outcome).await;
+                self.settle(&running, Some(Tally::default()), outcome).await;
                 let _ = head_tx.send(Err(LlmError::UpstreamUnavailable));
                 return;
             }
@@ -221,7 +227,12 @@ impl Proxy {
     /// to pass on.
     async fn ask(&self, running: &Running, forwarded: Vec<u8>) -> Result<Answer, LlmError> {
         let answer = match &self.model {
-            Model::Echo => echo::answer(&forwarded, &running.public_id),
+            Model::Echo => {
+                let id = running.public_id.clone();
+                tokio::task::spawn_blocking(move || echo::answer(&forwarded, &id))
+                    .await
+                    .map_err(|_| LlmError::Internal)?
+            }
             Model::Upstream(client) => {
                 client.post("chat/completions", forwarded).await.map_err(|error| {
                     warn!(%error, "the upstream could not be asked");
@@ -276,7 +287,7 @@ impl Proxy {
                 } else {
                     CompletionOutcome::UpstreamFailed
                 };
-                self.settle(&running, Some(&Tally::default()), outcome).await;
+                self.settle(&running, Some(Tally::default()), outcome).await;
                 let _ = head_tx.send(Err(LlmError::UpstreamUnavailable));
                 return;
             }
@@ -285,7 +296,7 @@ impl Proxy {
         if let Ok(parsed) = serde_json::from_slice::<Value>(&body) {
             tally.observe_whole(&parsed);
         }
-        self.settle(&running, Some(&tally), CompletionOutcome::Completed).await;
+        self.settle(&running, Some(tally), CompletionOutcome::Completed).await;
         let content_type = answer.content_type.unwrap_or(echo::content_type(false));
         let response = Response::builder()
             .status(answer.status)
@@ -326,7 +337,7 @@ impl Proxy {
         if let StreamEnd::UpstreamBroke(reason) = &end {
             warn!(%reason, "the upstream's stream broke off");
         }
-        self.settle(&running, Some(&tally), end.outcome()).await;
+        self.settle(&running, Some(tally), end.outcome()).await;
         match end {
             StreamEnd::Finished { done: true } => {
                 let _ = client_tx.send(Ok(answer::done_event())).await;
@@ -342,10 +353,19 @@ impl Proxy {
     /// for a request the upstream refused) and releases its hold. Should
     /// the store fail, the hold stays until the next start, so that the
     /// human cannot spend it twice meanwhile.
-    async fn settle(&self, running: &Running, tally: Option<&Tally>, outcome: CompletionOutcome) {
-        let bpe = tokenize::encoding_for(&running.model);
+    async fn settle(&self, running: &Running, tally: Option<Tally>, outcome: CompletionOutcome) {
+        let (model, estimate) = (running.model.clone(), running.prompt_estimate);
         let usage = match tally {
-            Some(tally) => tally.usage(running.prompt_estimate, bpe),
+            // Counting a long answer takes a while: not on the runtime.
+            Some(tally) => tokio::task::spawn_blocking(move || {
+                tally.usage(estimate, tokenize::encoding_for(&model))
+            })
+            .await
+            .unwrap_or(Usage {
+                prompt: estimate,
+                completion: 0,
+                source: UsageSource::Counted,
+            }),
             None => Usage { prompt: 0, completion: 0, source: UsageSource::Upstream },
         };
         let end = CompletionEnd {

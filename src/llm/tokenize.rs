@@ -9,8 +9,8 @@
 //! own count whenever it gives one.
 
 use serde_json::Value;
-use tiktoken_rs::CoreBPE;
 use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
+use tiktoken_rs::{CoreBPE, Rank};
 
 /// Framing around each message, and the tokens that start the reply.
 const TOKENS_PER_MESSAGE: i64 = 3;
@@ -31,9 +31,45 @@ pub fn encoding_for(model: &str) -> &'static CoreBPE {
     }
 }
 
-/// The tokens of a text, special-token markers in it counted as text.
+/// tiktoken's pattern backtracks over long runs of white space, and gives up
+/// (with a panic) past about a million characters of it; pieces this long
+/// stay far below that. A token split at a piece's edge is counted as two.
+const PIECE_BYTES: usize = 64 * 1024;
+
+/// The tokens of a text, special-token markers in it taken as text.
+pub fn encode(bpe: &CoreBPE, text: &str) -> Vec<Rank> {
+    let mut tokens = Vec::new();
+    for piece in pieces(text) {
+        match std::panic::catch_unwind(|| bpe.encode_ordinary(piece)) {
+            Ok(encoded) => tokens.extend(encoded),
+            // Should the tokenizer still give up, each byte counts as a
+            // token: never fewer tokens than the text has.
+            Err(_) => tokens.extend(piece.bytes().map(Rank::from)),
+        }
+    }
+    tokens
+}
+
 pub fn count(bpe: &CoreBPE, text: &str) -> i64 {
-    bpe.encode_ordinary(text).len() as i64
+    encode(bpe, text).len() as i64
+}
+
+/// `text` cut into pieces of at most [`PIECE_BYTES`], at character
+/// boundaries.
+fn pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len().min(PIECE_BYTES);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (piece, after) = rest.split_at(end);
+        rest = after;
+        Some(piece)
+    })
 }
 
 /// The prompt tokens of a chat completion request: its messages and the
@@ -111,6 +147,16 @@ mod tests {
         let expected = count(bpe, "What is in this picture?") + TOKENS_PER_IMAGE;
         assert_eq!(content_tokens(bpe, &parts), expected);
         assert_eq!(content_text(&parts), "What is in this picture?");
+    }
+
+    #[test]
+    fn a_megabyte_of_white_space_is_counted_not_a_panic() {
+        let bpe = encoding_for("gpt-4o");
+        let spaces = " ".repeat(1 << 20);
+        let tokens = count(bpe, &spaces);
+        assert!((1..=spaces.len() as i64).contains(&tokens), "{tokens}");
+        let text = "é".repeat(PIECE_BYTES);
+        assert_eq!(pieces(&text).map(str::len).sum::<usize>(), text.len());
     }
 
     #[test]
