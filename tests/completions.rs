@@ -360,7 +360,8 @@ async fn upstream_errors_are_passed_on_in_openai_shape_and_charge_nothing() {
     let cases = [
         (400, error.clone(), StatusCode::BAD_REQUEST, Some(error.clone())),
         (500, error.clone(), StatusCode::BAD_GATEWAY, Some(error.clone())),
-        (401, error.clone(), StatusCode::BAD_GATEWAY, Some(error.clone())),
+        // A refusal of Tollgate's own key is not passed on: it may quote it.
+        (401, error.clone(), StatusCode::BAD_GATEWAY, None),
         (503, json!("overloaded"), StatusCode::BAD_GATEWAY, None),
     ];
     for (upstream_status, upstream_body, expected, passed) in cases {
@@ -494,4 +495,41 @@ async fn a_shutdown_mid_stream_settles_what_came_and_does_not_wait_for_the_upstr
         .unwrap();
     assert_eq!((outcome.as_str(), held, source.as_str()), ("server_shutdown", 0, "counted"));
     assert_ledger_identity(&db);
+}
+
+#[tokio::test]
+async fn every_field_that_reaches_the_model_counts_against_the_budget() {
+    let server = TestServer::start().await;
+    let token = mint_tokens(&server, "max", 50).await;
+    let mut body = ask("echo", "hi");
+    let long_schema: Vec<String> = (0..2000).map(|i| format!("field_{i}")).collect();
+    body["response_format"] = json!({"type": "json_schema", "json_schema": {"enum": long_schema}});
+
+    let (status, error) = chat(&server, &token, &body).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{error}");
+    assert_eq!(tokens_left(&server.limits_of("max").await), Some(50));
+}
+
+#[tokio::test]
+async fn an_absurd_reported_usage_is_cut_and_the_completion_still_ends() {
+    let behaviour = Behaviour { prompt_tokens: i64::MAX as u64, ..Behaviour::default() };
+    let llm = TestLlm::start(behaviour).await;
+    let server = server_for(&llm).await;
+    let token = mint_tokens(&server, "ned", 100).await;
+
+    let (status, _) = chat(&server, &token, &ask("test-model", "hi")).await;
+    assert_eq!(status, StatusCode::OK);
+    let rows = rows_once_ended(&server).await;
+    assert_eq!(rows[0].1, Some(1_000_000_000));
+    assert_eq!(tokens_left(&server.limits_of("ned").await), Some(100 - 1_000_000_005));
+    assert_ledger_identity(&server.db());
+}
+
+#[tokio::test]
+async fn a_wrong_method_gets_an_openai_error() {
+    let server = TestServer::start().await;
+    let response = server.http.get(server.url("/v1/chat/completions")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestServer, assert_ledger_identity, assert_near};
+use common::{TestServer, assert_ledger_identity};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -149,7 +149,9 @@ async fn reported_seconds_reach_an_open_session_at_once() {
     let closed = client.until_closed().await;
     assert_eq!(closed.code, Some(4001));
     assert!(closed.after < 1.0, "cut off {} s after the start", closed.after);
-    assert_near(server.remaining("di", "conversational_seconds").await, 0.0, 0.001);
+    // The session's time until the report, and the report in full.
+    let remaining = server.remaining("di", "conversational_seconds").await;
+    assert!((-1.0..=0.0).contains(&remaining), "{remaining}");
     assert_ledger_identity(&server.db());
 }
 
@@ -212,5 +214,19 @@ async fn bad_reports_are_refused_by_field_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN, "a usage token cannot report");
+    assert_eq!(snapshot(&server), before);
+}
+
+#[tokio::test]
+async fn no_number_of_reports_takes_a_pool_below_minus_the_largest_limit() {
+    let server = TestServer::start().await;
+    let huge = |key: &str| report("fay", "voice_synthesis_seconds", 1e12, key);
+    let (status, body) = server.post("/v1/usage/report", huge("first")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let before = snapshot(&server);
+
+    let (status, body) = server.post("/v1/usage/report", huge("second")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("below -1e12"), "{body}");
     assert_eq!(snapshot(&server), before);
 }

@@ -37,6 +37,11 @@ pub async fn models(
     Ok(state.llm.models().await?)
 }
 
+/// A method these endpoints do not take, answered in OpenAI's shape.
+pub async fn wrong_method() -> OpenAiError {
+    OpenAiError::Api(ApiError::MethodNotAllowed)
+}
+
 /// The human a request is for. With an API key and `x-human-id`, a human
 /// met for the first time is created, unlimited until its backend sets a
 /// limit.

@@ -75,6 +75,10 @@ impl From<StoreError> for ApiError {
                 "limits: {} would exceed the largest allowed value, 1e12",
                 limit_type.as_str()
             )),
+            StoreError::BalanceFloor(limit_type) => ApiError::InvalidInput(format!(
+                "value: would take {} below -1e12",
+                limit_type.as_str()
+            )),
             StoreError::Unavailable(_) => {
                 error!(error = %error, "store unavailable");
                 ApiError::Unavailable("the store is unavailable right now; try again later")

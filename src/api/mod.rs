@@ -65,8 +65,8 @@ pub fn router(state: AppState) -> Router {
         .route("/usage/token/update_ttl", post(tokens::update_ttl))
         .route("/usage/report", post(reports::report))
         .route("/realtime/session", get(realtime::open))
-        .route("/chat/completions", post(completions::chat))
-        .route("/models", get(completions::models))
+        .route("/chat/completions", post(completions::chat).fallback(completions::wrong_method))
+        .route("/models", get(completions::models).fallback(completions::wrong_method))
         .method_not_allowed_fallback(method_not_allowed);
     let v1 = match cors(&state.settings.allowed_origins) {
         Some(cors) => v1.layer(cors).layer(middleware::from_fn(keep_backend_headers_out)),

@@ -21,6 +21,11 @@ use crate::store::{CompletionOutcome, UsageSource};
 /// rather than held in memory.
 pub const MAX_WHOLE_BYTES: usize = 16 * 1024 * 1024;
 
+/// No completion uses a billion tokens; a count past this is a fault of the
+/// upstream, and is taken as this, so that sums of counts stay far from
+/// overflowing.
+const MAX_REPORTED_TOKENS: i64 = 1_000_000_000;
+
 /// What has been seen of an answer so far.
 #[derive(Debug, Default)]
 pub struct Tally {
@@ -61,7 +66,8 @@ impl Tally {
         if let (Some(prompt), Some(completion)) =
             (usage["prompt_tokens"].as_i64(), usage["completion_tokens"].as_i64())
         {
-            self.reported = Some((prompt.max(0), completion.max(0)));
+            let believable = |count: i64| count.clamp(0, MAX_REPORTED_TOKENS);
+            self.reported = Some((believable(prompt), believable(completion)));
         }
     }
 
@@ -265,6 +271,16 @@ mod tests {
             (usage.prompt, usage.completion, usage.source),
             (12, expected, UsageSource::Counted)
         );
+    }
+
+    #[test]
+    fn absurd_counts_are_cut_to_a_billion() {
+        let bpe = tokenize::encoding_for("gpt-4o");
+        let mut tally = Tally::default();
+        tally
+            .observe_whole(&json!({"usage": {"prompt_tokens": i64::MAX, "completion_tokens": -3}}));
+        let usage = tally.usage(5, bpe);
+        assert_eq!((usage.prompt, usage.completion), (MAX_REPORTED_TOKENS, 0));
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub fn answer(body: &[u8], completion_id: &str) -> Answer {
         let events = events(bpe, &tokens, &asked, completion_id, finish, usage);
         answer_from(StatusCode::OK, "text/event-stream", events)
     } else {
-        let text = bpe.decode(&tokens).unwrap_or_default();
+        let text = pieces(bpe, &tokens).concat();
         let whole = whole(&asked, completion_id, &text, finish, usage);
         answer_from(StatusCode::OK, "application/json", vec![Bytes::from(whole.to_string())])
     }
@@ -61,7 +61,7 @@ fn asked(body: &Value) -> Asked {
     let cap = caps.iter().filter_map(|cap| cap.as_u64()).min().map(|cap| cap as usize);
     let bpe = tokenize::encoding_for(&model);
     Asked {
-        prompt_tokens: tokenize::estimate_prompt(bpe, messages, body.get("tools")),
+        prompt_tokens: body.as_object().map_or(0, |body| tokenize::estimate_prompt(bpe, body)),
         text,
         cap,
         choices: body["n"].as_u64().unwrap_or(1).max(1) as usize,
@@ -139,7 +139,8 @@ fn events(
 }
 
 /// The text of each token in turn. A token can end inside a multi-byte
-/// character; its bytes then wait for the next token's.
+/// character; its bytes then wait for the next token's, and are left out
+/// if the answer was cut before the character ends.
 fn pieces(bpe: &CoreBPE, tokens: &[Rank]) -> Vec<String> {
     let mut pending: Vec<u8> = Vec::new();
     let mut pieces = Vec::new();
@@ -153,9 +154,6 @@ fn pieces(bpe: &CoreBPE, tokens: &[Rank]) -> Vec<String> {
             let rest = pending.split_off(valid);
             pieces.push(String::from_utf8(std::mem::replace(&mut pending, rest)).unwrap());
         }
-    }
-    if !pending.is_empty() {
-        pieces.push(String::from_utf8_lossy(&pending).into_owned());
     }
     pieces
 }
@@ -177,5 +175,17 @@ mod tests {
         let pieces = pieces(bpe, &tokens);
         assert_eq!(pieces.concat(), text);
         assert!(pieces.len() > 3);
+    }
+
+    #[test]
+    fn an_answer_cut_inside_a_character_ends_before_it() {
+        let bpe = tokenize::encoding_for(MODEL);
+        let text = "Hello 🌍 world";
+        let tokens = tokenize::encode(bpe, text);
+        let cut: String = (1..tokens.len())
+            .map(|n| pieces(bpe, &tokens[..n]).concat())
+            .find(|cut| !text.starts_with(cut.as_str()) || cut.contains('\u{FFFD}'))
+            .unwrap_or_default();
+        assert_eq!(cut, "", "a cut answer is not a prefix of the text: {cut:?}");
     }
 }

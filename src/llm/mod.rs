@@ -29,11 +29,12 @@ use axum::response::Response;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::LlmSettings;
+use crate::limits::LimitType;
 use crate::store::{
     CompletionAdmission, CompletionEnd, CompletionKey, CompletionOutcome, Human, NewCompletion,
     Store, StoreError, UsageSource,
@@ -119,6 +120,12 @@ pub struct Proxy {
     settings: LlmSettings,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
+    /// Counting tokens is the one heavy computation of the proxy (a
+    /// megabyte-long prompt takes most of a second). It runs on blocking
+    /// threads, at most one fewer at a time than there are cores, so that
+    /// a flood of long prompts queues here and the meter and the sessions
+    /// keep a core for themselves.
+    counting: Semaphore,
 }
 
 /// A completion that has been admitted, on its way.
@@ -139,7 +146,18 @@ impl Proxy {
         shutdown: CancellationToken,
     ) -> Proxy {
         let model = client.map_or(Model::Echo, |client| Model::Upstream(Box::new(client)));
-        Proxy { model, settings, store, shutdown }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let counting = Semaphore::new(cores.saturating_sub(1).max(1));
+        Proxy { model, settings, store, shutdown, counting }
+    }
+
+    /// Runs a job that counts tokens, on a blocking thread, in turn.
+    async fn count<R: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, LlmError> {
+        let _permit = self.counting.acquire().await.map_err(|_| LlmError::Internal)?;
+        tokio::task::spawn_blocking(job).await.map_err(|_| LlmError::Internal)
     }
 
     pub fn max_request_bytes(&self) -> usize {
@@ -149,10 +167,11 @@ impl Proxy {
     /// `POST /v1/chat/completions`: admits the request and answers once
     /// the upstream has answered (a stream then goes on in the body).
     pub async fn chat(self: &Arc<Self>, caller: Caller, body: Bytes) -> Result<Response, LlmError> {
-        // Counting a prompt of megabytes takes a while: not on the runtime.
-        let request = tokio::task::spawn_blocking(move || ChatRequest::parse(&body))
-            .await
-            .map_err(|_| LlmError::Internal)??;
+        // A human with nothing left costs no counting.
+        if self.spent(&caller).await? {
+            return Err(LlmError::LimitExhausted);
+        }
+        let request = self.count(move || ChatRequest::parse(&body)).await??;
         if matches!(self.model, Model::Echo) && request.model != echo::MODEL {
             return Err(LlmError::ModelNotFound(request.model));
         }
@@ -188,6 +207,13 @@ impl Proxy {
         let (head_tx, head_rx) = oneshot::channel();
         tokio::spawn(self.clone().run(running, forwarded, head_tx).instrument(span));
         head_rx.await.unwrap_or(Err(LlmError::UpstreamUnavailable))
+    }
+
+    /// Whether the human's `token_cnt` is limited and has nothing left: a
+    /// quick look before any work, which admission then checks again.
+    async fn spent(&self, caller: &Caller) -> Result<bool, LlmError> {
+        let limits = self.store.limits(caller.human.id).await?;
+        Ok(limits.iter().any(|limit| limit.limit_type == LimitType::TokenCnt && limit.value <= 0))
     }
 
     /// Forwards the request, hands the answer's head to the handler, relays
@@ -229,9 +255,7 @@ impl Proxy {
         let answer = match &self.model {
             Model::Echo => {
                 let id = running.public_id.clone();
-                tokio::task::spawn_blocking(move || echo::answer(&forwarded, &id))
-                    .await
-                    .map_err(|_| LlmError::Internal)?
+                self.count(move || echo::answer(&forwarded, &id)).await?
             }
             Model::Upstream(client) => {
                 client.post("chat/completions", forwarded).await.map_err(|error| {
@@ -248,14 +272,18 @@ impl Proxy {
 
     /// An upstream's error answer, to pass on. A fault of the request (a
     /// 4xx other than for the service's own credentials) keeps its status;
-    /// anything else is the service's fault and becomes 502.
+    /// anything else is the service's fault and becomes 502. A refusal of
+    /// Tollgate's own key is not passed on, since it may quote the key.
     async fn upstream_error(&self, answer: Answer) -> LlmError {
         let status = answer.status;
+        warn!(%status, "the upstream answered with an error");
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            error!(%status, "the upstream refused Tollgate's key; check TOLLGATE_LLM_API_KEY");
+            return LlmError::UpstreamUnavailable;
+        }
         let timeout = self.settings.idle_timeout;
         let body = answer::read_whole(answer.body, MAX_ERROR_BYTES, timeout, &self.shutdown).await;
-        warn!(%status, "the upstream answered with an error");
-        let theirs = status.is_client_error()
-            && !matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+        let theirs = status.is_client_error();
         let status = if theirs { status } else { StatusCode::BAD_GATEWAY };
         let openai_error = |body: &Bytes| {
             serde_json::from_slice::<Value>(body).is_ok_and(|body| body["error"].is_object())
@@ -356,16 +384,10 @@ impl Proxy {
     async fn settle(&self, running: &Running, tally: Option<Tally>, outcome: CompletionOutcome) {
         let (model, estimate) = (running.model.clone(), running.prompt_estimate);
         let usage = match tally {
-            // Counting a long answer takes a while: not on the runtime.
-            Some(tally) => tokio::task::spawn_blocking(move || {
-                tally.usage(estimate, tokenize::encoding_for(&model))
-            })
-            .await
-            .unwrap_or(Usage {
-                prompt: estimate,
-                completion: 0,
-                source: UsageSource::Counted,
-            }),
+            Some(tally) => self
+                .count(move || tally.usage(estimate, tokenize::encoding_for(&model)))
+                .await
+                .unwrap_or(Usage { prompt: estimate, completion: 0, source: UsageSource::Counted }),
             None => Usage { prompt: 0, completion: 0, source: UsageSource::Upstream },
         };
         let end = CompletionEnd {

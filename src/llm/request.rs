@@ -49,7 +49,7 @@ impl ChatRequest {
             return Err(invalid(Some("messages"), &format!("messages[{index}]: not an object")));
         }
         let bpe = tokenize::encoding_for(&model);
-        let prompt_estimate = tokenize::estimate_prompt(bpe, messages, body.get("tools"));
+        let prompt_estimate = tokenize::estimate_prompt(bpe, &body);
         Ok(ChatRequest {
             stream: flag(&body, "stream")?,
             client_wants_usage: include_usage(&body)?,

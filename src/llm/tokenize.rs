@@ -8,7 +8,7 @@
 //! as a fixed number of tokens; the debit itself comes from the upstream's
 //! own count whenever it gives one.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
 use tiktoken_rs::{CoreBPE, Rank};
 
@@ -72,11 +72,40 @@ fn pieces(text: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// The prompt tokens of a chat completion request: its messages and the
-/// definitions of the tools it offers.
-pub fn estimate_prompt(bpe: &CoreBPE, messages: &[Value], tools: Option<&Value>) -> i64 {
+/// Request fields that set how the model answers but put nothing in front
+/// of it. Every other field (tools, a response format, a prediction, any
+/// field this list does not know) is counted as its JSON text, so that no
+/// part of a request can reach the model uncounted; for most, that counts
+/// a little more than the model sees.
+const PARAMETERS: [&str; 20] = [
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "n",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "user",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "parallel_tool_calls",
+    "store",
+    "service_tier",
+    "reasoning_effort",
+];
+
+/// The prompt tokens of a chat completion request: its messages, counted
+/// as OpenAI describes, and every other field that reaches the model.
+pub fn estimate_prompt(bpe: &CoreBPE, request: &Map<String, Value>) -> i64 {
+    let messages = request.get("messages").and_then(Value::as_array);
     let mut total = REPLY_PRIMING;
-    for message in messages {
+    for message in messages.into_iter().flatten() {
         total += TOKENS_PER_MESSAGE;
         for (field, value) in message.as_object().into_iter().flatten() {
             total += match (field.as_str(), value) {
@@ -88,7 +117,8 @@ pub fn estimate_prompt(bpe: &CoreBPE, messages: &[Value], tools: Option<&Value>)
             };
         }
     }
-    total + tools.map_or(0, |tools| count(bpe, &tools.to_string()))
+    let others = request.iter().filter(|(field, _)| !PARAMETERS.contains(&field.as_str()));
+    total + others.map(|(_, value)| count(bpe, &value.to_string())).sum::<i64>()
 }
 
 /// A message's content: a text, or a list of parts of which text parts are
@@ -132,9 +162,24 @@ mod tests {
     fn a_message_costs_its_text_and_the_framing_openai_describes() {
         let bpe = encoding_for("gpt-4o");
         let text = count(bpe, "Hello there");
-        let messages = [json!({"role": "user", "content": "Hello there"})];
+        let request = json!({"model": "gpt-4o", "temperature": 0.5,
+                             "messages": [{"role": "user", "content": "Hello there"}]});
         let role = count(bpe, "user");
-        assert_eq!(estimate_prompt(bpe, &messages, None), 3 + 3 + role + text);
+        let request = request.as_object().unwrap();
+        assert_eq!(estimate_prompt(bpe, request), 3 + 3 + role + text);
+    }
+
+    #[test]
+    fn every_field_that_reaches_the_model_is_counted() {
+        let bpe = encoding_for("gpt-4o");
+        let schema = json!({"type": "json_schema", "json_schema": {"name": "a long schema"}});
+        let request = json!({"model": "m", "messages": [], "response_format": schema,
+                             "tools": [{"type": "function"}], "something_new": "text"});
+        let expected = 3
+            + count(bpe, &schema.to_string())
+            + count(bpe, r#"[{"type":"function"}]"#)
+            + count(bpe, r#""text""#);
+        assert_eq!(estimate_prompt(bpe, request.as_object().unwrap()), expected);
     }
 
     #[test]

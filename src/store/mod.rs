@@ -281,6 +281,9 @@ pub enum StoreError {
     /// A change would take a limit above [`crate::limits::MAX_LIMIT_VALUE`].
     #[error("{} would exceed the largest allowed value", .0.as_str())]
     LimitOverflow(LimitType),
+    /// A debit would take a pool below minus the largest limit.
+    #[error("{} would go below the lowest allowed value", .0.as_str())]
+    BalanceFloor(LimitType),
     #[error("the store's writer has stopped")]
     Closed,
     #[error("store error: {0}")]

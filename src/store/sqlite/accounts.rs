@@ -258,7 +258,9 @@ pub enum DebitOf {
 }
 
 /// Takes `amount` from a pool in full, whatever it leaves, with a ledger row
-/// naming what it is for. Returns the balance after.
+/// naming what it is for; the pool must exist. Returns the balance after.
+/// A pool may go below zero, but no further than the largest limit below
+/// it, so that no number of debits can overflow a balance.
 pub fn debit(
     conn: &Connection,
     human: HumanId,
@@ -267,6 +269,12 @@ pub fn debit(
     of: DebitOf,
     now: UnixMillis,
 ) -> StoreResult<i64> {
+    let (balance, _) = pool(conn, human, limit_type)?
+        .ok_or_else(|| StoreError::Other("a debit of a pool that does not exist".into()))?;
+    let after = balance
+        .checked_sub(amount)
+        .filter(|after| *after >= -limit_type.max_base())
+        .ok_or(StoreError::BalanceFloor(limit_type))?;
     let (completion, report) = match of {
         DebitOf::Completion(id) => (Some(id), None),
         DebitOf::Report(id) => (None, Some(id)),
@@ -277,11 +285,11 @@ pub fn debit(
          VALUES (?1, ?2, 'debit', ?3, ?4, ?5, ?6, ?6)",
     )?
     .execute(params![human.0, limit_type.as_str(), -amount, completion, report, now])?;
-    let mut stmt = conn.prepare_cached(
-        "UPDATE limits SET balance = balance - ?3, updated_at = ?4
-         WHERE human_id = ?1 AND limit_type = ?2 RETURNING balance",
-    )?;
-    Ok(stmt.query_row(params![human.0, limit_type.as_str(), amount, now], |row| row.get(0))?)
+    conn.prepare_cached(
+        "UPDATE limits SET balance = ?3, updated_at = ?4 WHERE human_id = ?1 AND limit_type = ?2",
+    )?
+    .execute(params![human.0, limit_type.as_str(), after, now])?;
+    Ok(after)
 }
 
 /// A pool's balance and whether it is enforced, if the pool exists.
