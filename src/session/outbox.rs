@@ -7,10 +7,15 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use futures::{Sink, SinkExt};
+use futures::{FutureExt, Sink, SinkExt};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::task::AbortOnDropHandle;
+
+/// Most queued messages the writer hands the socket before it flushes
+/// them together, so that a run of small frames costs one write to the
+/// socket rather than one each.
+const WRITE_BATCH: usize = 32;
 
 /// Why a message could not be queued.
 #[derive(Debug)]
@@ -47,7 +52,7 @@ pub struct Outbox<M> {
 struct Queued {
     bytes: AtomicUsize,
     max_bytes: usize,
-    /// Told each time the writer has sent a message.
+    /// Told each time the writer has sent what it took from the queue.
     sent: Notify,
 }
 
@@ -145,17 +150,50 @@ async fn write<M, S>(
             },
             message = rx.recv() => {
                 let Some(message) = message else { break };
-                let weight = message.weight();
-                let sent = sink.send(message).await;
-                queued.bytes.fetch_sub(weight, Ordering::Relaxed);
-                queued.sent.notify_waiters();
-                if sent.is_err() {
+                if !write_run(&mut sink, &mut rx, message, &queued).await {
                     return;
                 }
             }
         }
     }
     let _ = sink.close().await;
+}
+
+/// Writes `first` and what is queued behind it, up to [`WRITE_BATCH`]
+/// messages and as long as the sink takes them without waiting, with one
+/// flush; then tells the session there is room. Returns whether the sink
+/// took them.
+async fn write_run<M, S>(
+    sink: &mut S,
+    rx: &mut mpsc::Receiver<M>,
+    first: M,
+    queued: &Queued,
+) -> bool
+where
+    M: Weight,
+    S: Sink<M> + Unpin,
+{
+    let mut weight = first.weight();
+    let mut written = sink.feed(first).await.is_ok();
+    let mut fed = 1;
+    while written && fed < WRITE_BATCH && ready_now(sink) {
+        let Ok(message) = rx.try_recv() else { break };
+        weight += message.weight();
+        written = sink.start_send_unpin(message).is_ok();
+        fed += 1;
+    }
+    written = written && sink.flush().await.is_ok();
+    queued.bytes.fetch_sub(weight, Ordering::Relaxed);
+    queued.sent.notify_waiters();
+    written
+}
+
+/// Whether the sink takes a message without waiting. One that would wait
+/// gets what it has flushed first: a last frame that skips the backlog
+/// then waits for that flush only, not for more of the backlog.
+fn ready_now<M, S: Sink<M> + Unpin>(sink: &mut S) -> bool {
+    let ready = std::future::poll_fn(|cx| sink.poll_ready_unpin(cx)).now_or_never();
+    matches!(ready, Some(Ok(())))
 }
 
 impl Queued {
