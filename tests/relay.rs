@@ -1,7 +1,7 @@
 //! Sessions relayed to a real upstream (a WebSocket service written in the
 //! tests, plain and TLS): frames both ways, the headers it is given, every
 //! close path with the time it charged, an upstream that cannot be reached,
-//! and a client that cannot keep up.
+//! bursts faster than a client reads, and a client that stops reading.
 
 mod common;
 
@@ -474,4 +474,54 @@ fn peak_bytes() -> usize {
     let line = status.lines().find(|line| line.starts_with("VmHWM:")).unwrap();
     let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
+}
+
+/// Reads until the session closes: how many binary frames came, and the
+/// close frame's code and reason.
+async fn frames_until_closed(client: &mut Client) -> (usize, Option<(u16, String)>) {
+    let mut frames = 0;
+    loop {
+        match client.next_message().await {
+            Some(Message::Binary(_)) => frames += 1,
+            Some(Message::Close(frame)) => {
+                return (frames, frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+            }
+            Some(_) => continue,
+            None => return (frames, None),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_reads_as_fast_as_it_can_gets_all_of_a_burst() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 60.0).await;
+    let mut client = server.connect(&token).await;
+    client.next_event().await;
+
+    // 40 s of 20 ms voice frames at once, then the upstream closes.
+    client.send(Message::Text("flood 2000 640".into())).await;
+    client.send(Message::Text("close 4000".into())).await;
+    let (frames, close) = frames_until_closed(&mut client).await;
+    assert_eq!(frames, 2000);
+    assert_eq!(close, Some((4006, "upstream_closed 4000".to_owned())));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_for_a_moment_catches_up_instead_of_being_dropped() {
+    let upstream = TestUpstream::plain().await;
+    let server = relayed_to(&upstream, |_| {}).await;
+    let token = server.mint_seconds("ada", 60.0).await;
+    let mut client = server.connect(&token).await;
+    client.next_event().await;
+
+    // 32 MiB, far more than the queue and the sockets' buffers hold, sent
+    // while the client looks away for two seconds.
+    client.send(Message::Text("flood 2000 16384".into())).await;
+    client.send(Message::Text("close 4000".into())).await;
+    sleep(Duration::from_secs(2)).await;
+    let (frames, close) = frames_until_closed(&mut client).await;
+    assert_eq!(frames, 2000);
+    assert_eq!(close, Some((4006, "upstream_closed 4000".to_owned())));
 }

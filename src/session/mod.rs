@@ -5,7 +5,9 @@
 //! figures to the client as `usage.*` messages, pings both sides, enforces
 //! the session time limit, and closes both sides with the code of whatever
 //! ended the session. The meter decides cut-offs; this loop carries them
-//! out.
+//! out. A side is read only while the queue its frames go to has room, so
+//! a side that reads slowly slows the other down; a client that stops
+//! reading altogether is dropped.
 
 mod outbox;
 pub mod protocol;
@@ -40,10 +42,20 @@ const QUEUE_MESSAGES: usize = 128;
 
 /// How many bytes may wait to be sent to either side, unless two messages
 /// of the largest size allowed need more. Together with the message count
-/// this bounds what one session can make the server hold. A client further
-/// behind than that is not keeping up and is dropped; towards the upstream
-/// the loop stops reading the client instead.
+/// this bounds what one session can make the server hold: while a side's
+/// queue is full, the loop stops reading whatever feeds it, and TCP slows
+/// the sender down.
 const QUEUE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long a client's queue may stay full without the client taking
+/// anything from it before the client is dropped as too slow. A phone on a
+/// poor link gets through a handover or a burst of loss in a second or two
+/// and then catches up; a client that takes nothing for this long has
+/// stopped reading, and meanwhile holds up the upstream and is charged.
+/// Progress is seen a message at a time, so a client whose link is too slow
+/// to take one message of the largest size allowed within this time is
+/// dropped although it is still reading.
+const CLIENT_STALL: Duration = Duration::from_secs(5);
 
 /// Everything a session needs, gathered by admission.
 pub struct SessionContext {
@@ -168,6 +180,7 @@ async fn serve(socket: WebSocket, mut context: SessionContext, ticket: Ticket) {
         updates_rx,
         last_frame: started,
         last_upstream_frame: started,
+        client_full_since: None,
         low_sent: false,
     };
     let (reason, upstream) = match session.serve(started).await {
@@ -208,6 +221,9 @@ struct Session {
     last_frame: Instant,
     /// When the upstream last sent anything, pongs included.
     last_upstream_frame: Instant,
+    /// Since when the client's queue has been full without the client
+    /// taking anything from it.
+    client_full_since: Option<Instant>,
     /// A warning was sent and the pool has not been topped up since.
     low_sent: bool,
 }
@@ -228,10 +244,13 @@ impl Session {
         tokio::pin!(time_limit_reached);
         loop {
             // The meter's word and the time limit come first: a side sending
-            // without pause must not delay the session's cut-off. The client
-            // is read only while the upstream's queue has room, and the loop
-            // wakes when it has room again.
+            // without pause must not delay the session's cut-off. Each side
+            // is read only while the queue its frames go to has room, and
+            // the loop wakes when that queue has room again.
+            let client_has_room = self.to_client.has_room();
             let upstream_has_room = self.upstream_has_room();
+            let client_is_read = self.client_is_read();
+            let stall_deadline = self.client_stall_deadline(client_has_room);
             let step = tokio::select! {
                 biased;
                 changed = self.updates_rx.changed() => self.on_update(changed.is_ok()),
@@ -240,9 +259,14 @@ impl Session {
                     reason: EndReason::SessionTimeLimit,
                     upstream: UpstreamPart::None,
                 }),
-                Some(message) = next_from(&mut self.from_upstream) => self.on_upstream(message),
+                _ = room_until(&self.to_client, stall_deadline), if !client_has_room => {
+                    self.on_client_room()
+                }
+                Some(message) = next_from(&mut self.from_upstream), if client_has_room => {
+                    self.on_upstream(message)
+                }
                 _ = room(&self.to_upstream), if !upstream_has_room => Ok(()),
-                message = self.from_client.next(), if upstream_has_room => self.on_client(message),
+                message = self.from_client.next(), if client_is_read => self.on_client(message),
                 _ = ping.tick() => self.on_ping(),
             };
             if let Err(outcome) = step {
@@ -255,6 +279,41 @@ impl Session {
         self.to_upstream.as_ref().is_none_or(Outbox::has_room)
     }
 
+    /// Whether the loop reads the client: while the queue its frames go to,
+    /// the upstream's or (for the echo) its own, has room.
+    fn client_is_read(&self) -> bool {
+        match &self.to_upstream {
+            Some(to_upstream) => to_upstream.has_room(),
+            None => self.to_client.has_room(),
+        }
+    }
+
+    /// When the client is dropped as too slow if its queue stays full:
+    /// [`CLIENT_STALL`] after the queue filled or the client last took
+    /// something from it. `None` while the queue has room.
+    fn client_stall_deadline(&mut self, client_has_room: bool) -> Option<Instant> {
+        if client_has_room {
+            self.client_full_since = None;
+            return None;
+        }
+        let full_since = *self.client_full_since.get_or_insert_with(Instant::now);
+        Some(full_since + CLIENT_STALL)
+    }
+
+    /// The client took something from its full queue, or took nothing for
+    /// [`CLIENT_STALL`].
+    fn on_client_room(&mut self) -> Step {
+        if self.to_client.is_gone() {
+            return Err(Outcome::ended(EndReason::ClientDisconnected));
+        }
+        if self.to_client.has_room() {
+            return Ok(());
+        }
+        let seconds = CLIENT_STALL.as_secs();
+        warn!("client took nothing of what the session sends for {seconds} s; dropping it");
+        Err(Outcome::ended(EndReason::ClientTooSlow))
+    }
+
     fn send_started(&mut self) -> Step {
         let message = ServerMessage::SessionStarted {
             session_id: &self.context.public_id,
@@ -263,7 +322,7 @@ impl Session {
             remaining: self.context.remaining.map(seconds),
         }
         .to_json();
-        self.send_event(message)
+        self.send_event(message).map(|_| ())
     }
 
     fn on_client(&mut self, message: Option<Result<Message, axum::Error>>) -> Step {
@@ -347,9 +406,9 @@ impl Session {
         if !update.low {
             self.low_sent = false;
         } else if !self.low_sent {
-            self.low_sent = true;
+            // A warning that finds no place goes with the next update.
             let remaining = remaining.unwrap_or_default();
-            self.send_event(ServerMessage::Warning { remaining }.to_json())?;
+            self.low_sent = self.send_event(ServerMessage::Warning { remaining }.to_json())?;
         }
         Ok(())
     }
@@ -358,10 +417,14 @@ impl Session {
     /// silent for two intervals.
     fn on_ping(&mut self) -> Step {
         let silent_for = 2 * self.context.ping;
-        if !self.upstream_has_room() {
-            // The loop itself has stopped reading the client, waiting for
-            // the upstream: the client's silence is not its own.
+        // While the loop itself has stopped reading a side, waiting for
+        // room in the queue its frames go to, that side's silence is not
+        // its own.
+        if !self.client_is_read() {
             self.last_frame = Instant::now();
+        }
+        if !self.to_client.has_room() {
+            self.last_upstream_frame = Instant::now();
         }
         if self.last_frame.elapsed() >= silent_for {
             warn!("client sent nothing for two ping intervals; dropping it");
@@ -382,27 +445,37 @@ impl Session {
                 ));
             }
             // A full queue needs no ping: the check above will tell.
-            let _ = to_upstream.push(UpstreamMessage::Ping(Default::default()));
+            let _ = to_upstream.push_own(UpstreamMessage::Ping(Default::default()));
         }
-        self.send_to_client(Message::Ping(Default::default()))
+        self.send_own(Message::Ping(Default::default())).map(|_| ())
     }
 
     /// Interleaves one of the server's own messages on the client's side;
-    /// they never go upstream.
-    fn send_event(&mut self, json: String) -> Step {
+    /// they never go upstream. Returns whether it was queued.
+    fn send_event(&mut self, json: String) -> Result<bool, Outcome> {
         if !self.context.events {
-            return Ok(());
+            return Ok(false);
         }
-        self.send_to_client(Message::Text(json.into()))
+        self.send_own(Message::Text(json.into()))
     }
 
+    /// Queues one of the server's own messages for the client, or skips it
+    /// if even the places kept for them are taken: the stall check decides
+    /// what becomes of a client that reads nothing.
+    fn send_own(&mut self, message: Message) -> Result<bool, Outcome> {
+        match self.to_client.push_own(message) {
+            Ok(()) => Ok(true),
+            Err(Refused::Full) => Ok(false),
+            Err(Refused::Gone) => Err(Outcome::ended(EndReason::ClientDisconnected)),
+        }
+    }
+
+    /// Queues a relayed or echoed frame for the client. The loop takes
+    /// these in only while the client's queue has room.
     fn send_to_client(&mut self, message: Message) -> Step {
         match self.to_client.push(message) {
             Ok(()) => Ok(()),
-            Err(Refused::Full) => {
-                warn!("client is not keeping up with what the session sends; dropping it");
-                Err(Outcome::ended(EndReason::ClientTooSlow))
-            }
+            Err(Refused::Full) => Err(Outcome::ended(EndReason::ClientTooSlow)),
             Err(Refused::Gone) => Err(Outcome::ended(EndReason::ClientDisconnected)),
         }
     }
@@ -475,6 +548,16 @@ async fn next_from(
     match from_upstream {
         Some(from) => Some(from.next().await),
         None => None,
+    }
+}
+
+/// Resolves when the client's queue has room again, or at `deadline`.
+async fn room_until(to_client: &Outbox<Message>, deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => {
+            let _ = tokio::time::timeout_at(deadline, to_client.room()).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

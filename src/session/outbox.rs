@@ -1,8 +1,10 @@
 //! What a session sends one side of its relay goes through an outbox: a
 //! queue bounded in messages and in bytes, drained by a task of its own, so
 //! that a side that reads slowly never stalls the session loop and its
-//! backlog never grows past the bounds. One place is always kept free for
-//! the last frame, the close, which can also skip the backlog.
+//! backlog never grows past the bounds. The session stops taking in what is
+//! bound for a side while its outbox is full, and waits for room. A few
+//! places past the bounds are kept for the session's own messages, and one
+//! for the last frame, the close, which can also skip the backlog.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +13,13 @@ use futures::{FutureExt, Sink, SinkExt};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::task::AbortOnDropHandle;
+
+/// Places kept past the bounds for the session's own messages (usage
+/// events, pings), so that a queue kept full by relayed frames does not
+/// hold them back. A tick adds at most two. Once these are taken too, the
+/// session skips its own messages until the side reads again: they are
+/// figures that the next ones supersede, and pings.
+const OWN_PLACES: usize = 8;
 
 /// Most queued messages the writer hands the socket before it flushes
 /// them together, so that a run of small frames costs one write to the
@@ -63,7 +72,7 @@ impl<M: Weight + Send + 'static> Outbox<M> {
     where
         S: Sink<M> + Unpin + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(max_messages + 1);
+        let (tx, rx) = mpsc::channel(max_messages + OWN_PLACES + 1);
         let (last_tx, last_rx) = oneshot::channel();
         let queued =
             Arc::new(Queued { bytes: AtomicUsize::new(0), max_bytes, sent: Notify::new() });
@@ -71,10 +80,17 @@ impl<M: Weight + Send + 'static> Outbox<M> {
         Outbox { tx, last_tx, queued, writer: AbortOnDropHandle::new(writer) }
     }
 
-    /// Whether one more message would be taken.
+    /// Whether one more message would be taken by [`Outbox::push`].
     pub fn has_room(&self) -> bool {
-        // The channel holds one more than `max_messages`: the last frame's.
-        self.tx.capacity() > 1 && self.queued.bytes.load(Ordering::Relaxed) < self.queued.max_bytes
+        // Past `max_messages`, the channel holds the places kept for the
+        // session's own messages and the last frame's.
+        self.tx.capacity() > OWN_PLACES + 1
+            && self.queued.bytes.load(Ordering::Relaxed) < self.queued.max_bytes
+    }
+
+    /// Whether the writer has stopped: the connection is gone.
+    pub fn is_gone(&self) -> bool {
+        self.tx.is_closed()
     }
 
     /// Resolves once there is room; never while the outbox stays full.
@@ -88,6 +104,7 @@ impl<M: Weight + Send + 'static> Outbox<M> {
         }
     }
 
+    /// Queues a message within the bounds.
     pub fn push(&self, message: M) -> Result<(), Refused> {
         if self.tx.is_closed() {
             return Err(Refused::Gone);
@@ -95,6 +112,23 @@ impl<M: Weight + Send + 'static> Outbox<M> {
         if !self.has_room() {
             return Err(Refused::Full);
         }
+        self.enqueue(message)
+    }
+
+    /// Queues one of the session's own messages, in a place kept for them
+    /// if the bounds are reached.
+    pub fn push_own(&self, message: M) -> Result<(), Refused> {
+        if self.tx.is_closed() {
+            return Err(Refused::Gone);
+        }
+        // The last place stays the last frame's.
+        if self.tx.capacity() <= 1 {
+            return Err(Refused::Full);
+        }
+        self.enqueue(message)
+    }
+
+    fn enqueue(&self, message: M) -> Result<(), Refused> {
         let weight = message.weight();
         self.queued.bytes.fetch_add(weight, Ordering::Relaxed);
         self.tx.try_send(message).map_err(|error| {
@@ -245,6 +279,28 @@ mod tests {
         finishing.await.unwrap();
         assert_eq!(received.last(), Some(&vec![9]), "{received:?}");
         assert_eq!(received.len(), taken + 1);
+    }
+
+    #[tokio::test]
+    async fn own_messages_get_past_a_full_queue_but_not_into_the_last_place() {
+        let (outbox, mut read) = outbox(2, 1 << 20);
+        while outbox.push(vec![1]).is_ok() {
+            tokio::task::yield_now().await;
+        }
+        let mut own = 0;
+        while outbox.push_own(vec![2]).is_ok() {
+            own += 1;
+        }
+        assert_eq!(own, OWN_PLACES);
+
+        let finishing = tokio::spawn(outbox.finish(Some(vec![9]), Backlog::Send));
+        let mut received = Vec::new();
+        while let Some(message) = read.next().await {
+            received.push(message);
+        }
+        finishing.await.unwrap();
+        assert_eq!(received.last(), Some(&vec![9]), "{received:?}");
+        assert_eq!(received.iter().filter(|m| **m == vec![2]).count(), OWN_PLACES);
     }
 
     #[tokio::test]
