@@ -308,6 +308,39 @@ async fn a_human_without_a_limit_is_metered_but_never_cut_off() {
 }
 
 #[tokio::test]
+async fn a_session_starts_with_one_usage_remaining_and_nothing_more_until_a_tick() {
+    let server = TestServer::start_with(|s| {
+        s.tick = SLOW_TICK;
+        s.warn = Duration::from_secs(60);
+    })
+    .await;
+    // Each session opens a pool of its own; how the meter's first messages
+    // interleave with the session's differs from one to the next.
+    let mut clients = Vec::new();
+    for human in 0..20 {
+        let token = server.mint_seconds(&format!("human {human}"), 30.0).await;
+        clients.push(server.connect(&token).await);
+    }
+    let seen = futures::future::join_all(clients.iter_mut().map(events_until_quiet)).await;
+    for events in seen {
+        let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        let expected = ["usage.session_started", "usage.remaining", "usage.warning"];
+        assert_eq!(types, expected, "{events:?}");
+        assert_near(events[1]["remaining"].as_f64().unwrap(), 30.0, 0.05);
+    }
+}
+
+/// The `usage.*` messages a client gets until none comes for half a second.
+async fn events_until_quiet(client: &mut Client) -> Vec<Value> {
+    let quiet = Duration::from_millis(500);
+    let mut events = Vec::new();
+    while let Ok(event) = tokio::time::timeout(quiet, client.next_event()).await {
+        events.push(event);
+    }
+    events
+}
+
+#[tokio::test]
 async fn usage_messages_count_down_and_warn_once_per_crossing() {
     let server = TestServer::start_with(|s| s.warn = Duration::from_secs(1)).await;
     let token = server.mint_seconds("ada", 1.4).await;

@@ -108,7 +108,8 @@ pub struct Meter {
     in_flight: Vec<Charge>,
     /// Sessions that opened a pool the meter did not know: their figures
     /// came from admission and may be stale, so the next commit charges
-    /// them to bring back the store's.
+    /// them to bring back the store's, and tells them the store's figures
+    /// as their first.
     fresh: Vec<SessionKey>,
     draining: bool,
 }
@@ -201,7 +202,8 @@ impl Meter {
             span: r.span,
         };
         self.sessions.insert(r.key, session);
-        if !self.pools.contains_key(&pool_key) {
+        let fresh = !self.pools.contains_key(&pool_key);
+        if fresh {
             self.fresh.push(r.key);
         }
         let pool = self.pools.entry(pool_key).or_insert_with(|| Pool {
@@ -216,7 +218,11 @@ impl Meter {
             return;
         }
         self.schedule(pool_key);
-        self.notify(r.key);
+        // A fresh session hears from the commit that follows at once; told
+        // now as well, it would get its first figures twice.
+        if !fresh {
+            self.notify(r.key);
+        }
     }
 
     /// The session ended on its own side (the client left, its time limit
