@@ -132,3 +132,22 @@ async fn a_page_may_call_chat_completions_with_the_openai_sdks_headers_but_never
     let unknown = unknown.header("access-control-request-method", "GET").send().await.unwrap();
     assert_eq!(unknown.status(), 404);
 }
+
+#[tokio::test]
+async fn an_upgrade_that_names_two_origins_is_refused() {
+    let server = server_allowing(list(&[APP])).await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let url = format!("{}/v1/realtime/session?kind=conversational&token={token}", server.ws_base);
+    for origins in [[APP, "http://evil.test"], ["http://evil.test", APP], [APP, APP]] {
+        let mut request = url.as_str().into_client_request().unwrap();
+        for origin in origins {
+            request.headers_mut().append("origin", origin.parse().unwrap());
+        }
+        let Err((status, body)) = server.connect_request(request).await else {
+            panic!("a session was opened with the origins {origins:?}");
+        };
+        assert_eq!((status.as_u16(), body["type"].as_str()), (400, Some("invalid_input")));
+        assert_eq!(body["message"], "origin: given more than once");
+    }
+    assert!(session_rows(&server.db()).is_empty(), "a refused upgrade recorded a session");
+}
