@@ -117,6 +117,22 @@ async fn bad_settings_stop_start_up_with_a_message_naming_them() {
 }
 
 #[tokio::test]
+async fn an_empty_variable_for_an_upstream_header_stops_start_up_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    let settings = "[upstream.conversational]\nurl = \"wss://voice.test/agent\"\n\
+                    header_env = { Authorization = \"TEST_EMPTY_VOICE_AUTH\" }\n";
+    std::fs::write(&config, settings).unwrap();
+    let db = dir.path().join("t.db");
+    let args = ["serve", "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()];
+    let env = [("TEST_EMPTY_VOICE_AUTH", "")];
+    let (status, _, stderr) = binary::run_binary_with_env(&args, &db, &env);
+    assert!(!status.success(), "started with an empty secret header");
+    assert!(stderr.contains("TEST_EMPTY_VOICE_AUTH is empty"), "{stderr}");
+    assert!(!db.exists(), "a refused start created the database");
+}
+
+#[tokio::test]
 async fn a_second_server_on_the_same_database_is_refused_and_disturbs_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");

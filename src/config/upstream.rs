@@ -111,9 +111,7 @@ fn headers(
         headers.push((header_name(key, name)?, header_value(key, name, value)?));
     }
     for (name, variable) in &file.header_env {
-        let value = std::env::var(variable).map_err(|_| {
-            format!("{key}.header_env.{name}: the environment variable {variable} is not set")
-        })?;
+        let value = secret_from_env(&format!("{key}.header_env.{name}"), variable)?;
         let mut value = header_value(key, name, &value)?;
         value.set_sensitive(true);
         headers.push((header_name(key, name)?, value));
@@ -127,6 +125,19 @@ fn headers(
         }
     }
     Ok(headers)
+}
+
+/// The value of a variable named in `header_env`. An empty one is refused
+/// like an unset one: the upstream would get an empty header where it
+/// expects a secret.
+fn secret_from_env(key: &str, variable: &str) -> Result<String, String> {
+    match std::env::var(variable) {
+        Ok(value) if value.is_empty() => {
+            Err(format!("{key}: the environment variable {variable} is empty"))
+        }
+        Ok(value) => Ok(value),
+        Err(_) => Err(format!("{key}: the environment variable {variable} is not set")),
+    }
 }
 
 fn header_name(key: &str, name: &str) -> Result<HeaderName, String> {

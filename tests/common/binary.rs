@@ -97,10 +97,20 @@ impl Drop for Process {
 /// Runs `tollgate` with `args` to completion, killing it after 20 s:
 /// (status, stdout, stderr).
 pub fn run_binary(args: &[&str], db: &PathBuf) -> (ExitStatus, String, String) {
+    run_binary_with_env(args, db, &[])
+}
+
+/// As [`run_binary`], with these environment variables set.
+pub fn run_binary_with_env(
+    args: &[&str],
+    db: &PathBuf,
+    env: &[(&str, &str)],
+) -> (ExitStatus, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
         .arg("--db")
         .arg(db)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
