@@ -7,6 +7,8 @@
 //! charges every open session on each tick and cuts sessions off when
 //! their human's limit runs out. Chat completions go through [`llm`],
 //! which holds tokens for each while it runs and debits what it used.
+//! Outgoing webhooks live in [`webhooks`]: so far only how deliveries are
+//! signed, and [`verify`], which checks them for a receiver written in Rust.
 
 pub mod api;
 mod app;
@@ -23,5 +25,7 @@ pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;
+pub mod webhooks;
 
 pub use app::{DEFAULT_PROJECT, RunningServer, create_api_key, start};
+pub use webhooks::signature::verify;
