@@ -39,7 +39,10 @@ CREATE TABLE humans (
 
 -- One pool per human and limit type. balance is always the sum of the
 -- pool's ledger rows. A pool with limited = 0 is metered but not enforced:
--- its balance runs below zero and is not shown as a limit.
+-- its balance runs below zero and is not shown as a limit. low_notified and
+-- exhausted_notified say that the webhook events for falling below the
+-- project's threshold, and for reaching zero, have fired since the balance
+-- was last above the line, so that each fires once per crossing.
 CREATE TABLE limits (
     human_id   INTEGER NOT NULL REFERENCES humans (id),
     limit_type TEXT NOT NULL
@@ -47,6 +50,8 @@ CREATE TABLE limits (
     balance    INTEGER NOT NULL,
     limited    INTEGER NOT NULL CHECK (limited IN (0, 1)),
     updated_at INTEGER NOT NULL,
+    low_notified       INTEGER NOT NULL DEFAULT 0,
+    exhausted_notified INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (human_id, limit_type)
 ) WITHOUT ROWID;
 
@@ -66,7 +71,8 @@ CREATE INDEX usage_tokens_by_human ON usage_tokens (human_id, created_at);
 -- refund_floor is what the session had been charged when its pool was last
 -- set to a value: time given back to a dead client never reaches below it,
 -- so a refund cannot lift a pool above a value set after the client fell
--- silent.
+-- silent. tracked is how much of its use usage.tracked webhook events have
+-- announced: one a minute while it runs, and the rest when it ends.
 CREATE TABLE sessions (
     id           INTEGER PRIMARY KEY,
     public_id    TEXT NOT NULL UNIQUE,
@@ -77,7 +83,8 @@ CREATE TABLE sessions (
     ended_at     INTEGER,
     end_reason   TEXT,
     charged      INTEGER NOT NULL DEFAULT 0,
-    refund_floor INTEGER NOT NULL DEFAULT 0
+    refund_floor INTEGER NOT NULL DEFAULT 0,
+    tracked      INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE INDEX sessions_open_by_human ON sessions (human_id) WHERE ended_at IS NULL;
@@ -143,3 +150,40 @@ CREATE TABLE ledger (
 
 CREATE INDEX ledger_by_pool ON ledger (human_id, limit_type);
 CREATE INDEX ledger_by_session ON ledger (session_id) WHERE session_id IS NOT NULL;
+
+-- A project's webhook endpoint. events is a JSON array of the event types
+-- it wants (NULL: all); thresholds a JSON object of limit type to the
+-- remaining value, in base units, below which "running low" fires. The
+-- secret signs every delivery; after a rotation the previous one signs too,
+-- until previous_until.
+CREATE TABLE webhooks (
+    project_id      INTEGER PRIMARY KEY REFERENCES projects (id),
+    url             TEXT NOT NULL,
+    events          TEXT,
+    thresholds      TEXT,
+    secret          TEXT NOT NULL,
+    previous_secret TEXT,
+    previous_until  INTEGER,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL
+);
+
+-- The outbox: an event is written in the same transaction as the change
+-- that causes it, with the body it is delivered with, and waits here until
+-- its endpoint takes it (delivered) or the retries run out (failed).
+CREATE TABLE webhook_events (
+    id              INTEGER PRIMARY KEY,
+    public_id       TEXT NOT NULL UNIQUE,
+    project_id      INTEGER NOT NULL REFERENCES projects (id),
+    type            TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    created_at      INTEGER NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER,
+    last_error      TEXT,
+    delivered_at    INTEGER
+);
+
+CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX webhook_events_by_project ON webhook_events (project_id, status, id);

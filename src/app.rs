@@ -18,10 +18,12 @@ use crate::config::{LLM_API_KEY_VARIABLE, Settings};
 use crate::listener;
 use crate::llm::{LlmClient, Proxy};
 use crate::meter::{self, Health, MeterSettings};
+use crate::outbound;
 use crate::secret::{Secret, SecretKind};
 use crate::store::Store;
 use crate::store::sqlite::{SqliteStore, StoreThreads};
 use crate::upstream::{self, UpstreamClient};
+use crate::webhooks;
 
 /// The project an empty database starts with.
 pub const DEFAULT_PROJECT: &str = "default";
@@ -99,8 +101,14 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         upstream_client,
         llm,
     };
+    let dispatcher = webhooks::dispatch::spawn(
+        state.store.clone(),
+        outbound::client(upstream::tls_config(state.settings.upstream_ca_file.as_deref())?),
+        state.settings.webhooks,
+        shutdown.clone(),
+    );
     let http = tokio::spawn(listener::serve(listener, api::router(state), shutdown.clone()));
-    let parts = Parts { http, meter, meter_task, store_threads, _lock: lock };
+    let parts = Parts { http, meter, meter_task, dispatcher, store_threads, _lock: lock };
     let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts));
     Ok(RunningServer { local_addr, first_api_key, shutdown, done })
 }
@@ -133,6 +141,9 @@ struct Parts {
     http: JoinHandle<()>,
     meter: meter::MeterHandle,
     meter_task: JoinHandle<()>,
+    /// Stops at the shutdown signal; what it was sending is sent again at
+    /// the next start.
+    dispatcher: JoinHandle<()>,
     store_threads: StoreThreads,
     /// Held until the end: see [`lock_database`].
     _lock: File,
@@ -149,6 +160,9 @@ async fn stop_when_asked(shutdown: CancellationToken, parts: Parts) -> anyhow::R
     match tokio::time::timeout(SHUTDOWN_GRACE, parts.http).await {
         Ok(joined) => joined.context("the listener task failed")?,
         Err(_) => warn!("some HTTP connections did not finish their request in time"),
+    }
+    if parts.dispatcher.await.is_err() {
+        warn!("the webhook dispatcher failed");
     }
     if tokio::time::timeout(SHUTDOWN_GRACE, parts.meter_task).await.is_err() {
         warn!("some sessions did not finish closing in time; their usage is recorded");

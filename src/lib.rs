@@ -7,8 +7,9 @@
 //! charges every open session on each tick and cuts sessions off when
 //! their human's limit runs out. Chat completions go through [`llm`],
 //! which holds tokens for each while it runs and debits what it used.
-//! Outgoing webhooks live in [`webhooks`]: so far only how deliveries are
-//! signed, and [`verify`], which checks them for a receiver written in Rust.
+//! Every change of usage is also an event for the project's webhook, which
+//! [`webhooks`] delivers, signed; [`verify`] checks a delivery for a
+//! receiver written in Rust.
 
 pub mod api;
 mod app;
@@ -20,6 +21,7 @@ pub mod limits;
 mod listener;
 pub mod llm;
 pub mod meter;
+mod outbound;
 pub mod secret;
 pub mod session;
 pub mod store;

@@ -9,6 +9,7 @@ mod health;
 mod realtime;
 mod reports;
 mod tokens;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::{HeaderValue, Method, Request, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -64,6 +65,10 @@ pub fn router(state: AppState) -> Router {
         .route("/usage/token/check", post(tokens::check))
         .route("/usage/token/update_ttl", post(tokens::update_ttl))
         .route("/usage/report", post(reports::report))
+        .route("/webhook", put(webhooks::set).get(webhooks::get).delete(webhooks::delete))
+        .route("/webhook/rotate", post(webhooks::rotate))
+        .route("/webhook/deliveries", get(webhooks::deliveries))
+        .route("/webhook/deliveries/{id}/retry", post(webhooks::retry))
         .route("/realtime/session", get(realtime::open))
         .route("/chat/completions", post(completions::chat).fallback(completions::wrong_method))
         .route("/models", get(completions::models).fallback(completions::wrong_method))

@@ -15,6 +15,7 @@ use std::time::Duration;
 use axum::http::{HeaderValue, Uri};
 use clap::{Args, Parser, Subcommand};
 
+use crate::webhooks::dispatch::DispatchSettings;
 use file::FileSettings;
 pub use llm::{API_KEY_VARIABLE as LLM_API_KEY_VARIABLE, CapField, LlmSettings, LlmUpstream};
 pub use upstream::{Upstream, Upstreams};
@@ -155,6 +156,9 @@ pub struct Settings {
     pub upstreams: Upstreams,
     pub upstream_ca_file: Option<PathBuf>,
     pub llm: LlmSettings,
+    /// How webhook deliveries are paced; not a setting of the command line
+    /// or the file, only of the code (tests make retries quick).
+    pub webhooks: DispatchSettings,
 }
 
 /// Which browser origins may use the API.
@@ -186,6 +190,7 @@ impl Settings {
             upstreams: Upstreams::default(),
             upstream_ca_file: None,
             llm: LlmSettings::default(),
+            webhooks: DispatchSettings::default(),
         }
     }
 
@@ -265,6 +270,7 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
         },
         upstream_ca_file: args.upstream_ca_file.or(file.upstream.ca_file),
         llm: llm::check(args.llm_upstream, args.llm_default_max_tokens, file.llm)?,
+        webhooks: DispatchSettings::default(),
     })
 }
 

@@ -1,6 +1,5 @@
-//! HTTP to the OpenAI-compatible service behind the proxy: hyper's client
-//! with rustls (ring, the system's roots and the extra CA file), HTTP/1.1,
-//! the service's key added to every request and the client's never sent.
+//! HTTP to the OpenAI-compatible service behind the proxy, with the
+//! service's key added to every request and the client's never sent.
 
 use std::time::Duration;
 
@@ -8,17 +7,11 @@ use axum::body::Bytes;
 use axum::http::{HeaderValue, Method, Request, header};
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use rustls::ClientConfig;
 
 use super::{Answer, BoxError};
 use crate::config::LlmUpstream;
-
-/// How long a connection to the service may take to open.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::outbound::{self, HttpsClient};
 
 /// Why the service could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +23,7 @@ pub enum SendError {
 }
 
 pub struct LlmClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: HttpsClient,
     upstream: LlmUpstream,
     /// How long to wait for the head of an answer.
     idle_timeout: Duration,
@@ -39,17 +32,7 @@ pub struct LlmClient {
 impl LlmClient {
     /// `tls` must not name ALPN protocols: the connector sets HTTP/1.1.
     pub fn new(upstream: LlmUpstream, tls: ClientConfig, idle_timeout: Duration) -> LlmClient {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new()).build(https);
-        LlmClient { client, upstream, idle_timeout }
+        LlmClient { client: outbound::client(tls), upstream, idle_timeout }
     }
 
     /// `POST`s a JSON body to an endpoint under the base URL.

@@ -272,6 +272,101 @@ pub enum ReportOutcome {
     KeyReused(Report),
 }
 
+/// A project's webhook, without its secrets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Webhook {
+    pub url: String,
+    /// The event types it wants; `None` for all.
+    pub events: Option<Vec<String>>,
+    /// "Running low" lines, in base units.
+    pub thresholds: Vec<Limit>,
+    /// Until when a rotated-out secret still signs, if one does.
+    pub previous_secret_until: Option<UnixMillis>,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+/// What setting a webhook asks for.
+#[derive(Clone, Debug)]
+pub struct WebhookChange {
+    pub project: ProjectId,
+    pub url: String,
+    pub events: Option<Vec<String>>,
+    pub thresholds: Vec<Limit>,
+    /// The secret for a new webhook; an existing one keeps its own.
+    pub secret: String,
+    pub now: UnixMillis,
+}
+
+/// Where a webhook event stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<DeliveryStatus> {
+        match name {
+            "pending" => Some(DeliveryStatus::Pending),
+            "delivered" => Some(DeliveryStatus::Delivered),
+            "failed" => Some(DeliveryStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A webhook event and how its delivery went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The outbox row, for cursors.
+    pub seq: i64,
+    /// The event's id, sent as `webhook-id` on every attempt.
+    pub id: String,
+    pub kind: String,
+    pub status: DeliveryStatus,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub created_at: UnixMillis,
+    pub next_attempt_at: Option<UnixMillis>,
+    pub delivered_at: Option<UnixMillis>,
+}
+
+/// An event due for an attempt, with where and how to send it.
+#[derive(Clone, Debug)]
+pub struct DueEvent {
+    pub seq: i64,
+    pub id: String,
+    pub project: ProjectId,
+    pub body: String,
+    pub attempts: i64,
+    pub created_at: UnixMillis,
+    /// `None` when the project's webhook is gone.
+    pub url: Option<String>,
+    /// The secrets that sign it: the current one first.
+    pub secrets: Vec<String>,
+}
+
+/// How an attempt went.
+#[derive(Clone, Debug)]
+pub enum AttemptOutcome {
+    Delivered,
+    /// Failed; tried again at `retry_at`, or never when `None`.
+    Failed {
+        error: String,
+        retry_at: Option<UnixMillis>,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database is locked, read-only, full or gone: writes may work
@@ -380,4 +475,58 @@ pub trait Store: Send + Sync + 'static {
     /// Records a usage report, or finds the one recorded earlier under its
     /// idempotency key.
     async fn report_usage(&self, report: NewReport) -> StoreResult<ReportOutcome>;
+
+    /// Creates or changes the project's webhook; returns it, and whether it
+    /// was created (and so signs with the change's secret).
+    async fn set_webhook(&self, change: WebhookChange) -> StoreResult<(Webhook, bool)>;
+
+    async fn webhook(&self, project: ProjectId) -> StoreResult<Option<Webhook>>;
+
+    /// Removes the project's webhook; its undelivered events are marked
+    /// failed. Returns whether there was one.
+    async fn delete_webhook(&self, project: ProjectId) -> StoreResult<bool>;
+
+    /// Gives the webhook a new secret; the old one signs too until
+    /// `previous_until`. Returns whether there was a webhook.
+    async fn rotate_webhook_secret(
+        &self,
+        project: ProjectId,
+        secret: String,
+        previous_until: UnixMillis,
+        now: UnixMillis,
+    ) -> StoreResult<bool>;
+
+    /// Pending events whose next attempt is due, oldest first, leaving out
+    /// `busy` (those being attempted).
+    async fn due_events(
+        &self,
+        now: UnixMillis,
+        busy: Vec<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<DueEvent>>;
+
+    async fn record_attempt(
+        &self,
+        seq: i64,
+        outcome: AttemptOutcome,
+        now: UnixMillis,
+    ) -> StoreResult<()>;
+
+    /// The project's events, oldest first, after the cursor `after`.
+    async fn deliveries(
+        &self,
+        project: ProjectId,
+        status: Option<DeliveryStatus>,
+        after: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<Delivery>>;
+
+    /// Makes a failed or pending event due now again. Returns it, or
+    /// `None` for no such event of the project.
+    async fn retry_delivery(
+        &self,
+        project: ProjectId,
+        id: &str,
+        now: UnixMillis,
+    ) -> StoreResult<Option<Delivery>>;
 }

@@ -3,11 +3,13 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::outbox::{self, Hooks};
 use crate::limits::{ChangeMode, Limit, LimitType, SessionKind};
 use crate::secret::SecretHash;
 use crate::store::{
     Human, HumanId, MintRequest, ProjectId, StoreError, StoreResult, UnixMillis, UsageTokenRecord,
 };
+use crate::webhooks::events::Event;
 
 pub fn add_api_key(conn: &mut Connection, project: &str, key: SecretHash) -> StoreResult<()> {
     let now = crate::clock::now_millis();
@@ -102,11 +104,15 @@ pub fn find_or_create_human(
         .ok_or_else(|| StoreError::Other("a human vanished right after it was created".into()))
 }
 
-pub fn mint_token(conn: &mut Connection, request: MintRequest) -> StoreResult<Vec<Limit>> {
+pub fn mint_token(
+    conn: &mut Connection,
+    hooks: &Hooks,
+    request: MintRequest,
+) -> StoreResult<Vec<Limit>> {
     let tx = super::write_transaction(conn)?;
     let human = find_or_create_human(&tx, request.project, &request.human, request.now)?;
     if let Some(changes) = &request.limits {
-        apply_limits(&tx, human.id, changes, ChangeMode::Set, request.now)?;
+        apply_limits(&tx, hooks, human.id, changes, ChangeMode::Set, request.now)?;
     }
     tx.prepare_cached(
         "INSERT INTO usage_tokens (human_id, token_hash, created_at, expires_at)
@@ -147,6 +153,7 @@ pub fn limits(conn: &Connection, human: HumanId) -> StoreResult<Vec<Limit>> {
 /// for the difference, inside the caller's transaction.
 pub fn apply_limits(
     conn: &Connection,
+    hooks: &Hooks,
     human: HumanId,
     changes: &[Limit],
     mode: ChangeMode,
@@ -180,6 +187,9 @@ pub fn apply_limits(
                            updated_at = excluded.updated_at",
         )?
         .execute(params![human.0, change.limit_type.as_str(), target, now])?;
+        if let Some(marks) = outbox::marks(conn, human, change.limit_type)? {
+            outbox::crossed(conn, hooks, marks, target, now)?;
+        }
     }
     Ok(())
 }
@@ -308,6 +318,7 @@ pub fn pool(
 
 pub fn revoke(
     conn: &mut Connection,
+    hooks: &Hooks,
     project: ProjectId,
     name: &str,
     now: UnixMillis,
@@ -325,6 +336,8 @@ pub fn revoke(
         "UPDATE humans SET revocation_epoch = revocation_epoch + 1 WHERE id = ?1",
         [human.id.0],
     )?;
+    let event = Event::TokenRevoked { revoked_tokens: revoked as u64 };
+    outbox::emit(&tx, hooks, human.id, &event, now)?;
     tx.commit()?;
     Ok(Some(revoked as u64))
 }

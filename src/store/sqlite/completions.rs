@@ -4,11 +4,13 @@
 use rusqlite::{Connection, params};
 
 use super::accounts::{self, DebitOf, TokenRefusal};
+use super::outbox::{self, Hooks};
 use crate::limits::{LimitType, completion_allowance};
 use crate::store::{
     CompletionAdmission, CompletionEnd, CompletionKey, CompletionOutcome, HumanId, NewCompletion,
     StoreResult, UnixMillis,
 };
+use crate::webhooks::events::{Event, UsageSource};
 
 const POOL: LimitType = LimitType::TokenCnt;
 
@@ -66,7 +68,7 @@ fn held(conn: &Connection, human: HumanId) -> StoreResult<i64> {
 
 /// Releases the hold and debits the usage; a completion already ended is
 /// left as it is. Returns the remaining `token_cnt`, `None` when unlimited.
-pub fn end(conn: &mut Connection, end: CompletionEnd) -> StoreResult<Option<i64>> {
+pub fn end(conn: &mut Connection, hooks: &Hooks, end: CompletionEnd) -> StoreResult<Option<i64>> {
     let tx = super::write_transaction(conn)?;
     let ended = tx
         .prepare_cached(
@@ -84,11 +86,42 @@ pub fn end(conn: &mut Connection, end: CompletionEnd) -> StoreResult<Option<i64>
         ])?;
     let total = end.prompt_tokens + end.completion_tokens;
     if ended == 1 && total > 0 {
-        accounts::debit(&tx, end.human, POOL, total, DebitOf::Completion(end.key.0), end.now)?;
+        let balance =
+            accounts::debit(&tx, end.human, POOL, total, DebitOf::Completion(end.key.0), end.now)?;
+        announce(&tx, hooks, &end, total, balance)?;
     }
     let (balance, limited) = accounts::ensure_pool(&tx, end.human, POOL, end.now)?;
     tx.commit()?;
     Ok(limited.then_some(balance))
+}
+
+/// The events of a completion's debit: its usage, and any line its
+/// human's pool crossed.
+fn announce(
+    conn: &Connection,
+    hooks: &Hooks,
+    end: &CompletionEnd,
+    total: i64,
+    balance: i64,
+) -> StoreResult<()> {
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let (public_id, model): (String, String) = conn
+        .prepare_cached("SELECT public_id, model FROM completions WHERE id = ?1")?
+        .query_row([end.key.0], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let source = UsageSource::Completion {
+        completion: &public_id,
+        model: &model,
+        prompt_tokens: end.prompt_tokens,
+        completion_tokens: end.completion_tokens,
+    };
+    let event = Event::UsageTracked { limit_type: POOL, amount: total, source };
+    outbox::emit(conn, hooks, end.human, &event, end.now)?;
+    if let Some(marks) = outbox::marks(conn, end.human, POOL)? {
+        outbox::crossed(conn, hooks, marks, balance, end.now)?;
+    }
+    Ok(())
 }
 
 pub fn close_abandoned(conn: &Connection, now: UnixMillis) -> StoreResult<u64> {

@@ -6,8 +6,10 @@
 
 mod accounts;
 mod completions;
+mod outbox;
 mod reports;
 mod usage;
+mod webhooks;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,22 +24,24 @@ use rusqlite::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Admission, CompletionAdmission, CompletionEnd, Human, HumanId, MintRequest, NewCompletion,
-    NewReport, NewSession, ProjectId, ReportOutcome, Store, StoreError, StoreResult, UnixMillis,
-    UsageBatch, UsageRecorded, UsageTokenRecord,
+    Admission, AttemptOutcome, CompletionAdmission, CompletionEnd, Delivery, DeliveryStatus,
+    DueEvent, Human, HumanId, MintRequest, NewCompletion, NewReport, NewSession, ProjectId,
+    ReportOutcome, Store, StoreError, StoreResult, UnixMillis, UsageBatch, UsageRecorded,
+    UsageTokenRecord, Webhook, WebhookChange,
 };
 use crate::limits::{ChangeMode, Limit};
 use crate::secret::SecretHash;
 
 /// The schema this build writes and understands; recorded in the database.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 const SCHEMA: &str = include_str!("../../../schema.sql");
 
 /// The script that brings a database from the version before to each
 /// version after the first, in order. Each runs in one transaction with
 /// the record of the version it reaches, so a crash mid-upgrade leaves the
 /// database as it was.
-const UPGRADES: &[(i64, &str)] = &[(2, include_str!("upgrades/2.sql"))];
+const UPGRADES: &[(i64, &str)] =
+    &[(2, include_str!("upgrades/2.sql")), (3, include_str!("upgrades/3.sql"))];
 
 /// How many jobs may wait for each thread. Callers past this wait for room
 /// (backpressure on HTTP handlers and the meter) rather than queueing
@@ -53,11 +57,12 @@ const BUSY_TIMEOUT_MS: u64 = 1000;
 /// Work for one of the store's threads, run on its state.
 type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
-/// The writer thread's state: the connection and what the usage recorder
-/// remembers between ticks.
+/// The writer thread's state: the connection, what the usage recorder
+/// remembers between ticks, and what each project's webhook wants.
 pub(crate) struct Writer {
     conn: Connection,
     segments: HashMap<i64, usage::Segment>,
+    hooks: outbox::Hooks,
 }
 
 /// A handle on the store's threads; cheap to clone.
@@ -96,7 +101,8 @@ impl SqliteStore {
             .with_context(cannot_open)?;
         reader.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
 
-        let writer = Writer { conn, segments: HashMap::new() };
+        let hooks = outbox::Hooks::load(&conn).context("cannot read the webhooks")?;
+        let writer = Writer { conn, segments: HashMap::new(), hooks };
         let (writes_tx, write_thread) = spawn_thread("tollgate-store-writer", writer)?;
         let (reads_tx, read_thread) = spawn_thread("tollgate-store-reader", reader)?;
         let threads = StoreThreads(vec![write_thread, read_thread]);
@@ -269,7 +275,7 @@ impl Store for SqliteStore {
     }
 
     async fn mint_token(&self, request: MintRequest) -> StoreResult<Vec<Limit>> {
-        self.write(move |w| accounts::mint_token(&mut w.conn, request)).await
+        self.write(move |w| accounts::mint_token(&mut w.conn, &w.hooks, request)).await
     }
 
     async fn limits(&self, human: HumanId) -> StoreResult<Vec<Limit>> {
@@ -288,7 +294,7 @@ impl Store for SqliteStore {
         self.write(move |w| {
             let tx = write_transaction(&mut w.conn)?;
             let found = accounts::find_or_create_human(&tx, project, &human, now)?;
-            accounts::apply_limits(&tx, found.id, &changes, mode, now)?;
+            accounts::apply_limits(&tx, &w.hooks, found.id, &changes, mode, now)?;
             let after = accounts::limits(&tx, found.id)?;
             tx.commit()?;
             Ok(after)
@@ -303,7 +309,7 @@ impl Store for SqliteStore {
         now: UnixMillis,
     ) -> StoreResult<Option<u64>> {
         let human = human.to_owned();
-        self.write(move |w| accounts::revoke(&mut w.conn, project, &human, now)).await
+        self.write(move |w| accounts::revoke(&mut w.conn, &w.hooks, project, &human, now)).await
     }
 
     async fn newest_live_token(
@@ -329,7 +335,7 @@ impl Store for SqliteStore {
     }
 
     async fn open_session(&self, session: NewSession) -> StoreResult<Admission> {
-        self.write(move |w| usage::open_session(&mut w.conn, session)).await
+        self.write(move |w| usage::open_session(&mut w.conn, &w.hooks, session)).await
     }
 
     async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {
@@ -337,7 +343,7 @@ impl Store for SqliteStore {
     }
 
     async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
-        self.write(|w| usage::close_abandoned(&w.conn)).await
+        self.write(|w| usage::close_abandoned(&mut w.conn, &w.hooks)).await
     }
 
     async fn start_completion(
@@ -348,7 +354,7 @@ impl Store for SqliteStore {
     }
 
     async fn end_completion(&self, end: CompletionEnd) -> StoreResult<Option<i64>> {
-        self.write(move |w| completions::end(&mut w.conn, end)).await
+        self.write(move |w| completions::end(&mut w.conn, &w.hooks, end)).await
     }
 
     async fn close_abandoned_completions(&self, now: UnixMillis) -> StoreResult<u64> {
@@ -356,7 +362,68 @@ impl Store for SqliteStore {
     }
 
     async fn report_usage(&self, report: NewReport) -> StoreResult<ReportOutcome> {
-        self.write(move |w| reports::record(&mut w.conn, report)).await
+        self.write(move |w| reports::record(&mut w.conn, &w.hooks, report)).await
+    }
+
+    async fn set_webhook(&self, change: WebhookChange) -> StoreResult<(Webhook, bool)> {
+        self.write(move |w| webhooks::set(w, change)).await
+    }
+
+    async fn webhook(&self, project: ProjectId) -> StoreResult<Option<Webhook>> {
+        self.read(move |conn| webhooks::get(conn, project)).await
+    }
+
+    async fn delete_webhook(&self, project: ProjectId) -> StoreResult<bool> {
+        self.write(move |w| webhooks::delete(w, project)).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        project: ProjectId,
+        secret: String,
+        previous_until: UnixMillis,
+        now: UnixMillis,
+    ) -> StoreResult<bool> {
+        self.write(move |w| webhooks::rotate(&mut w.conn, project, secret, previous_until, now))
+            .await
+    }
+
+    async fn due_events(
+        &self,
+        now: UnixMillis,
+        busy: Vec<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<DueEvent>> {
+        self.read(move |conn| webhooks::due(conn, now, &busy, limit)).await
+    }
+
+    async fn record_attempt(
+        &self,
+        seq: i64,
+        outcome: AttemptOutcome,
+        now: UnixMillis,
+    ) -> StoreResult<()> {
+        self.write(move |w| webhooks::record_attempt(&w.conn, seq, outcome, now)).await
+    }
+
+    async fn deliveries(
+        &self,
+        project: ProjectId,
+        status: Option<DeliveryStatus>,
+        after: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<Delivery>> {
+        self.read(move |conn| webhooks::list(conn, project, status, after, limit)).await
+    }
+
+    async fn retry_delivery(
+        &self,
+        project: ProjectId,
+        id: &str,
+        now: UnixMillis,
+    ) -> StoreResult<Option<Delivery>> {
+        let id = id.to_owned();
+        self.write(move |w| webhooks::retry(&w.conn, project, &id, now)).await
     }
 }
 

@@ -4,10 +4,16 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::accounts::{self, DebitOf};
+use super::outbox::{self, Hooks};
 use crate::limits::LimitType;
-use crate::store::{NewReport, Report, ReportOutcome, StoreError, StoreResult};
+use crate::store::{HumanId, NewReport, Report, ReportOutcome, StoreError, StoreResult};
+use crate::webhooks::events::{Event, UsageSource};
 
-pub fn record(conn: &mut Connection, report: NewReport) -> StoreResult<ReportOutcome> {
+pub fn record(
+    conn: &mut Connection,
+    hooks: &Hooks,
+    report: NewReport,
+) -> StoreResult<ReportOutcome> {
     let tx = super::write_transaction(conn)?;
     if let Some(earlier) = find(&tx, &report)? {
         let same = earlier.human == report.human
@@ -48,6 +54,7 @@ pub fn record(conn: &mut Connection, report: NewReport) -> StoreResult<ReportOut
     )?;
     let remaining = limited.then_some(balance);
     tx.execute("UPDATE usage_reports SET remaining = ?2 WHERE id = ?1", params![id, remaining])?;
+    announce(&tx, hooks, human.id, id, &report, balance)?;
     tx.commit()?;
     Ok(ReportOutcome::Recorded(Report {
         id,
@@ -89,4 +96,29 @@ fn row_to_report(row: &Row) -> rusqlite::Result<StoreResult<Report>> {
         remaining: row.get(6)?,
         created_at: row.get(7)?,
     }))
+}
+
+/// The events of a report's debit: its usage, and any line its human's pool
+/// crossed.
+fn announce(
+    conn: &Connection,
+    hooks: &Hooks,
+    human: HumanId,
+    id: i64,
+    report: &NewReport,
+    balance: i64,
+) -> StoreResult<()> {
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let metadata = report.metadata.as_deref().and_then(|text| serde_json::from_str(text).ok());
+    let source =
+        UsageSource::Report { report: id, idempotency_key: &report.idempotency_key, metadata };
+    let event =
+        Event::UsageTracked { limit_type: report.limit_type, amount: report.amount, source };
+    outbox::emit(conn, hooks, human, &event, report.now)?;
+    if let Some(marks) = outbox::marks(conn, human, report.limit_type)? {
+        outbox::crossed(conn, hooks, marks, balance, report.now)?;
+    }
+    Ok(())
 }

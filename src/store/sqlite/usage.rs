@@ -3,14 +3,18 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use std::collections::HashMap;
+
 use super::Writer;
 use super::accounts;
+use super::outbox::{self, Hooks};
 use crate::close::EndReason;
-use crate::limits::LimitType;
+use crate::limits::{LimitType, SessionKind};
 use crate::store::{
     Admission, Charge, HumanId, NewSession, PoolState, SessionKey, StoreError, StoreResult,
     UnixMillis, UsageBatch, UsageRecorded,
 };
+use crate::webhooks::events::{Event, UsageSource};
 
 /// A debit row stays open for this long of wall-clock time, growing with
 /// each tick; then the session's next debit starts a new row. One row a
@@ -25,7 +29,11 @@ pub struct Segment {
     started_at: UnixMillis,
 }
 
-pub fn open_session(conn: &mut Connection, session: NewSession) -> StoreResult<Admission> {
+pub fn open_session(
+    conn: &mut Connection,
+    hooks: &Hooks,
+    session: NewSession,
+) -> StoreResult<Admission> {
     let tx = super::write_transaction(conn)?;
     if let Some(refusal) = check_token(&tx, session.token, session.now)? {
         return Ok(refusal);
@@ -59,6 +67,8 @@ pub fn open_session(conn: &mut Connection, session: NewSession) -> StoreResult<A
         [session.human.0],
         |row| row.get(0),
     )?;
+    let started = Event::SessionStarted { session: &session.public_id, kind: session.kind };
+    outbox::emit(&tx, hooks, session.human, &started, session.now)?;
     tx.commit()?;
     Ok(Admission::Admitted { key, remaining: limited.then_some(balance), revocation_epoch })
 }
@@ -94,12 +104,13 @@ pub fn record(
     let tx = super::write_transaction(&mut writer.conn)?;
     let mut started = Vec::new();
     let mut recorded = UsageRecorded::default();
+    let segments = Segments { current: &writer.segments, started: &mut started };
+    let mut charging = Charging { conn: &tx, hooks: &writer.hooks, segments, now };
     for pool in group_by_pool(&batch.charges) {
-        let state = charge_pool(&tx, &writer.segments, &mut started, pool, now)?;
-        recorded.pools.push(state);
+        recorded.pools.push(charging.charge_pool(pool)?);
     }
     for end in &batch.ends {
-        let charged = end_session(&tx, end.session, end.reason, now)?;
+        let charged = end_session(&tx, &writer.hooks, end.session, end.reason, now)?;
         recorded.ended.push((end.session, charged));
     }
     tx.commit()?;
@@ -125,35 +136,65 @@ fn group_by_pool(charges: &[Charge]) -> Vec<Vec<Charge>> {
     pools
 }
 
-/// Charges the sessions of one pool. An enforced pool is never taken below
-/// zero by time: a debit larger than what remains is cut to what remains,
-/// and the meter closes the pool's sessions when it sees zero.
-fn charge_pool(
-    conn: &Connection,
-    segments: &std::collections::HashMap<i64, Segment>,
-    started: &mut Vec<(i64, Segment)>,
-    charges: Vec<Charge>,
+/// The segments of open sessions: those remembered from earlier batches,
+/// and those this batch starts (remembered once it commits).
+struct Segments<'a> {
+    current: &'a HashMap<i64, Segment>,
+    started: &'a mut Vec<(i64, Segment)>,
+}
+
+/// One batch's charging, inside its transaction.
+struct Charging<'a> {
+    conn: &'a Connection,
+    hooks: &'a Hooks,
+    segments: Segments<'a>,
     now: UnixMillis,
-) -> StoreResult<PoolState> {
-    let (human, limit_type) = (charges[0].human, charges[0].limit_type);
-    let (mut balance, limited, revocation_epoch) = pool_for_update(conn, human, limit_type)?;
-    for charge in charges {
-        if charge.amount >= 0 {
-            let applied = if limited { charge.amount.min(balance.max(0)) } else { charge.amount };
-            let segment = segments.get(&charge.session.0).copied();
-            if let Some(new) = debit(conn, &charge, applied, segment, now)? {
-                started.push((charge.session.0, new));
+}
+
+impl Charging<'_> {
+    /// Charges the sessions of one pool. An enforced pool is never taken
+    /// below zero by time: a debit larger than what remains is cut to what
+    /// remains, and the meter closes the pool's sessions when it sees zero.
+    fn charge_pool(&mut self, charges: Vec<Charge>) -> StoreResult<PoolState> {
+        let (human, limit_type) = (charges[0].human, charges[0].limit_type);
+        let (mut balance, limited, revocation_epoch) =
+            pool_for_update(self.conn, human, limit_type)?;
+        for charge in charges {
+            if charge.amount >= 0 {
+                let applied =
+                    if limited { charge.amount.min(balance.max(0)) } else { charge.amount };
+                self.debit_session(&charge, applied)?;
+                balance -= applied;
+            } else {
+                balance += refund(self.conn, &charge, self.now)?;
             }
-            balance -= applied;
-        } else {
-            balance += refund(conn, &charge, now)?;
         }
+        self.conn
+            .prepare_cached(
+                "UPDATE limits SET balance = ?3, updated_at = ?4
+                 WHERE human_id = ?1 AND limit_type = ?2",
+            )?
+            .execute(params![human.0, limit_type.as_str(), balance, self.now])?;
+        if !self.hooks.is_empty()
+            && let Some(marks) = outbox::marks(self.conn, human, limit_type)?
+        {
+            outbox::crossed(self.conn, self.hooks, marks, balance, self.now)?;
+        }
+        Ok(PoolState { human, limit_type, remaining: limited.then_some(balance), revocation_epoch })
     }
-    conn.prepare_cached(
-        "UPDATE limits SET balance = ?3, updated_at = ?4 WHERE human_id = ?1 AND limit_type = ?2",
-    )?
-    .execute(params![human.0, limit_type.as_str(), balance, now])?;
-    Ok(PoolState { human, limit_type, remaining: limited.then_some(balance), revocation_epoch })
+
+    /// Debits a session's current segment. When the segment is complete,
+    /// what it holds is announced first, and a new one starts.
+    fn debit_session(&mut self, charge: &Charge, applied: i64) -> StoreResult<()> {
+        let segment = self.segments.current.get(&charge.session.0).copied();
+        if applied > 0 && segment.is_some_and(|s| self.now - s.started_at >= SEGMENT_MILLIS) {
+            track_session(self.conn, self.hooks, charge.session, self.now)?;
+        }
+        if let Some(new) = debit(self.conn, charge, applied, segment, self.now)? {
+            self.segments.started.push((charge.session.0, new));
+        }
+        Ok(())
+    }
 }
 
 fn pool_for_update(
@@ -250,32 +291,116 @@ fn session_charged(conn: &Connection, session: SessionKey) -> StoreResult<i64> {
 /// Records the end of a session; returns all it was charged.
 fn end_session(
     conn: &Connection,
+    hooks: &Hooks,
     session: SessionKey,
     reason: EndReason,
     now: UnixMillis,
 ) -> StoreResult<i64> {
     let charged = session_charged(conn, session)?;
-    conn.prepare_cached(
-        "UPDATE sessions SET ended_at = ?2, end_reason = ?3, charged = ?4
-         WHERE id = ?1 AND ended_at IS NULL",
-    )?
-    .execute(params![session.0, now, reason.as_str(), charged])?;
+    let ended = conn
+        .prepare_cached(
+            "UPDATE sessions SET ended_at = ?2, end_reason = ?3, charged = ?4
+             WHERE id = ?1 AND ended_at IS NULL",
+        )?
+        .execute(params![session.0, now, reason.as_str(), charged])?;
+    if ended == 1 {
+        announce_end(conn, hooks, session, reason.as_str(), now)?;
+    }
     Ok(charged)
+}
+
+/// A session's row as the events about it need it.
+struct SessionFacts {
+    human: HumanId,
+    public_id: String,
+    kind: SessionKind,
+    charged: i64,
+    tracked: i64,
+}
+
+fn session_facts(conn: &Connection, session: SessionKey) -> StoreResult<SessionFacts> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT human_id, public_id, kind, tracked,
+                (SELECT -COALESCE(SUM(amount), 0) FROM ledger WHERE session_id = sessions.id)
+         FROM sessions WHERE id = ?1",
+    )?;
+    let (human, public_id, kind, tracked, charged): (i64, String, String, i64, i64) = stmt
+        .query_row([session.0], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+        })?;
+    let kind = SessionKind::parse(&kind)
+        .ok_or_else(|| StoreError::Other(format!("unknown session kind {kind:?} stored")))?;
+    Ok(SessionFacts { human: HumanId(human), public_id, kind, charged, tracked })
+}
+
+/// Announces what a session used since its last `usage.tracked`, if
+/// anything.
+fn track_session(
+    conn: &Connection,
+    hooks: &Hooks,
+    session: SessionKey,
+    now: UnixMillis,
+) -> StoreResult<SessionFacts> {
+    let facts = session_facts(conn, session)?;
+    let untracked = facts.charged - facts.tracked;
+    if hooks.is_empty() || untracked == 0 {
+        return Ok(facts);
+    }
+    let source = UsageSource::Session { session: &facts.public_id, kind: facts.kind };
+    let event =
+        Event::UsageTracked { limit_type: facts.kind.limit_type(), amount: untracked, source };
+    outbox::emit(conn, hooks, facts.human, &event, now)?;
+    conn.prepare_cached("UPDATE sessions SET tracked = ?2 WHERE id = ?1")?
+        .execute(params![session.0, facts.charged])?;
+    Ok(facts)
+}
+
+/// The events of a session's end: the rest of its usage, and its end.
+fn announce_end(
+    conn: &Connection,
+    hooks: &Hooks,
+    session: SessionKey,
+    reason: &str,
+    now: UnixMillis,
+) -> StoreResult<()> {
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let facts = track_session(conn, hooks, session, now)?;
+    let event = Event::SessionEnded {
+        session: &facts.public_id,
+        kind: facts.kind,
+        charged: facts.charged,
+        reason,
+    };
+    outbox::emit(conn, hooks, facts.human, &event, now)
 }
 
 /// Ends every session still open in the database. They were charged up to
 /// the last tick that recorded them, which is taken as their end.
-pub fn close_abandoned(conn: &Connection) -> StoreResult<u64> {
-    let closed = conn.execute(
-        "UPDATE sessions SET
-             end_reason = ?1,
-             charged = (SELECT -COALESCE(SUM(amount), 0) FROM ledger
-                        WHERE ledger.session_id = sessions.id),
-             ended_at = MAX(started_at, COALESCE((SELECT MAX(updated_at) FROM ledger
-                                                  WHERE ledger.session_id = sessions.id),
-                                                 started_at))
-         WHERE ended_at IS NULL",
-        [EndReason::ServerRestart.as_str()],
-    )?;
-    Ok(closed as u64)
+pub fn close_abandoned(conn: &mut Connection, hooks: &Hooks) -> StoreResult<u64> {
+    let tx = super::write_transaction(conn)?;
+    let open: Vec<i64> = tx
+        .prepare("SELECT id FROM sessions WHERE ended_at IS NULL")?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    let reason = EndReason::ServerRestart.as_str();
+    for &id in &open {
+        tx.execute(
+            "UPDATE sessions SET
+                 end_reason = ?2,
+                 charged = (SELECT -COALESCE(SUM(amount), 0) FROM ledger
+                            WHERE ledger.session_id = sessions.id),
+                 ended_at = MAX(started_at, COALESCE((SELECT MAX(updated_at) FROM ledger
+                                                      WHERE ledger.session_id = sessions.id),
+                                                     started_at))
+             WHERE id = ?1",
+            params![id, reason],
+        )?;
+        let ended_at: i64 =
+            tx.query_row("SELECT ended_at FROM sessions WHERE id = ?1", [id], |row| row.get(0))?;
+        announce_end(&tx, hooks, SessionKey(id), reason, ended_at)?;
+    }
+    tx.commit()?;
+    Ok(open.len() as u64)
 }

@@ -1,0 +1,195 @@
+//! The webhook outbox: events are written in the transaction of the change
+//! that causes them, so that across crashes no change is without its event
+//! and no event without its change. What each project's webhook wants is
+//! kept in memory on the writer thread, loaded at start and refreshed by
+//! every change of a webhook (which runs on the same thread), so that the
+//! meter's ticks pay nothing for projects without one.
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::limits::LimitType;
+use crate::store::{HumanId, ProjectId, StoreResult, UnixMillis};
+use crate::webhooks::events::{Event, Subject};
+
+/// What one project's webhook asks for.
+#[derive(Clone, Debug, Default)]
+struct Hook {
+    /// `None`: every event type.
+    events: Option<Vec<String>>,
+    /// The remaining value, in base units, below which "running low" fires.
+    thresholds: HashMap<LimitType, i64>,
+}
+
+/// Every project's webhook, by project.
+#[derive(Debug, Default)]
+pub struct Hooks(HashMap<i64, Hook>);
+
+impl Hooks {
+    pub fn load(conn: &Connection) -> StoreResult<Hooks> {
+        let mut stmt = conn.prepare("SELECT project_id FROM webhooks")?;
+        let projects: Vec<i64> = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+        let mut hooks = Hooks::default();
+        for project in projects {
+            hooks.reload(conn, ProjectId(project))?;
+        }
+        Ok(hooks)
+    }
+
+    /// Reads one project's webhook again, after it changed.
+    pub fn reload(&mut self, conn: &Connection, project: ProjectId) -> StoreResult<()> {
+        let found: Option<(Option<String>, Option<String>)> = conn
+            .query_row(
+                "SELECT events, thresholds FROM webhooks WHERE project_id = ?1",
+                [project.0],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        match found {
+            None => {
+                self.0.remove(&project.0);
+            }
+            Some((events, thresholds)) => {
+                let events = events.and_then(|text| serde_json::from_str(&text).ok());
+                let thresholds = thresholds
+                    .and_then(|text| serde_json::from_str::<HashMap<LimitType, i64>>(&text).ok())
+                    .unwrap_or_default();
+                self.0.insert(project.0, Hook { events, thresholds });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn wants(&self, project: i64, kind: &str) -> bool {
+        self.0.get(&project).is_some_and(|hook| match &hook.events {
+            None => true,
+            Some(events) => events.iter().any(|event| event == kind),
+        })
+    }
+
+    fn threshold(&self, project: i64, limit_type: LimitType) -> Option<i64> {
+        self.0.get(&project)?.thresholds.get(&limit_type).copied()
+    }
+}
+
+/// Writes `event` about `human` to the outbox, if the human's project has a
+/// webhook that wants it.
+pub fn emit(
+    conn: &Connection,
+    hooks: &Hooks,
+    human: HumanId,
+    event: &Event,
+    now: UnixMillis,
+) -> StoreResult<()> {
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let (project, name, project_name): (i64, String, String) = conn
+        .prepare_cached(
+            "SELECT h.project_id, h.external_id, p.name
+             FROM humans h JOIN projects p ON p.id = h.project_id WHERE h.id = ?1",
+        )?
+        .query_row([human.0], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+    if !hooks.wants(project, event.kind()) {
+        return Ok(());
+    }
+    let event_id = crate::ids::public_id("evt");
+    let subject = Subject { event_id: &event_id, human: &name, project: &project_name };
+    conn.prepare_cached(
+        "INSERT INTO webhook_events
+             (public_id, project_id, type, body, created_at, status, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?5)",
+    )?
+    .execute(params![
+        event_id,
+        project,
+        event.kind(),
+        event.body(&subject).to_string(),
+        now
+    ])?;
+    Ok(())
+}
+
+/// A pool as it was before a change, with what has fired for it.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolMarks {
+    pub human: HumanId,
+    pub project: ProjectId,
+    pub limit_type: LimitType,
+    pub limited: bool,
+    pub low_notified: bool,
+    pub exhausted_notified: bool,
+}
+
+/// Reads a pool's marks, if the pool exists.
+pub fn marks(
+    conn: &Connection,
+    human: HumanId,
+    limit_type: LimitType,
+) -> StoreResult<Option<PoolMarks>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT h.project_id, l.limited, l.low_notified, l.exhausted_notified
+         FROM limits l JOIN humans h ON h.id = l.human_id
+         WHERE l.human_id = ?1 AND l.limit_type = ?2",
+    )?;
+    let found = stmt
+        .query_row(params![human.0, limit_type.as_str()], |row| {
+            Ok(PoolMarks {
+                human,
+                project: ProjectId(row.get(0)?),
+                limit_type,
+                limited: row.get(1)?,
+                low_notified: row.get(2)?,
+                exhausted_notified: row.get(3)?,
+            })
+        })
+        .optional()?;
+    Ok(found)
+}
+
+/// After a pool's balance changed to `balance`: fires "running low" when it
+/// is first below the project's threshold and "exhausted" when it first
+/// reaches zero, once per crossing, and re-arms each once the balance is
+/// back above its line.
+pub fn crossed(
+    conn: &Connection,
+    hooks: &Hooks,
+    pool: PoolMarks,
+    balance: i64,
+    now: UnixMillis,
+) -> StoreResult<()> {
+    if hooks.is_empty() || !pool.limited {
+        return Ok(());
+    }
+    let (mut low, mut exhausted) = (pool.low_notified, pool.exhausted_notified);
+    if let Some(threshold) = hooks.threshold(pool.project.0, pool.limit_type) {
+        if balance < threshold && !low {
+            let event =
+                Event::LimitLow { limit_type: pool.limit_type, remaining: balance, threshold };
+            emit(conn, hooks, pool.human, &event, now)?;
+            low = true;
+        } else if balance > threshold {
+            low = false;
+        }
+    }
+    if balance <= 0 && !exhausted {
+        let event = Event::LimitExhausted { limit_type: pool.limit_type, remaining: balance };
+        emit(conn, hooks, pool.human, &event, now)?;
+        exhausted = true;
+    } else if balance > 0 {
+        exhausted = false;
+    }
+    if (low, exhausted) != (pool.low_notified, pool.exhausted_notified) {
+        conn.prepare_cached(
+            "UPDATE limits SET low_notified = ?3, exhausted_notified = ?4
+             WHERE human_id = ?1 AND limit_type = ?2",
+        )?
+        .execute(params![pool.human.0, pool.limit_type.as_str(), low, exhausted])?;
+    }
+    Ok(())
+}
