@@ -34,6 +34,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", key.expose());
             Ok(())
         }
+        Command::Webhooks(args) => {
+            println!("{}", tollgate::webhooks::cli::run(args).await?);
+            Ok(())
+        }
     }
 }
 

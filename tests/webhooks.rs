@@ -408,3 +408,45 @@ async fn a_long_session_is_tracked_once_a_minute_and_the_rest_at_its_end() {
     assert!((59.9..=60.2).contains(&values[0]), "{values:?}");
     assert!((values[0] + values[1] - 61.0).abs() < 0.001, "{values:?}");
 }
+
+/// Runs `tollgate webhooks ...` against the server.
+async fn cli(server: &TestServer, args: &[&str]) -> (bool, Value) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("webhooks")
+        .args(["--server", &server.base])
+        .args(args)
+        .env("TOLLGATE_API_KEY", &server.key)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    (output.status.success(), serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_command_line_sets_shows_rotates_and_removes_the_webhook() {
+    let server = server().await;
+    let set = [
+        "set",
+        "--endpoint",
+        "https://hooks.example/x",
+        "--events",
+        "usage.tracked,usage.limit_low",
+    ];
+    let (ok, created) = cli(&server, &[&set[..], &["--threshold", "token_cnt=250"]].concat()).await;
+    assert!(ok, "{created}");
+    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
+    assert_eq!(created["events"], json!(["usage.tracked", "usage.limit_low"]));
+
+    let (ok, shown) = cli(&server, &["show"]).await;
+    assert!(ok && shown.get("secret").is_none(), "{shown}");
+    assert_eq!(shown["thresholds"], json!([{"type": "token_cnt", "value": 250.0}]));
+    let (ok, rotated) = cli(&server, &["rotate", "--grace-seconds", "60"]).await;
+    assert!(ok && rotated["secret"] != created["secret"], "{rotated}");
+    let (ok, listed) = cli(&server, &["deliveries", "--status", "pending"]).await;
+    assert!(ok && listed["data"] == json!([]), "{listed}");
+    let (ok, _) = cli(&server, &["delete"]).await;
+    assert!(ok);
+    let (ok, _) = cli(&server, &["show"]).await;
+    assert!(!ok, "a removed webhook is shown");
+}

@@ -54,6 +54,59 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Manage the project's webhook on a running server, as its API does.
+    Webhooks(WebhooksArgs),
+}
+
+/// `tollgate webhooks`: the webhook endpoints of a running server's API,
+/// called with the project's API key.
+#[derive(Args, Debug)]
+pub struct WebhooksArgs {
+    /// The server [default: http://127.0.0.1:8080].
+    #[arg(long, env = "TOLLGATE_URL", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// The project's API key.
+    #[arg(long, env = "TOLLGATE_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+    #[command(subcommand)]
+    pub command: WebhooksCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WebhooksCommand {
+    /// Set the endpoint (printing the signing secret when it is new).
+    Set {
+        /// The URL deliveries are POSTed to.
+        #[arg(long)]
+        endpoint: String,
+        /// The event types wanted, comma-separated [default: all].
+        #[arg(long, value_delimiter = ',')]
+        events: Option<Vec<String>>,
+        /// A "running low" line, as TYPE=VALUE (token_cnt=1000); repeatable.
+        #[arg(long = "threshold")]
+        thresholds: Vec<String>,
+    },
+    /// Show the webhook, without its secret.
+    Show,
+    /// Remove the webhook; its undelivered events are marked failed.
+    Delete,
+    /// Issue a new secret; the old one signs too for the grace period.
+    Rotate {
+        /// Seconds the old secret still signs [default: 86400].
+        #[arg(long)]
+        grace_seconds: Option<f64>,
+    },
+    /// List deliveries, oldest first.
+    Deliveries {
+        /// pending, failed or delivered [default: all].
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Send a pending or failed delivery again now.
+    Retry {
+        /// The event's id (evt_...).
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
