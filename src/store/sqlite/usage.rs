@@ -7,12 +7,12 @@ use std::collections::HashMap;
 
 use super::Writer;
 use super::accounts;
-use super::outbox::{self, Hooks};
+use super::outbox::{self, Hooks, PoolMarks};
 use crate::close::EndReason;
 use crate::limits::{LimitType, SessionKind};
 use crate::store::{
-    Admission, Charge, HumanId, NewSession, PoolState, SessionKey, StoreError, StoreResult,
-    UnixMillis, UsageBatch, UsageRecorded,
+    Admission, Charge, HumanId, NewSession, PoolState, ProjectId, SessionKey, StoreError,
+    StoreResult, UnixMillis, UsageBatch, UsageRecorded,
 };
 use crate::webhooks::events::{Event, UsageSource};
 
@@ -157,8 +157,8 @@ impl Charging<'_> {
     /// remains, and the meter closes the pool's sessions when it sees zero.
     fn charge_pool(&mut self, charges: Vec<Charge>) -> StoreResult<PoolState> {
         let (human, limit_type) = (charges[0].human, charges[0].limit_type);
-        let (mut balance, limited, revocation_epoch) =
-            pool_for_update(self.conn, human, limit_type)?;
+        let (mut balance, revocation_epoch, marks) = pool_for_update(self.conn, human, limit_type)?;
+        let limited = marks.limited;
         for charge in charges {
             if charge.amount >= 0 {
                 let applied =
@@ -175,11 +175,7 @@ impl Charging<'_> {
                  WHERE human_id = ?1 AND limit_type = ?2",
             )?
             .execute(params![human.0, limit_type.as_str(), balance, self.now])?;
-        if !self.hooks.is_empty()
-            && let Some(marks) = outbox::marks(self.conn, human, limit_type)?
-        {
-            outbox::crossed(self.conn, self.hooks, marks, balance, self.now)?;
-        }
+        outbox::crossed(self.conn, self.hooks, marks, balance, self.now)?;
         Ok(PoolState { human, limit_type, remaining: limited.then_some(balance), revocation_epoch })
     }
 
@@ -197,18 +193,29 @@ impl Charging<'_> {
     }
 }
 
+/// A pool's balance, its human's revocation epoch, and its marks, in one
+/// read: the tick does this for every pool it charges.
 fn pool_for_update(
     conn: &Connection,
     human: HumanId,
     limit_type: LimitType,
-) -> StoreResult<(i64, bool, i64)> {
+) -> StoreResult<(i64, i64, PoolMarks)> {
     let mut stmt = conn.prepare_cached(
-        "SELECT l.balance, l.limited, h.revocation_epoch
+        "SELECT l.balance, h.revocation_epoch, h.project_id, l.limited, l.low_notified,
+                l.exhausted_notified
          FROM limits l JOIN humans h ON h.id = l.human_id
          WHERE l.human_id = ?1 AND l.limit_type = ?2",
     )?;
     stmt.query_row(params![human.0, limit_type.as_str()], |row| {
-        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        let marks = PoolMarks {
+            human,
+            project: ProjectId(row.get(2)?),
+            limit_type,
+            limited: row.get(3)?,
+            low_notified: row.get(4)?,
+            exhausted_notified: row.get(5)?,
+        };
+        Ok((row.get(0)?, row.get(1)?, marks))
     })
     .optional()?
     .ok_or_else(|| {
