@@ -367,6 +367,125 @@ pub enum AttemptOutcome {
     },
 }
 
+/// Where a listing starts and how long it may be: the rows after the one
+/// `after` names (exclusive; `None` from the first), at most `limit` of
+/// them.
+#[derive(Clone, Debug)]
+pub struct Page<C> {
+    pub after: Option<C>,
+    pub limit: u32,
+}
+
+/// One page of a listing, oldest first.
+#[derive(Clone, Debug)]
+pub struct Listing<T> {
+    pub rows: Vec<T>,
+    /// Whether more rows matched after the last one when the page was read.
+    pub has_more: bool,
+}
+
+impl<T> Listing<T> {
+    pub fn empty() -> Listing<T> {
+        Listing { rows: Vec::new(), has_more: false }
+    }
+}
+
+/// Which of a project's ledger rows to list.
+#[derive(Clone, Debug)]
+pub struct LedgerFilter {
+    pub project: ProjectId,
+    /// Only this human's rows; a name the project has never used lists
+    /// nothing.
+    pub human: Option<String>,
+    pub limit_type: Option<LimitType>,
+}
+
+/// What a ledger row did to its pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LedgerEntry {
+    /// A set or top-up of a limit.
+    Grant,
+    /// A session's use over at most a minute, a chat completion, or a
+    /// usage report.
+    Debit,
+    /// Time given back to a dead client.
+    Refund,
+}
+
+impl LedgerEntry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerEntry::Grant => "grant",
+            LedgerEntry::Debit => "debit",
+            LedgerEntry::Refund => "refund",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<LedgerEntry> {
+        [LedgerEntry::Grant, LedgerEntry::Debit, LedgerEntry::Refund]
+            .into_iter()
+            .find(|entry| entry.as_str() == name)
+    }
+}
+
+/// A row of the ledger as it is listed, with the public ids of what it
+/// comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub id: i64,
+    pub human: String,
+    pub limit_type: LimitType,
+    pub entry: LedgerEntry,
+    /// Negative for a debit.
+    pub amount: i64,
+    pub created_at: UnixMillis,
+    /// Later than `created_at` for a session's debit that grew with the
+    /// ticks after it was written.
+    pub updated_at: UnixMillis,
+    pub session: Option<String>,
+    pub completion: Option<String>,
+    pub report: Option<ReportRef>,
+}
+
+/// The usage report a ledger row comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportRef {
+    pub id: i64,
+    pub idempotency_key: String,
+}
+
+/// Whether a session is still running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionState {
+    Open,
+    Ended,
+}
+
+/// Which of a project's sessions to list.
+#[derive(Clone, Debug)]
+pub struct SessionFilter {
+    pub project: ProjectId,
+    /// Only this human's sessions; a name the project has never used lists
+    /// nothing.
+    pub human: Option<String>,
+    pub state: Option<SessionState>,
+}
+
+/// A session as it is listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRow {
+    pub public_id: String,
+    pub human: String,
+    pub kind: SessionKind,
+    pub started_at: UnixMillis,
+    pub ended_at: Option<UnixMillis>,
+    /// All it was charged, refunds taken off; for an open session, what
+    /// it was charged up to the last tick.
+    pub charged: i64,
+    /// The name of its [`EndReason`], as it was recorded.
+    pub end_reason: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database is locked, read-only, full or gone: writes may work
@@ -529,4 +648,21 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         now: UnixMillis,
     ) -> StoreResult<Option<Delivery>>;
+
+    /// A page of the project's ledger rows in the order of their ids, which
+    /// is the order they were written in.
+    async fn ledger(
+        &self,
+        filter: LedgerFilter,
+        page: Page<i64>,
+    ) -> StoreResult<Listing<LedgerRow>>;
+
+    /// A page of the project's sessions in the order they were opened,
+    /// after the session whose public id `page.after` is. `None` when that
+    /// id names no session of the project.
+    async fn sessions(
+        &self,
+        filter: SessionFilter,
+        page: Page<String>,
+    ) -> StoreResult<Option<Listing<SessionRow>>>;
 }

@@ -6,6 +6,7 @@
 
 mod accounts;
 mod completions;
+mod listings;
 mod outbox;
 mod reports;
 mod usage;
@@ -25,9 +26,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Admission, AttemptOutcome, CompletionAdmission, CompletionEnd, Delivery, DeliveryStatus,
-    DueEvent, Human, HumanId, MintRequest, NewCompletion, NewReport, NewSession, ProjectId,
-    ReportOutcome, Store, StoreError, StoreResult, UnixMillis, UsageBatch, UsageRecorded,
-    UsageTokenRecord, Webhook, WebhookChange,
+    DueEvent, Human, HumanId, LedgerFilter, LedgerRow, Listing, MintRequest, NewCompletion,
+    NewReport, NewSession, Page, ProjectId, ReportOutcome, SessionFilter, SessionRow, Store,
+    StoreError, StoreResult, UnixMillis, UsageBatch, UsageRecorded, UsageTokenRecord, Webhook,
+    WebhookChange,
 };
 use crate::limits::{ChangeMode, Limit};
 use crate::secret::SecretHash;
@@ -424,6 +426,22 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<Delivery>> {
         let id = id.to_owned();
         self.write(move |w| webhooks::retry(&w.conn, project, &id, now)).await
+    }
+
+    async fn ledger(
+        &self,
+        filter: LedgerFilter,
+        page: Page<i64>,
+    ) -> StoreResult<Listing<LedgerRow>> {
+        self.read(move |conn| listings::ledger(conn, filter, page)).await
+    }
+
+    async fn sessions(
+        &self,
+        filter: SessionFilter,
+        page: Page<String>,
+    ) -> StoreResult<Option<Listing<SessionRow>>> {
+        self.read(move |conn| listings::sessions(conn, filter, page)).await
     }
 }
 
