@@ -3,9 +3,10 @@
 //! `invalid_input` that names the field.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequest, Query, Request};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::IntoResponse;
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::Deserialize;
@@ -153,6 +154,36 @@ pub fn ttl_millis(seconds: f64, max_seconds: f64) -> Result<i64, ApiError> {
     Ok(millis as i64)
 }
 
+/// A query string's parameters by name. Each is one the endpoint takes and
+/// is given at most once, so that a misspelt filter is refused rather than
+/// quietly widening what is read.
+pub struct QueryParams(HashMap<&'static str, String>);
+
+impl QueryParams {
+    pub fn parse(uri: &Uri, known: &[&'static str]) -> Result<QueryParams, ApiError> {
+        let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
+            .map_err(|_| ApiError::InvalidInput("query string: could not be parsed".into()))?;
+        let mut params = HashMap::new();
+        for (name, value) in pairs {
+            let Some(&known_name) = known.iter().find(|known| **known == name) else {
+                return Err(ApiError::InvalidInput(format!(
+                    "{name}: unknown parameter; this endpoint takes {}",
+                    known.join(", ")
+                )));
+            };
+            if params.insert(known_name, value).is_some() {
+                return Err(ApiError::InvalidInput(format!("{name}: given more than once")));
+            }
+        }
+        Ok(QueryParams(params))
+    }
+
+    /// The value of a parameter, if it was given.
+    pub fn take(&mut self, name: &str) -> Option<String> {
+        self.0.remove(name)
+    }
+}
+
 /// A header's value as UTF-8, if present. A header given twice is refused
 /// rather than read one way here and another way by a proxy.
 pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -201,6 +232,28 @@ mod tests {
         assert!(truncated.starts_with("request body: EOF"), "{truncated}");
         assert!(error_of(r#"{"human": "a", "limits": []} x"#).starts_with("request body:"));
         assert!(error_of("").starts_with("request body:"));
+    }
+
+    fn query_error(query: &str) -> String {
+        let uri: Uri = format!("/v1/x?{query}").parse().unwrap();
+        match QueryParams::parse(&uri, &["human", "limit"]) {
+            Err(ApiError::InvalidInput(message)) => message,
+            Err(other) => panic!("expected invalid_input, got {other:?}"),
+            Ok(_) => panic!("{query} was accepted"),
+        }
+    }
+
+    #[test]
+    fn query_parameters_are_decoded_and_unknown_or_repeated_ones_refused() {
+        let uri: Uri = "/v1/x?human=ada%20b&limit=5".parse().unwrap();
+        let mut params = QueryParams::parse(&uri, &["human", "limit"]).unwrap();
+        assert_eq!(params.take("human").as_deref(), Some("ada b"));
+        assert_eq!(params.take("limit").as_deref(), Some("5"));
+        assert!(QueryParams::parse(&"/v1/x".parse().unwrap(), &["human"]).is_ok());
+
+        let unknown = query_error("humans=ada");
+        assert_eq!(unknown, "humans: unknown parameter; this endpoint takes human, limit");
+        assert_eq!(query_error("limit=1&limit=2"), "limit: given more than once");
     }
 
     #[test]

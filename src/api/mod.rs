@@ -6,6 +6,7 @@ mod completions;
 pub mod error;
 mod extract;
 mod health;
+mod listings;
 mod realtime;
 mod reports;
 mod tokens;
@@ -65,11 +66,13 @@ pub fn router(state: AppState) -> Router {
         .route("/usage/token/check", post(tokens::check))
         .route("/usage/token/update_ttl", post(tokens::update_ttl))
         .route("/usage/report", post(reports::report))
+        .route("/usage/events", get(listings::events))
         .route("/webhook", put(webhooks::set).get(webhooks::get).delete(webhooks::delete))
         .route("/webhook/rotate", post(webhooks::rotate))
         .route("/webhook/deliveries", get(webhooks::deliveries))
         .route("/webhook/deliveries/{id}/retry", post(webhooks::retry))
         .route("/realtime/session", get(realtime::open))
+        .route("/realtime/sessions", get(listings::sessions))
         .route("/chat/completions", post(completions::chat).fallback(completions::wrong_method))
         .route("/models", get(completions::models).fallback(completions::wrong_method))
         .method_not_allowed_fallback(method_not_allowed);
