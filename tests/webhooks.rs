@@ -450,3 +450,31 @@ async fn the_command_line_sets_shows_rotates_and_removes_the_webhook() {
     let (ok, _) = cli(&server, &["show"]).await;
     assert!(!ok, "a removed webhook is shown");
 }
+
+#[tokio::test]
+async fn thresholds_crossed_by_ticks_fire_once_and_again_after_a_top_up() {
+    let receiver = Receiver::start().await;
+    let server = server().await;
+    let extra = json!({"events": ["usage.limit_low", "usage.limit_exhausted"],
+                       "thresholds": [{"type": "conversational_seconds", "value": 1}]});
+    hook(&server, &receiver.url, extra).await;
+    let token = server.mint_seconds("gil", 2.0).await;
+    for round in 1..=2 {
+        // About forty ticks of 50 ms from 2 s to 0: under 1 s once, at 0 once.
+        let closed = server.connect(&token).await.until_closed().await;
+        assert_eq!(closed.code, Some(4001), "round {round}");
+        let events = receiver.until(|events| events.len() == 2 * round).await;
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(kinds.len(), 2 * round, "{kinds:?}");
+        assert_eq!(&kinds[2 * round - 2..], ["usage.limit_low", "usage.limit_exhausted"]);
+        server
+            .put(
+                "/v1/usage/token",
+                json!({"human": "gil", "mode": "add",
+                 "limits": [{"type": "conversational_seconds", "value": 2}]}),
+            )
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.events().len(), 4, "{:#?}", receiver.events());
+}
