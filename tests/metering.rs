@@ -32,6 +32,7 @@ async fn a_session_is_cut_off_when_its_seconds_run_out() {
     let closed = client.until_closed().await;
     assert_eq!((closed.code, closed.reason.as_str()), (Some(4001), "usage_limit_exceeded"));
     assert_near(closed.after, 1.5, PRECISION);
+    rows_once_all_ended(&server).await;
     assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
     let db = server.db();
     assert_ledger_identity(&db);
@@ -46,6 +47,7 @@ async fn the_cut_off_does_not_wait_for_the_next_tick() {
     let closed = server.connect(&token).await.until_closed().await;
     assert_eq!(closed.code, Some(4001));
     assert_near(closed.after, 1.3, PRECISION);
+    rows_once_all_ended(&server).await;
     assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
 }
 
@@ -60,6 +62,7 @@ async fn two_sessions_of_one_human_drain_one_pool_together() {
         assert_eq!(closed.code, Some(4001));
         assert_near(closed.after, 1.0, PRECISION);
     }
+    rows_once_all_ended(&server).await;
     assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
     assert_ledger_identity(&server.db());
 }
@@ -80,6 +83,7 @@ async fn a_session_that_joins_later_shares_what_is_left() {
     let second_after_first_opened =
         (second.opened - opened_first).as_secs_f64() + second_closed.after;
     assert_near(second_after_first_opened, 1.25, PRECISION);
+    rows_once_all_ended(&server).await;
     assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
 }
 
@@ -139,6 +143,7 @@ async fn setting_the_limit_to_zero_closes_the_session_at_once() {
     let closed = client.until_closed().await;
     assert_eq!(closed.code, Some(4001));
     assert_near(closed.after, 0.3, PRECISION);
+    rows_once_all_ended(&server).await;
     assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
     // The time up to the change was charged against the limit it had.
     let (_, charged) = wait_for_end(&server, &session_id).await;
@@ -401,6 +406,7 @@ async fn a_voice_synthesis_session_debits_voice_synthesis_seconds() {
     let closed = server.connect_to(&path).await.until_closed().await;
     assert_eq!(closed.code, Some(4001));
     assert_near(closed.after, 0.6, PRECISION);
+    rows_once_all_ended(&server).await;
     assert_eq!(server.remaining("ada", "voice_synthesis_seconds").await, 0.0);
     assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 30.0);
 }
@@ -422,13 +428,17 @@ async fn sessions_over_the_per_human_cap_are_refused() {
     let server = TestServer::start_with(|s| s.max_sessions_per_human = Some(1)).await;
     let token = server.mint_seconds("ada", 30.0).await;
     let other = server.mint_seconds("bob", 30.0).await;
-    let first = server.connect(&token).await;
+    let mut first = server.connect(&token).await;
+    let started = first.event_of("usage.session_started").await;
     let path = format!("/v1/realtime/session?kind=conversational&token={token}");
     let (status, body) = server.refused(&path).await;
     assert_eq!((status.as_u16(), &body["type"]), (429, &json!("too_many_sessions")));
     server.connect(&other).await;
 
     first.close().await;
+    // The cap counts the sessions the store has open; the end is recorded
+    // just after the close.
+    wait_for_end(&server, started["session_id"].as_str().unwrap()).await;
     let mut again = server.connect(&token).await;
     assert_eq!(again.next_event().await["type"], "usage.session_started");
 }

@@ -203,6 +203,7 @@ async fn a_cut_off_closes_both_sides() {
     let seen = upstream.ended(0).await;
     let frame = seen.close.expect("the upstream got a close frame");
     assert_eq!((frame.code, frame.reason.as_str()), (CloseCode::Normal, "usage_limit_exceeded"));
+    rows_once_all_ended(&server).await;
     assert_eq!(server.remaining("ada", CONVERSATIONAL).await, 0.0);
 }
 

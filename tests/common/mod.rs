@@ -254,7 +254,10 @@ pub async fn wait_for_end(server: &TestServer, session_id: &str) -> (String, i64
     panic!("session {session_id} never ended");
 }
 
-/// Every session's row once there is one and all of them have ended.
+/// Every session's row once there is one and all of them have ended. A
+/// client is closed once its cut-off is recorded or 50 ms after, whichever
+/// comes first, so on a busy machine it can see its close before its last
+/// charge is written: a test that reads limits after a close waits here.
 pub async fn rows_once_all_ended(server: &TestServer) -> Vec<(Option<String>, i64)> {
     let deadline = Instant::now() + END_WAIT;
     while Instant::now() < deadline {
