@@ -117,11 +117,7 @@ fn announce(
         completion_tokens: end.completion_tokens,
     };
     let event = Event::UsageTracked { limit_type: POOL, amount: total, source };
-    outbox::emit(conn, hooks, end.human, &event, end.now)?;
-    if let Some(marks) = outbox::marks(conn, end.human, POOL)? {
-        outbox::crossed(conn, hooks, marks, balance, end.now)?;
-    }
-    Ok(())
+    outbox::debited(conn, hooks, end.human, &event, balance, end.now)
 }
 
 pub fn close_abandoned(conn: &Connection, now: UnixMillis) -> StoreResult<u64> {

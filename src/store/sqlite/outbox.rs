@@ -115,6 +115,26 @@ pub fn emit(
     Ok(())
 }
 
+/// After a debit outside a session: announces its usage (`event`, a
+/// `usage.tracked`) and any line the pool's new `balance` crossed.
+pub fn debited(
+    conn: &Connection,
+    hooks: &Hooks,
+    human: HumanId,
+    event: &Event,
+    balance: i64,
+    now: UnixMillis,
+) -> StoreResult<()> {
+    emit(conn, hooks, human, event, now)?;
+    let Event::UsageTracked { limit_type, .. } = event else {
+        return Ok(());
+    };
+    match marks(conn, human, *limit_type)? {
+        Some(marks) => crossed(conn, hooks, marks, balance, now),
+        None => Ok(()),
+    }
+}
+
 /// A pool as it was before a change, with what has fired for it.
 #[derive(Clone, Copy, Debug)]
 pub struct PoolMarks {

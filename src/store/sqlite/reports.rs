@@ -116,9 +116,5 @@ fn announce(
         UsageSource::Report { report: id, idempotency_key: &report.idempotency_key, metadata };
     let event =
         Event::UsageTracked { limit_type: report.limit_type, amount: report.amount, source };
-    outbox::emit(conn, hooks, human, &event, report.now)?;
-    if let Some(marks) = outbox::marks(conn, human, report.limit_type)? {
-        outbox::crossed(conn, hooks, marks, balance, report.now)?;
-    }
-    Ok(())
+    outbox::debited(conn, hooks, human, &event, balance, report.now)
 }
