@@ -68,6 +68,6 @@ async fn receive(State(secret): State<Arc<str>>, headers: HeaderMap, body: Bytes
         return StatusCode::BAD_REQUEST;
     };
     let event_type = event["type"].as_str().unwrap_or("(no type)");
-    println!("{event_type}: {}", event.get("data").unwrap_or(&event));
+    println!("{event_type}: {}", event.get("payload").unwrap_or(&event));
     StatusCode::OK
 }

@@ -478,3 +478,44 @@ async fn thresholds_crossed_by_ticks_fire_once_and_again_after_a_top_up() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.events().len(), 4, "{:#?}", receiver.events());
 }
+
+#[tokio::test]
+async fn one_projects_backlog_does_not_hold_up_anothers_deliveries() {
+    let stuck = Receiver::start().await;
+    stuck.hang();
+    let healthy = Receiver::start().await;
+    let server = server().await;
+    hook(&server, &stuck.url, json!({"events": ["usage.tracked"]})).await;
+    // More due events than one read of the outbox takes.
+    let reports = (0..300).map(|n| {
+        let body = json!({"human": "ada", "type": "token_cnt", "value": 1,
+                          "idempotency_key": format!("r{n}")});
+        server.post("/v1/usage/report", body)
+    });
+    futures::future::join_all(reports).await;
+
+    let other_key = tollgate::create_api_key(&server.db_path, "other").await.unwrap();
+    let other = Api::new(server.base.trim_start_matches("http://"), other_key.expose().to_owned());
+    hook(&other, &healthy.url, json!({"events": ["usage_token.revoked"]})).await;
+    other.mint_seconds("bo", 1.0).await;
+    other.post("/v1/usage/token/revoke", json!({"human": "bo"})).await;
+    let events = healthy.until(|events| !events.is_empty()).await;
+    assert_eq!(events[0]["payload"]["project"], "other");
+    assert!(events[0]["payload"]["created_at"].is_string());
+}
+
+#[tokio::test]
+async fn urls_that_cannot_be_delivered_to_are_refused_and_events_named_once() {
+    let server = server().await;
+    for url in ["http://127.0.0.1:99999/", "https://user:pw@hooks.example/", "https://h.example/#a"]
+    {
+        let (status, body) = set_webhook(&server, json!({"url": url})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{url}: {body}");
+    }
+    let zero =
+        json!({"url": "https://h.example/", "thresholds": [{"type": "token_cnt", "value": 0}]});
+    assert_eq!(set_webhook(&server, zero).await.0, StatusCode::BAD_REQUEST);
+    let twice = json!({"url": "https://h.example/", "events": ["usage.tracked", "usage.tracked"]});
+    let (status, body) = set_webhook(&server, twice).await;
+    assert_eq!((status, &body["events"]), (StatusCode::CREATED, &json!(["usage.tracked"])));
+}

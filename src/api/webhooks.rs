@@ -142,8 +142,11 @@ pub async fn deliveries(
     Backend(project): Backend,
     query: Result<Query<DeliveriesQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query
-        .map_err(|rejection| ApiError::InvalidInput(format!("query: {}", rejection.body_text())))?;
+    let Query(query) = query.map_err(|rejection| {
+        let text = rejection.body_text();
+        let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
+        ApiError::InvalidInput(detail.to_owned())
+    })?;
     let status = match query.status.as_deref() {
         None => None,
         Some(name) => Some(DeliveryStatus::parse(name).ok_or_else(|| {
@@ -157,7 +160,9 @@ pub async fn deliveries(
     let mut page = state.store.deliveries(project, status, query.after, limit + 1).await?;
     let has_more = page.len() > limit as usize;
     page.truncate(limit as usize);
-    let next_after = page.last().filter(|_| has_more).map(|delivery| delivery.seq);
+    // The last row seen, or the cursor given when there is none: a client
+    // can keep it and ask again later for what came since.
+    let next_after = page.last().map(|delivery| delivery.seq).or(query.after);
     let data: Vec<Value> = page.iter().map(delivery_view).collect();
     Ok(Json(json!({ "data": data, "has_more": has_more, "next_after": next_after })))
 }
@@ -194,13 +199,20 @@ fn delivery_view(delivery: &Delivery) -> Value {
 fn url(url: String) -> Result<String, ApiError> {
     let refused = || {
         ApiError::InvalidInput(format!(
-            "url: must be an http:// or https:// URL with a host, at most {MAX_URL_BYTES} bytes"
+            "url: must be an http:// or https:// URL with a host and no credentials or \
+             fragment, at most {MAX_URL_BYTES} bytes"
         ))
     };
     let uri: Uri = url.parse().map_err(|_| refused())?;
     let http = matches!(uri.scheme_str(), Some("http" | "https"));
-    let host = uri.host().is_some_and(|host| !host.is_empty());
-    if !http || !host || url.len() > MAX_URL_BYTES {
+    let Some(authority) = uri.authority() else {
+        return Err(refused());
+    };
+    // Credentials in the URL would not be sent, and a port must be one.
+    let names_port = authority.as_str().rsplit(']').next().is_some_and(|rest| rest.contains(':'));
+    let port_ok = !names_port || authority.port_u16().is_some();
+    let plain = !authority.as_str().contains('@') && !url.contains('#');
+    if !http || authority.host().is_empty() || !port_ok || !plain || url.len() > MAX_URL_BYTES {
         return Err(refused());
     }
     Ok(url)
@@ -212,24 +224,33 @@ fn event_types(names: Vec<String>) -> Result<Vec<String>, ApiError> {
             "events: must name at least one event type, or be left out for all".into(),
         ));
     }
-    for (i, name) in names.iter().enumerate() {
+    let mut wanted: Vec<String> = Vec::with_capacity(names.len());
+    for (i, name) in names.into_iter().enumerate() {
         if !events::ALL.contains(&name.as_str()) {
             return Err(ApiError::InvalidInput(format!(
                 "events[{i}]: unknown event type {name:?}; known: {}",
                 events::ALL.join(", ")
             )));
         }
+        if !wanted.contains(&name) {
+            wanted.push(name);
+        }
     }
-    Ok(names)
+    Ok(wanted)
 }
 
 fn thresholds(inputs: Vec<LimitInput>) -> Result<Vec<Limit>, ApiError> {
-    extract::limits(inputs).map_err(|error| match error {
+    let thresholds = extract::limits(inputs).map_err(|error| match error {
         ApiError::InvalidInput(message) => {
             ApiError::InvalidInput(message.replacen("limits", "thresholds", 1))
         }
         other => other,
-    })
+    })?;
+    // Nothing is below a line at zero: usage.limit_exhausted marks zero.
+    if let Some(i) = thresholds.iter().position(|threshold| threshold.value <= 0) {
+        return Err(ApiError::InvalidInput(format!("thresholds[{i}].value: must be more than 0")));
+    }
+    Ok(thresholds)
 }
 
 fn view(webhook: Webhook, secret: Option<String>) -> WebhookView {
@@ -238,7 +259,10 @@ fn view(webhook: Webhook, secret: Option<String>) -> WebhookView {
         events: webhook.events,
         thresholds: webhook.thresholds.into_iter().map(Limit::view).collect(),
         secret,
-        previous_secret_expires_at: webhook.previous_secret_until.map(clock::rfc3339),
+        previous_secret_expires_at: webhook
+            .previous_secret_until
+            .filter(|until| *until > clock::now_millis())
+            .map(clock::rfc3339),
         created_at: clock::rfc3339(webhook.created_at),
         updated_at: clock::rfc3339(webhook.updated_at),
     }

@@ -616,11 +616,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool>;
 
     /// Pending events whose next attempt is due, oldest first, leaving out
-    /// `busy` (those being attempted).
+    /// `busy` (those being attempted), at most `per_project` of each
+    /// project beside its busy ones.
     async fn due_events(
         &self,
         now: UnixMillis,
         busy: Vec<i64>,
+        per_project: u32,
         limit: u32,
     ) -> StoreResult<Vec<DueEvent>>;
 

@@ -7,8 +7,11 @@
 //! survive a restart and resume.
 //!
 //! Attempts run in tasks of their own, at most a few per endpoint at once,
+//! and each read of the outbox takes only the oldest few of each project,
 //! so that a slow or dead receiver holds up only its own project's events,
 //! and never the meter or the API, which only write rows to the outbox.
+//! Events of one project may arrive out of order (a few are in flight at
+//! once, and retries come later); each carries the time it happened.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -92,6 +95,10 @@ impl Dispatcher {
                     if let Ok(seq) = done {
                         self.in_flight.remove(&seq);
                     }
+                    // A slot is free: fill it now rather than at the next
+                    // poll, so that a quick receiver is not held to a few
+                    // events per poll.
+                    self.start_due(&mut attempts).await;
                 }
                 _ = poll.tick() => self.start_due(&mut attempts).await,
             }
@@ -102,7 +109,9 @@ impl Dispatcher {
     /// Starts an attempt for each due event whose endpoint has room.
     async fn start_due(&mut self, attempts: &mut JoinSet<i64>) {
         let busy: Vec<i64> = self.in_flight.keys().copied().collect();
-        let due = match self.store.due_events(crate::clock::now_millis(), busy, BATCH).await {
+        let per_project = self.settings.per_endpoint as u32;
+        let now = crate::clock::now_millis();
+        let due = match self.store.due_events(now, busy, per_project, BATCH).await {
             Ok(due) => due,
             Err(error) => {
                 warn!(%error, "the webhook outbox cannot be read");

@@ -1,7 +1,7 @@
 //! The events a project's webhook receives, and the JSON each is delivered
 //! as: `{"type", "payload"}`, where the payload always names the event (a
 //! stable `id`, the same on every attempt), the human (as `human` and, for
-//! older receivers, `human_id`) and the project.
+//! older receivers, `human_id`), the project, and when it happened.
 
 use serde_json::{Map, Value, json};
 
@@ -36,11 +36,12 @@ pub enum Event<'a> {
     TokenRevoked { revoked_tokens: u64 },
 }
 
-/// Whom an event is about.
+/// Whom an event is about, and when it happened.
 pub struct Subject<'a> {
     pub event_id: &'a str,
     pub human: &'a str,
     pub project: &'a str,
+    pub at: crate::store::UnixMillis,
 }
 
 impl Event<'_> {
@@ -61,6 +62,8 @@ impl Event<'_> {
         payload.insert("human".into(), json!(subject.human));
         payload.insert("human_id".into(), json!(subject.human));
         payload.insert("project".into(), json!(subject.project));
+        // Deliveries can arrive out of order; this puts them back in it.
+        payload.insert("created_at".into(), json!(crate::clock::rfc3339(subject.at)));
         json!({ "type": self.kind(), "payload": payload })
     }
 
@@ -123,7 +126,7 @@ mod tests {
 
     #[test]
     fn every_payload_names_the_event_the_human_twice_and_the_project() {
-        let subject = Subject { event_id: "evt_1", human: "ada", project: "default" };
+        let subject = Subject { event_id: "evt_1", human: "ada", project: "default", at: 0 };
         let event = Event::UsageTracked {
             limit_type: LimitType::ConversationalSeconds,
             amount: 1500,

@@ -394,9 +394,10 @@ impl Store for SqliteStore {
         &self,
         now: UnixMillis,
         busy: Vec<i64>,
+        per_project: u32,
         limit: u32,
     ) -> StoreResult<Vec<DueEvent>> {
-        self.read(move |conn| webhooks::due(conn, now, &busy, limit)).await
+        self.read(move |conn| webhooks::due(conn, now, &busy, per_project, limit)).await
     }
 
     async fn record_attempt(

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::limits::LimitType;
 use crate::store::{HumanId, ProjectId, StoreResult, UnixMillis};
-use crate::webhooks::events::{Event, Subject};
+use crate::webhooks::events::{Event, LIMIT_EXHAUSTED, LIMIT_LOW, Subject};
 
 /// What one project's webhook asks for.
 #[derive(Clone, Debug, Default)]
@@ -99,7 +99,7 @@ pub fn emit(
         return Ok(());
     }
     let event_id = crate::ids::public_id("evt");
-    let subject = Subject { event_id: &event_id, human: &name, project: &project_name };
+    let subject = Subject { event_id: &event_id, human: &name, project: &project_name, at: now };
     conn.prepare_cached(
         "INSERT INTO webhook_events
              (public_id, project_id, type, body, created_at, status, next_attempt_at)
@@ -187,7 +187,11 @@ pub fn crossed(
         return Ok(());
     }
     let (mut low, mut exhausted) = (pool.low_notified, pool.exhausted_notified);
-    if let Some(threshold) = hooks.threshold(pool.project.0, pool.limit_type) {
+    // A line the webhook does not want is left armed, so that wanting it
+    // later does not find its crossing already used up.
+    let wants = |kind| hooks.wants(pool.project.0, kind);
+    let threshold = hooks.threshold(pool.project.0, pool.limit_type).filter(|_| wants(LIMIT_LOW));
+    if let Some(threshold) = threshold {
         if balance < threshold && !low {
             let event =
                 Event::LimitLow { limit_type: pool.limit_type, remaining: balance, threshold };
@@ -197,12 +201,14 @@ pub fn crossed(
             low = false;
         }
     }
-    if balance <= 0 && !exhausted {
-        let event = Event::LimitExhausted { limit_type: pool.limit_type, remaining: balance };
-        emit(conn, hooks, pool.human, &event, now)?;
-        exhausted = true;
-    } else if balance > 0 {
-        exhausted = false;
+    if wants(LIMIT_EXHAUSTED) {
+        if balance <= 0 && !exhausted {
+            let event = Event::LimitExhausted { limit_type: pool.limit_type, remaining: balance };
+            emit(conn, hooks, pool.human, &event, now)?;
+            exhausted = true;
+        } else if balance > 0 {
+            exhausted = false;
+        }
     }
     if (low, exhausted) != (pool.low_notified, pool.exhausted_notified) {
         conn.prepare_cached(

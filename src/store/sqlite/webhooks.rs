@@ -107,16 +107,26 @@ pub fn due(
     conn: &Connection,
     now: UnixMillis,
     busy: &[i64],
+    per_project: u32,
     limit: u32,
 ) -> StoreResult<Vec<DueEvent>> {
+    // The oldest few of each project, so that one project's backlog never
+    // keeps another's events out of the batch. The events being attempted
+    // are still pending, so each project gets room for them and as many
+    // again.
     let mut stmt = conn.prepare_cached(
         "SELECT e.id, e.public_id, e.project_id, e.body, e.attempts, e.created_at,
                 w.url, w.secret, w.previous_secret, w.previous_until
-         FROM webhook_events e LEFT JOIN webhooks w ON w.project_id = e.project_id
-         WHERE e.status = 'pending' AND e.next_attempt_at <= ?1
+         FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY project_id
+                                            ORDER BY next_attempt_at, id) AS place
+               FROM webhook_events
+               WHERE status = 'pending' AND next_attempt_at <= ?1) e
+         LEFT JOIN webhooks w ON w.project_id = e.project_id
+         WHERE e.place <= ?3
          ORDER BY e.next_attempt_at, e.id LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![now, limit + busy.len() as u32], |row| {
+    let per_project = 2 * per_project;
+    let rows = stmt.query_map(params![now, limit + busy.len() as u32, per_project], |row| {
         let mut secrets: Vec<String> = row.get::<_, Option<String>>(7)?.into_iter().collect();
         let previous: Option<String> = row.get(8)?;
         let until: Option<i64> = row.get(9)?;
