@@ -452,16 +452,7 @@ async fn a_client_that_leaves_while_its_session_is_being_recorded_leaves_nothing
     // upgrade request waits in the store while its client gives up.
     let blocker = rusqlite::Connection::open(&server.db_path).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let addr = server.base.trim_start_matches("http://").to_owned();
-    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let request = format!(
-        "GET /v1/realtime/session?kind=conversational&token={token} HTTP/1.1\r\n\
-         Host: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes()).await.unwrap();
-    sleep(Duration::from_millis(100)).await;
-    drop(tcp);
+    give_up_upgrade(&server, &token, Duration::from_millis(100)).await;
     sleep(Duration::from_millis(100)).await;
     blocker.execute_batch("ROLLBACK").unwrap();
 

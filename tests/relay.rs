@@ -454,16 +454,7 @@ async fn an_upgrade_abandoned_by_its_client_still_closes_the_upstream_with_a_fra
     let upstream = TestUpstream::slow_to_answer(Duration::from_millis(300)).await;
     let server = relayed_to(&upstream, |_| {}).await;
     let token = server.mint_seconds("ada", 30.0).await;
-    let addr = server.base.trim_start_matches("http://").to_owned();
-    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let request = format!(
-        "GET /v1/realtime/session?kind=conversational&token={token} HTTP/1.1\r\n\
-         Host: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes()).await.unwrap();
-    sleep(Duration::from_millis(100)).await;
-    drop(tcp);
+    give_up_upgrade(&server, &token, Duration::from_millis(100)).await;
     let seen = upstream.ended(0).await;
     assert!(seen.close.is_some(), "the upstream's connection was dropped without a close");
     rows_once_all_ended(&server).await;

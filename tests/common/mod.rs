@@ -254,6 +254,21 @@ pub async fn wait_for_end(server: &TestServer, session_id: &str) -> (String, i64
     panic!("session {session_id} never ended");
 }
 
+/// Sends a session's upgrade request by hand and, `after` later, drops the
+/// connection without waiting for the answer: a client that gives up.
+pub async fn give_up_upgrade(api: &Api, token: &str, after: Duration) {
+    let addr = api.base.trim_start_matches("http://").to_owned();
+    let mut tcp = TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "GET /v1/realtime/session?kind=conversational&token={token} HTTP/1.1\r\n\
+         Host: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes()).await.unwrap();
+    tokio::time::sleep(after).await;
+    drop(tcp);
+}
+
 /// Every session's row once there is one and all of them have ended. A
 /// client is closed once its cut-off is recorded or 50 ms after, whichever
 /// comes first, so on a busy machine it can see its close before its last
