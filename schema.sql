@@ -95,6 +95,8 @@ CREATE INDEX sessions_open_by_human ON sessions (human_id) WHERE ended_at IS NUL
 -- When it ends, its usage becomes one debit in the ledger and the hold
 -- goes back to 0. usage_source says where the counts came from: the
 -- upstream's usage, or Tollgate's own tokenizer when the upstream gave none.
+-- A completion a stopped server left running is charged prompt_estimate:
+-- the upstream had the prompt, and what it answered was never seen.
 CREATE TABLE completions (
     id                INTEGER PRIMARY KEY,
     public_id         TEXT NOT NULL UNIQUE,
@@ -107,7 +109,8 @@ CREATE TABLE completions (
     end_reason        TEXT,
     prompt_tokens     INTEGER,
     completion_tokens INTEGER,
-    usage_source      TEXT CHECK (usage_source IN ('upstream', 'counted'))
+    usage_source      TEXT CHECK (usage_source IN ('upstream', 'counted')),
+    prompt_estimate   INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE INDEX completions_open_by_human ON completions (human_id) WHERE ended_at IS NULL;

@@ -75,7 +75,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     if abandoned > 0 {
         warn!(
             completions = abandoned,
-            "ended completions the previous run left running, charging nothing"
+            "ended completions the previous run left running, charging their prompts"
         );
     }
     let first_api_key = create_first_project(store.as_ref()).await?;

@@ -533,3 +533,33 @@ async fn a_wrong_method_gets_an_openai_error() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");
 }
+
+#[tokio::test]
+async fn a_completion_left_running_by_a_kill_9_is_charged_its_prompt_at_the_restart() {
+    let pieces: Vec<String> = (0..100).map(|i| format!(" w{i}")).collect();
+    let behaviour =
+        Behaviour { pieces, chunk_delay: Duration::from_millis(100), ..Behaviour::default() };
+    let llm = TestLlm::start(behaviour).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let args = ["--llm-upstream", &llm.base_url()];
+    let process = common::binary::spawn(&db, &args, "info");
+    let api = Api::new(process.base.trim_start_matches("http://"), process.printed_key().unwrap());
+    let token = mint_tokens(&api, "kim", 10_000).await;
+    let mut body = open_stream(&api, &token).await;
+    body.next().await.unwrap().unwrap();
+    process.kill();
+
+    let restarted = common::binary::spawn(&db, &args, "info");
+    let api = Api::new(restarted.base.trim_start_matches("http://"), api.key.clone());
+    let db = common::open_db(&db);
+    let (outcome, prompt, held): (String, i64, i64) = db
+        .query_row("SELECT end_reason, prompt_tokens, reserved FROM completions", [], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .unwrap();
+    assert_eq!((outcome.as_str(), held), ("server_restart", 0));
+    assert!(prompt > 0, "the prompt was given away");
+    assert_eq!(tokens_left(&api.limits_of("kim").await), Some(10_000 - prompt));
+    assert_ledger_identity(&db);
+}

@@ -125,7 +125,7 @@ pub struct Proxy {
     /// threads, at most one fewer at a time than there are cores, so that
     /// a flood of long prompts queues here and the meter and the sessions
     /// keep a core for themselves.
-    counting: Semaphore,
+    counting: Arc<Semaphore>,
 }
 
 /// A completion that has been admitted, on its way.
@@ -147,7 +147,7 @@ impl Proxy {
     ) -> Proxy {
         let model = client.map_or(Model::Echo, |client| Model::Upstream(Box::new(client)));
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let counting = Semaphore::new(cores.saturating_sub(1).max(1));
+        let counting = Arc::new(Semaphore::new(cores.saturating_sub(1).max(1)));
         Proxy { model, settings, store, shutdown, counting }
     }
 
@@ -156,7 +156,13 @@ impl Proxy {
         &self,
         job: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, LlmError> {
-        let _permit = self.counting.acquire().await.map_err(|_| LlmError::Internal)?;
+        // The permit goes with the job, so that it is held while the job
+        // runs even if the caller stops waiting for it.
+        let permit = self.counting.clone().acquire_owned().await.map_err(|_| LlmError::Internal)?;
+        let job = move || {
+            let _permit = permit;
+            job()
+        };
         tokio::task::spawn_blocking(job).await.map_err(|_| LlmError::Internal)
     }
 
@@ -166,6 +172,9 @@ impl Proxy {
 
     /// `POST /v1/chat/completions`: admits the request and answers once
     /// the upstream has answered (a stream then goes on in the body).
+    /// Admission and all that follows run in a task of their own: a hold,
+    /// once written, is always settled, even if the client leaves while
+    /// it is being written.
     pub async fn chat(self: &Arc<Self>, caller: Caller, body: Bytes) -> Result<Response, LlmError> {
         // A human with nothing left costs no counting.
         if self.spent(&caller).await? {
@@ -176,6 +185,22 @@ impl Proxy {
             return Err(LlmError::ModelNotFound(request.model));
         }
         let public_id = crate::ids::public_id("cmpl");
+        let span = info_span!("completion", id = %public_id, human = %caller.human.name,
+                              model = %request.model, stream = request.stream);
+        let (head_tx, head_rx) = oneshot::channel();
+        let task = self.clone().admit_and_run(caller, request, public_id, head_tx);
+        tokio::spawn(task.instrument(span));
+        head_rx.await.unwrap_or(Err(LlmError::Internal))
+    }
+
+    /// Holds tokens for the request, then forwards it.
+    async fn admit_and_run(
+        self: Arc<Self>,
+        caller: Caller,
+        request: ChatRequest,
+        public_id: String,
+        head_tx: oneshot::Sender<Result<Response, LlmError>>,
+    ) {
         let admission = self.store.start_completion(NewCompletion {
             human: caller.human.id,
             token: caller.token,
@@ -186,27 +211,26 @@ impl Proxy {
             choices: request.choices,
             now: crate::clock::now_millis(),
         });
-        let (key, allowance) = match admission.await? {
-            CompletionAdmission::Admitted { key, allowance } => (key, allowance),
-            CompletionAdmission::LimitExhausted => return Err(LlmError::LimitExhausted),
-            CompletionAdmission::TokenRevoked => return Err(LlmError::TokenRevoked),
-            CompletionAdmission::TokenExpired => return Err(LlmError::TokenExpired),
+        let refusal = match admission.await {
+            Ok(CompletionAdmission::Admitted { key, allowance }) => {
+                let forwarded =
+                    request.forwarded(&caller.human.name, allowance, self.settings.cap_field);
+                let running = Running {
+                    key,
+                    public_id,
+                    caller_human: caller.human.id,
+                    prompt_estimate: request.prompt_estimate,
+                    model: request.model,
+                    client_wants_usage: request.client_wants_usage,
+                };
+                return self.run(running, forwarded, head_tx).await;
+            }
+            Ok(CompletionAdmission::LimitExhausted) => LlmError::LimitExhausted,
+            Ok(CompletionAdmission::TokenRevoked) => LlmError::TokenRevoked,
+            Ok(CompletionAdmission::TokenExpired) => LlmError::TokenExpired,
+            Err(error) => LlmError::Store(error),
         };
-
-        let forwarded = request.forwarded(&caller.human.name, allowance, self.settings.cap_field);
-        let running = Running {
-            key,
-            public_id: public_id.clone(),
-            caller_human: caller.human.id,
-            prompt_estimate: request.prompt_estimate,
-            model: request.model.clone(),
-            client_wants_usage: request.client_wants_usage,
-        };
-        let span = info_span!("completion", id = %public_id, human = %caller.human.name,
-                              model = %request.model, stream = request.stream);
-        let (head_tx, head_rx) = oneshot::channel();
-        tokio::spawn(self.clone().run(running, forwarded, head_tx).instrument(span));
-        head_rx.await.unwrap_or(Err(LlmError::UpstreamUnavailable))
+        let _ = head_tx.send(Err(refusal));
     }
 
     /// Whether the human's `token_cnt` is limited and has nothing left: a
@@ -379,8 +403,9 @@ impl Proxy {
 
     /// Ends the completion: debits its usage (none when `tally` is `None`,
     /// for a request the upstream refused) and releases its hold. Should
-    /// the store fail, the hold stays until the next start, so that the
-    /// human cannot spend it twice meanwhile.
+    /// the store fail, the hold stays, so that the human cannot spend it
+    /// twice meanwhile, until the next start, which charges the prompt's
+    /// estimate.
     async fn settle(&self, running: &Running, tally: Option<Tally>, outcome: CompletionOutcome) {
         let (model, estimate) = (running.model.clone(), running.prompt_estimate);
         let usage = match tally {

@@ -587,8 +587,9 @@ pub trait Store: Send + Sync + 'static {
     async fn end_completion(&self, end: CompletionEnd) -> StoreResult<Option<i64>>;
 
     /// Ends the completions a previous run left running (outcome
-    /// `server_restart`), releasing their holds and charging nothing: what
-    /// the upstream produced for them was never seen. Returns how many.
+    /// `server_restart`), releasing their holds and charging each its
+    /// prompt's estimate: what the upstream answered was never seen.
+    /// Returns how many.
     async fn close_abandoned_completions(&self, now: UnixMillis) -> StoreResult<u64>;
 
     /// Records a usage report, or finds the one recorded earlier under its

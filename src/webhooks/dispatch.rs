@@ -71,7 +71,8 @@ pub fn spawn(
     settings: DispatchSettings,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    let dispatcher = Dispatcher { store, client, settings, in_flight: HashMap::new() };
+    let dispatcher =
+        Dispatcher { store, client, settings, in_flight: HashMap::new(), tasks: HashMap::new() };
     tokio::spawn(dispatcher.run(shutdown))
 }
 
@@ -81,6 +82,8 @@ struct Dispatcher {
     settings: DispatchSettings,
     /// Events being attempted, and their project.
     in_flight: HashMap<i64, i64>,
+    /// The event each attempt's task is for.
+    tasks: HashMap<tokio::task::Id, i64>,
 }
 
 impl Dispatcher {
@@ -91,8 +94,14 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(done) = attempts.join_next() => {
-                    if let Ok(seq) = done {
+                Some(done) = attempts.join_next_with_id() => {
+                    // A panicked attempt frees its slot too; its event is
+                    // still pending, and is tried again.
+                    let task = match &done {
+                        Ok((task, _)) => *task,
+                        Err(error) => error.id(),
+                    };
+                    if let Some(seq) = self.tasks.remove(&task) {
                         self.in_flight.remove(&seq);
                     }
                     // A slot is free: fill it now rather than at the next
@@ -129,7 +138,9 @@ impl Dispatcher {
                 client: self.client.clone(),
                 settings: self.settings,
             };
-            attempts.spawn(attempt.run(event));
+            let seq = event.seq;
+            let task = attempts.spawn(attempt.run(event)).id();
+            self.tasks.insert(task, seq);
         }
     }
 }

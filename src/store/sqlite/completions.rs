@@ -8,9 +8,9 @@ use super::outbox::{self, Hooks};
 use crate::limits::{LimitType, completion_allowance};
 use crate::store::{
     CompletionAdmission, CompletionEnd, CompletionKey, CompletionOutcome, HumanId, NewCompletion,
-    StoreResult, UnixMillis,
+    StoreResult, UnixMillis, UsageSource,
 };
-use crate::webhooks::events::{Event, UsageSource};
+use crate::webhooks::events::{self, Event};
 
 const POOL: LimitType = LimitType::TokenCnt;
 
@@ -41,8 +41,9 @@ pub fn start(conn: &mut Connection, completion: NewCompletion) -> StoreResult<Co
         .map_or(0, |allowance| completion.prompt_estimate + allowance * completion.choices);
 
     tx.prepare_cached(
-        "INSERT INTO completions (public_id, human_id, token_id, model, reserved, started_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO completions
+             (public_id, human_id, token_id, model, reserved, started_at, prompt_estimate)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![
         completion.public_id,
@@ -50,7 +51,8 @@ pub fn start(conn: &mut Connection, completion: NewCompletion) -> StoreResult<Co
         completion.token,
         completion.model,
         reserved,
-        completion.now
+        completion.now,
+        completion.prompt_estimate
     ])?;
     let key = CompletionKey(tx.last_insert_rowid());
     tx.commit()?;
@@ -110,7 +112,7 @@ fn announce(
     let (public_id, model): (String, String) = conn
         .prepare_cached("SELECT public_id, model FROM completions WHERE id = ?1")?
         .query_row([end.key.0], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    let source = UsageSource::Completion {
+    let source = events::UsageSource::Completion {
         completion: &public_id,
         model: &model,
         prompt_tokens: end.prompt_tokens,
@@ -120,11 +122,25 @@ fn announce(
     outbox::debited(conn, hooks, end.human, &event, balance, end.now)
 }
 
-pub fn close_abandoned(conn: &Connection, now: UnixMillis) -> StoreResult<u64> {
-    let closed = conn.execute(
-        "UPDATE completions SET ended_at = ?1, end_reason = ?2, reserved = 0
-         WHERE ended_at IS NULL",
-        params![now, CompletionOutcome::ServerRestart.as_str()],
-    )?;
-    Ok(closed as u64)
+/// Ends the completions a stopped server left running, each charged its
+/// prompt's estimate: the upstream had the prompt, and may have billed for
+/// it; what it answered was never seen.
+pub fn close_abandoned(conn: &mut Connection, hooks: &Hooks, now: UnixMillis) -> StoreResult<u64> {
+    let open: Vec<(i64, i64, i64)> = conn
+        .prepare("SELECT id, human_id, prompt_estimate FROM completions WHERE ended_at IS NULL")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for &(id, human, estimate) in &open {
+        let left = CompletionEnd {
+            key: CompletionKey(id),
+            human: HumanId(human),
+            prompt_tokens: estimate,
+            completion_tokens: 0,
+            source: UsageSource::Counted,
+            outcome: CompletionOutcome::ServerRestart,
+            now,
+        };
+        end(conn, hooks, left)?;
+    }
+    Ok(open.len() as u64)
 }

@@ -360,7 +360,7 @@ impl Store for SqliteStore {
     }
 
     async fn close_abandoned_completions(&self, now: UnixMillis) -> StoreResult<u64> {
-        self.write(move |w| completions::close_abandoned(&w.conn, now)).await
+        self.write(move |w| completions::close_abandoned(&mut w.conn, &w.hooks, now)).await
     }
 
     async fn report_usage(&self, report: NewReport) -> StoreResult<ReportOutcome> {

@@ -183,7 +183,8 @@ impl Charging<'_> {
     /// what it holds is announced first, and a new one starts.
     fn debit_session(&mut self, charge: &Charge, applied: i64) -> StoreResult<()> {
         let segment = self.segments.current.get(&charge.session.0).copied();
-        if applied > 0 && segment.is_some_and(|s| self.now - s.started_at >= SEGMENT_MILLIS) {
+        let complete = segment.is_some_and(|s| self.now - s.started_at >= SEGMENT_MILLIS);
+        if applied > 0 && complete && !self.hooks.is_empty() {
             track_session(self.conn, self.hooks, charge.session, self.now)?;
         }
         if let Some(new) = debit(self.conn, charge, applied, segment, self.now)? {

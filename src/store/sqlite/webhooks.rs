@@ -117,12 +117,13 @@ pub fn due(
     let mut stmt = conn.prepare_cached(
         "SELECT e.id, e.public_id, e.project_id, e.body, e.attempts, e.created_at,
                 w.url, w.secret, w.previous_secret, w.previous_until
-         FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY project_id
-                                            ORDER BY next_attempt_at, id) AS place
+         FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY project_id
+                                             ORDER BY next_attempt_at, id) AS place
                FROM webhook_events
-               WHERE status = 'pending' AND next_attempt_at <= ?1) e
+               WHERE status = 'pending' AND next_attempt_at <= ?1) r
+         JOIN webhook_events e ON e.id = r.id
          LEFT JOIN webhooks w ON w.project_id = e.project_id
-         WHERE e.place <= ?3
+         WHERE r.place <= ?3
          ORDER BY e.next_attempt_at, e.id LIMIT ?2",
     )?;
     let per_project = 2 * per_project;

@@ -36,3 +36,7 @@ ALTER TABLE limits ADD COLUMN exhausted_notified INTEGER NOT NULL DEFAULT 0;
 -- How much of a session's use its usage.tracked events have announced, so
 -- that the event at its end announces the rest.
 ALTER TABLE sessions ADD COLUMN tracked INTEGER NOT NULL DEFAULT 0;
+
+-- What a completion's prompt was estimated at: what it is charged should
+-- the server stop before its answer's usage is known.
+ALTER TABLE completions ADD COLUMN prompt_estimate INTEGER NOT NULL DEFAULT 0;
