@@ -62,6 +62,7 @@ impl RunningServer {
 /// Opens the database and starts serving.
 pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     let lock = lock_database(&settings.db)?;
+    crate::metrics::handle();
     let listener = listener::bind(settings.listen)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let local_addr = listener.local_addr()?;

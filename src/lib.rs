@@ -21,6 +21,7 @@ pub mod limits;
 mod listener;
 pub mod llm;
 pub mod meter;
+pub mod metrics;
 mod outbound;
 pub mod secret;
 pub mod session;

@@ -47,6 +47,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The `type` the error is answered with.
+    pub fn kind(&self) -> &'static str {
+        self.status_and_type().1
+    }
+
     fn status_and_type(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::InvalidInput(_) => (StatusCode::BAD_REQUEST, "invalid_input"),

@@ -84,6 +84,7 @@ pub fn router(state: AppState) -> Router {
     // that it does not replace theirs, which CORS wraps.
     Router::new()
         .route("/healthz", get(health::healthz))
+        .route("/metrics", get(crate::metrics::render))
         .method_not_allowed_fallback(method_not_allowed)
         .nest("/v1", v1.clone())
         .nest("/api/v1", v1)

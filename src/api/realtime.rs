@@ -41,6 +41,22 @@ pub struct SessionQuery {
 
 /// `GET /v1/realtime/session?kind=conversational|voice_synthesis`
 pub async fn open(
+    state: State<AppState>,
+    peer: ConnectInfo<SocketAddr>,
+    query: Result<Query<SessionQuery>, QueryRejection>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let opened = upgrade_session(state, peer, query, headers, upgrade).await;
+    let outcome = match &opened {
+        Ok(_) => "accepted",
+        Err(error) => error.kind(),
+    };
+    metrics::counter!(crate::metrics::UPGRADES, "outcome" => outcome).increment(1);
+    opened
+}
+
+async fn upgrade_session(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     query: Result<Query<SessionQuery>, QueryRejection>,

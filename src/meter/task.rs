@@ -193,6 +193,7 @@ impl Meter {
 
     fn open(&mut self, r: Registration) {
         let pool_key = (r.human, r.limit_type);
+        open_sessions(r.limit_type).increment(1.0);
         let session = Metered {
             pool: pool_key,
             committed_to: r.started,
@@ -244,6 +245,7 @@ impl Meter {
         let Some(session) = self.sessions.remove(&key) else {
             return;
         };
+        open_sessions(session.pool.1).decrement(1.0);
         let amount = pool::signed_millis(at, session.committed_to);
         let (human, limit_type) = session.pool;
         let charge = Some(Charge { session: key, human, limit_type, amount });
@@ -380,7 +382,9 @@ impl Meter {
 
     async fn tick(&mut self) {
         self.fresh.clear();
+        let started = std::time::Instant::now();
         self.commit(self.open_keys()).await;
+        metrics::histogram!(crate::metrics::TICK_SECONDS).record(started.elapsed().as_secs_f64());
     }
 
     /// Records the ends and the fresh sessions left by what just happened.
@@ -593,4 +597,13 @@ fn with_endings(mut batch: UsageBatch, ending: &[Ending]) -> UsageBatch {
         batch.ends.push(SessionEnd { session: end.key, reason: end.reason });
     }
     batch
+}
+
+/// The gauge of open sessions of the kind that draws on `limit_type`.
+fn open_sessions(limit_type: LimitType) -> metrics::Gauge {
+    let kind = match limit_type {
+        LimitType::VoiceSynthesisSeconds => "voice_synthesis",
+        _ => "conversational",
+    };
+    metrics::gauge!(crate::metrics::OPEN_SESSIONS, "kind" => kind)
 }

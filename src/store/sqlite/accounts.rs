@@ -175,6 +175,7 @@ pub fn apply_limits(
                  VALUES (?1, ?2, 'grant', ?3, ?4, ?4)",
             )?
             .execute(params![human.0, change.limit_type.as_str(), delta, now])?;
+            metrics::counter!(crate::metrics::LEDGER_ROWS).increment(1);
         }
         if !(mode == ChangeMode::Add && limited) {
             raise_refund_floors(conn, human, change.limit_type)?;
@@ -295,6 +296,7 @@ pub fn debit(
          VALUES (?1, ?2, 'debit', ?3, ?4, ?5, ?6, ?6)",
     )?
     .execute(params![human.0, limit_type.as_str(), -amount, completion, report, now])?;
+    metrics::counter!(crate::metrics::LEDGER_ROWS).increment(1);
     conn.prepare_cached(
         "UPDATE limits SET balance = ?3, updated_at = ?4 WHERE human_id = ?1 AND limit_type = ?2",
     )?

@@ -117,7 +117,7 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static,
     {
-        run_on(&self.writes_tx, f).await
+        run_on(&self.writes_tx, "writer", f).await
     }
 
     /// Runs `f` on the reader thread and waits for its answer.
@@ -126,7 +126,7 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<R> + Send + 'static,
     {
-        run_on(&self.reads_tx, move |conn: &mut Connection| f(conn)).await
+        run_on(&self.reads_tx, "reader", move |conn: &mut Connection| f(conn)).await
     }
 }
 
@@ -149,7 +149,11 @@ fn spawn_thread<S: Send + 'static>(
 }
 
 /// Sends `f` to a thread's queue, waiting for room, then for its answer.
-async fn run_on<S, R, F>(jobs_tx: &mpsc::Sender<Job<S>>, f: F) -> StoreResult<R>
+async fn run_on<S, R, F>(
+    jobs_tx: &mpsc::Sender<Job<S>>,
+    thread: &'static str,
+    f: F,
+) -> StoreResult<R>
 where
     R: Send + 'static,
     F: FnOnce(&mut S) -> StoreResult<R> + Send + 'static,
@@ -159,6 +163,8 @@ where
         let _ = reply_tx.send(f(state));
     });
     jobs_tx.send(job).await.map_err(|_| StoreError::Closed)?;
+    let waiting = (jobs_tx.max_capacity() - jobs_tx.capacity()) as f64;
+    metrics::gauge!(crate::metrics::STORE_QUEUE, "thread" => thread).set(waiting);
     reply_rx.await.map_err(|_| StoreError::Closed)?
 }
 

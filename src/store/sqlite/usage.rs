@@ -260,6 +260,7 @@ fn debit(
         charge.session.0,
         now
     ])?;
+    metrics::counter!(crate::metrics::LEDGER_ROWS).increment(1);
     Ok(Some(Segment { ledger_id: conn.last_insert_rowid(), started_at: now }))
 }
 
@@ -285,6 +286,7 @@ fn refund(conn: &Connection, charge: &Charge, now: UnixMillis) -> StoreResult<i6
             charge.session.0,
             now
         ])?;
+        metrics::counter!(crate::metrics::LEDGER_ROWS).increment(1);
     }
     Ok(applied.max(0))
 }

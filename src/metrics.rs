@@ -1,0 +1,48 @@
+//! Prometheus metrics: the names Tollgate records, and the one recorder all
+//! servers of a process share, rendered at `GET /metrics`. The `metrics`
+//! crate's macros record into it from anywhere, at the cost of an atomic
+//! update each.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Open metered sessions, by `kind`.
+pub const OPEN_SESSIONS: &str = "tollgate_open_sessions";
+/// Session upgrades, by `outcome`: `accepted`, or the error type refusing it.
+pub const UPGRADES: &str = "tollgate_upgrades_total";
+/// Seconds each tick's transaction took to record.
+pub const TICK_SECONDS: &str = "tollgate_tick_seconds";
+/// Ledger rows written (rows of a transaction that then failed included).
+pub const LEDGER_ROWS: &str = "tollgate_ledger_rows_written_total";
+/// Jobs waiting for the store's threads, by `thread` (`writer`, `reader`).
+pub const STORE_QUEUE: &str = "tollgate_store_queue_depth";
+
+/// From a millisecond to ten seconds: a tick's transaction should take a
+/// few milliseconds, and one past a second means the store is in trouble.
+const TICK_BUCKETS: [f64; 12] =
+    [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process's recorder, installed on first use. Should another
+/// recorder already be installed (an embedding program's own), Tollgate's
+/// metrics go there, and this one renders nothing.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(TICK_SECONDS.into()), &TICK_BUCKETS)
+            .expect("the buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics shows nothing");
+        }
+        handle
+    })
+}
+
+/// `GET /metrics`, in Prometheus's text format.
+pub async fn render() -> String {
+    handle().render()
+}
