@@ -8,7 +8,7 @@
 //! answer goes through the same reading and metering as a real one.
 
 use axum::body::Bytes;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use serde_json::{Value, json};
 use tiktoken_rs::{CoreBPE, Rank};
 
@@ -156,11 +156,6 @@ fn pieces(bpe: &CoreBPE, tokens: &[Rank]) -> Vec<String> {
         }
     }
     pieces
-}
-
-/// The content type of an answer, for callers that build one.
-pub fn content_type(stream: bool) -> HeaderValue {
-    HeaderValue::from_static(if stream { "text/event-stream" } else { "application/json" })
 }
 
 #[cfg(test)]

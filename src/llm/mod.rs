@@ -349,7 +349,7 @@ impl Proxy {
             tally.observe_whole(&parsed);
         }
         self.settle(&running, Some(tally), CompletionOutcome::Completed).await;
-        let content_type = answer.content_type.unwrap_or(echo::content_type(false));
+        let content_type = answer.content_type.unwrap_or(content_type(false));
         let response = Response::builder()
             .status(answer.status)
             .header(header::CONTENT_TYPE, content_type)
@@ -368,7 +368,7 @@ impl Proxy {
         let body = Body::from_stream(tokio_stream_of(client_rx));
         let response = Response::builder()
             .status(answer.status)
-            .header(header::CONTENT_TYPE, echo::content_type(true))
+            .header(header::CONTENT_TYPE, content_type(true))
             .header(header::CACHE_CONTROL, "no-cache")
             // Asks nginx and the like to pass events on as they come.
             .header("x-accel-buffering", "no")
@@ -467,9 +467,14 @@ impl Proxy {
 fn json_response(status: StatusCode, body: Bytes) -> Response {
     Response::builder()
         .status(status)
-        .header(header::CONTENT_TYPE, echo::content_type(false))
+        .header(header::CONTENT_TYPE, content_type(false))
         .body(Body::from(body))
         .expect("a response built from valid parts")
+}
+
+/// The content type of an answer the proxy writes itself.
+fn content_type(stream: bool) -> HeaderValue {
+    HeaderValue::from_static(if stream { "text/event-stream" } else { "application/json" })
 }
 
 fn is_event_stream(content_type: Option<&HeaderValue>) -> bool {
