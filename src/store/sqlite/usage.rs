@@ -194,34 +194,40 @@ impl Charging<'_> {
     }
 }
 
-/// A pool's balance, its human's revocation epoch, and its marks, in one
-/// read: the tick does this for every pool it charges.
+/// A pool's balance, its human's revocation epoch, and its marks: the tick
+/// does this for every pool it charges. Two lookups by primary key rather
+/// than a join: SQLite prepares that join anew on every run (its plan
+/// depends on the bound values), which cost a tick most of its time.
 fn pool_for_update(
     conn: &Connection,
     human: HumanId,
     limit_type: LimitType,
 ) -> StoreResult<(i64, i64, PoolMarks)> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT l.balance, h.revocation_epoch, h.project_id, l.limited, l.low_notified,
-                l.exhausted_notified
-         FROM limits l JOIN humans h ON h.id = l.human_id
-         WHERE l.human_id = ?1 AND l.limit_type = ?2",
+    let mut pool = conn.prepare_cached(
+        "SELECT balance, limited, low_notified, exhausted_notified
+         FROM limits WHERE human_id = ?1 AND limit_type = ?2",
     )?;
-    stmt.query_row(params![human.0, limit_type.as_str()], |row| {
-        let marks = PoolMarks {
-            human,
-            project: ProjectId(row.get(2)?),
-            limit_type,
-            limited: row.get(3)?,
-            low_notified: row.get(4)?,
-            exhausted_notified: row.get(5)?,
-        };
-        Ok((row.get(0)?, row.get(1)?, marks))
-    })
-    .optional()?
-    .ok_or_else(|| {
-        StoreError::Other(format!("no {} pool for human {}", limit_type.as_str(), human.0))
-    })
+    let found = pool
+        .query_row(params![human.0, limit_type.as_str()], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .optional()?;
+    let Some((balance, limited, low_notified, exhausted_notified)) = found else {
+        let missing = format!("no {} pool for human {}", limit_type.as_str(), human.0);
+        return Err(StoreError::Other(missing));
+    };
+    let mut owner =
+        conn.prepare_cached("SELECT revocation_epoch, project_id FROM humans WHERE id = ?1")?;
+    let (epoch, project) = owner.query_row([human.0], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let marks = PoolMarks {
+        human,
+        project: ProjectId(project),
+        limit_type,
+        limited,
+        low_notified,
+        exhausted_notified,
+    };
+    Ok((balance, epoch, marks))
 }
 
 /// Adds `applied` to the session's current debit row, or starts a new row
