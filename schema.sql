@@ -133,8 +133,10 @@ CREATE TABLE usage_reports (
 );
 
 -- Every change to a pool's balance. A grant comes from setting or raising
--- limits; a debit is one session's use over at most a minute (the row grows
--- with each tick of that minute, then a new row starts), one chat
+-- limits; a debit is a stretch of one session's use (the meter records an
+-- open session once a minute and when its human's limits are read or
+-- changed; a recording grows the session's latest row while that row is
+-- under a minute old, and starts a new one after), one chat
 -- completion, or one usage report; a refund gives back time a dead client
 -- was charged for after its last frame. A row names at most one of the
 -- session, completion or report it comes from.
@@ -190,3 +192,15 @@ CREATE TABLE webhook_events (
 
 CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX webhook_events_by_project ON webhook_events (project_id, status, id);
+
+-- The meter's clock: every transaction that records usage sets alive_at to
+-- its time. An open session's usage reaches the ledger at least once a
+-- minute, not at every tick; after a crash, each session the run left open
+-- is charged from its last recorded usage up to alive_at, so that at most
+-- one tick of usage goes unrecorded.
+CREATE TABLE meter_clock (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    alive_at INTEGER NOT NULL
+);
+
+INSERT INTO meter_clock (id, alive_at) VALUES (1, 0);

@@ -544,7 +544,7 @@ async fn a_completion_left_running_by_a_kill_9_is_charged_its_prompt_at_the_rest
     let db = dir.path().join("t.db");
     let args = ["--llm-upstream", &llm.base_url()];
     let process = common::binary::spawn(&db, &args, "info");
-    let api = Api::new(process.base.trim_start_matches("http://"), process.printed_key().unwrap());
+    let api = Api::new(process.base.trim_start_matches("http://"), process.api_key());
     let token = mint_tokens(&api, "kim", 10_000).await;
     let mut body = open_stream(&api, &token).await;
     body.next().await.unwrap().unwrap();

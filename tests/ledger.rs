@@ -229,6 +229,10 @@ async fn time_given_back_to_a_dead_client_is_a_refund_row_of_its_session() {
     let mut client = server.connect(&token).await;
     let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     // From here the client neither reads nor sends: it answers no pings.
+    // A read of the limits while it is silent records its time past its
+    // last frame, which its end then gives back.
+    sleep(Duration::from_millis(250)).await;
+    settle(&server, "ada").await;
     let (reason, charged) = wait_for_end(&server, &session_id).await;
     assert_eq!(reason, "client_timeout");
 

@@ -28,7 +28,7 @@ async fn a_fresh_database_prints_its_api_key_once_and_only_on_stdout() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     let first = binary::spawn(&db, &[], "info");
-    let key = first.printed_key().expect("the first start prints a key");
+    let key = first.api_key();
     let api = api_of(&first, &key);
     assert_eq!(api.post("/v1/usage/token", json!({ "human": "ada" })).await.0, 200);
     first.signal("TERM");
@@ -57,7 +57,7 @@ async fn a_settings_file_sets_the_upstream_with_a_secret_header_from_the_environ
     let env = [("TEST_VOICE_AUTH", secret)];
     // At trace the WebSocket library would print the raw handshake.
     let process = binary::spawn_with_env(&dir.path().join("t.db"), &args, "trace", &env);
-    let api = api_of(&process, &process.printed_key().unwrap());
+    let api = api_of(&process, &process.api_key());
 
     let token = api.mint_seconds("ada", 30.0).await;
     let mut client = api.connect(&token).await;
@@ -137,7 +137,7 @@ async fn a_second_server_on_the_same_database_is_refused_and_disturbs_nothing() 
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     let first = binary::spawn(&db, &[], "info");
-    let api = api_of(&first, &first.printed_key().unwrap());
+    let api = api_of(&first, &first.api_key());
     let token = api.mint_seconds("ada", 30.0).await;
     let mut client = api.connect(&token).await;
     client.next_event().await;
@@ -156,7 +156,7 @@ async fn sigterm_closes_every_session_with_1001_records_it_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     let process = binary::spawn(&db, &["--tick-ms", &TICK_MS.to_string()], "info");
-    let api = api_of(&process, &process.printed_key().unwrap());
+    let api = api_of(&process, &process.api_key());
     let token = api.mint_seconds("ada", 30.0).await;
     let mut clients = vec![api.connect(&token).await, api.connect(&token).await];
     sleep(Duration::from_millis(700)).await;
@@ -197,7 +197,7 @@ async fn kill_9_loses_at_most_one_tick_and_the_next_start_closes_what_was_left_o
     let db = dir.path().join("t.db");
     let tick = ["--tick-ms", &TICK_MS.to_string()];
     let process = binary::spawn(&db, &tick, "info");
-    let api = api_of(&process, &process.printed_key().unwrap());
+    let api = api_of(&process, &process.api_key());
     let mut clients = Vec::new();
     for human in ["ada", "bob", "cy"] {
         let token = api.mint_seconds(human, 30.0).await;
@@ -232,7 +232,7 @@ async fn no_log_line_contains_a_token_or_an_api_key() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     let process = binary::spawn(&db, &["--tick-ms", "50"], "trace");
-    let key = process.printed_key().unwrap();
+    let key = process.api_key();
     let api = api_of(&process, &key);
     let token = api.mint_seconds("ada", 0.5).await;
 

@@ -358,7 +358,7 @@ async fn pending_deliveries_survive_a_kill_9_and_are_sent_after_the_restart() {
     drop(address);
 
     let process = common::binary::spawn(&db, &[], "info");
-    let api = Api::new(process.base.trim_start_matches("http://"), process.printed_key().unwrap());
+    let api = Api::new(process.base.trim_start_matches("http://"), process.api_key());
     hook(&api, &url, json!({"events": ["usage_token.revoked"]})).await;
     for human in ["ada", "bob", "cy"] {
         api.mint_seconds(human, 10.0).await;
@@ -405,7 +405,8 @@ async fn a_long_session_is_tracked_once_a_minute_and_the_rest_at_its_end() {
 
     let events = receiver.until(|events| events.len() == 2).await;
     let values: Vec<f64> = events.iter().map(|e| e["payload"]["value"].as_f64().unwrap()).collect();
-    assert!((59.9..=60.2).contains(&values[0]), "{values:?}");
+    // Open sessions are recorded once a minute, at the first tick after it.
+    assert!((60.0..=61.0).contains(&values[0]), "{values:?}");
     assert!((values[0] + values[1] - 61.0).abs() < 0.001, "{values:?}");
 }
 
@@ -477,6 +478,26 @@ async fn thresholds_crossed_by_ticks_fire_once_and_again_after_a_top_up() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.events().len(), 4, "{:#?}", receiver.events());
+}
+
+#[tokio::test]
+async fn running_low_fires_while_the_session_runs_not_when_it_is_next_recorded() {
+    let receiver = Receiver::start().await;
+    let server = server().await;
+    let extra = json!({"events": ["usage.limit_low"],
+                       "thresholds": [{"type": "conversational_seconds", "value": 2}]});
+    hook(&server, &receiver.url, extra).await;
+    let token = server.mint_seconds("hal", 3.0).await;
+    let mut client = server.connect(&token).await;
+    // The pool falls below 2 s about 1 s in, long before the meter would
+    // record the session of its own accord (once a minute).
+    receiver.until(|events| !events.is_empty()).await;
+    let after = client.opened.elapsed();
+    assert!(after < Duration::from_millis(2500), "limit_low came {after:?} after the start");
+    let event = &receiver.events()[0];
+    assert!(event["payload"]["remaining"].as_f64().unwrap() < 2.0, "{event}");
+    let closed = client.until_closed().await;
+    assert_eq!(closed.code, Some(4001));
 }
 
 #[tokio::test]

@@ -82,10 +82,14 @@ pub async fn limits(
             state.store.find_human(project, &human).await?
         }
     };
-    let limits = match human {
-        Some(human) => state.store.limits(human.id).await?,
-        None => Vec::new(),
+    let Some(human) = human else {
+        return Ok(Json(Vec::new()));
     };
+    // The meter records open sessions once a minute; this brings the
+    // human's up to now. Should that fail, the last recorded figures are
+    // shown (and the sessions are being closed).
+    state.meter.settle(human.id).await;
+    let limits = state.store.limits(human.id).await?;
     Ok(Json(views(limits)))
 }
 

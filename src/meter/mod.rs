@@ -89,6 +89,8 @@ pub struct Registration {
     /// The remaining value seen at admission, `None` when unlimited.
     pub remaining: Option<i64>,
     pub revocation_epoch: i64,
+    /// The client is sent the session's figures (`usage.*` messages).
+    pub figures: bool,
     pub updates_tx: watch::Sender<SessionUpdate>,
     pub span: Span,
 }

@@ -205,6 +205,7 @@ fn registration(
         started,
         remaining: context.remaining,
         revocation_epoch: context.revocation_epoch,
+        figures: context.events,
         updates_tx,
         span: context.span.clone(),
     }

@@ -134,6 +134,10 @@ pub struct PoolState {
     /// `None` when the human has no limit of this type.
     pub remaining: Option<i64>,
     pub revocation_epoch: i64,
+    /// A webhook's "running low" line not yet crossed: the store wants the
+    /// pool's usage recorded as soon as the remaining value falls below it,
+    /// so that the event fires on time.
+    pub low_line: Option<i64>,
 }
 
 /// A chat completion's key in the store.

@@ -46,6 +46,20 @@ pub fn spawn_with_env(db: &Path, args: &[&str], rust_log: &str, env: &[(&str, &s
 }
 
 impl Process {
+    /// The API key printed on standard output by a first start. Standard
+    /// output is read on a thread of its own, so the key may arrive a little
+    /// after the address was logged: this waits up to five seconds for it.
+    pub fn api_key(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(key) = self.printed_key() {
+                return key;
+            }
+            assert!(Instant::now() < deadline, "no API key printed: {:?}", self.stdout());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The API key printed on standard output, if this start printed one.
     pub fn printed_key(&self) -> Option<String> {
         let lines = self.stdout.lock().unwrap();

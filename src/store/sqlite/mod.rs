@@ -35,15 +35,18 @@ use crate::limits::{ChangeMode, Limit};
 use crate::secret::SecretHash;
 
 /// The schema this build writes and understands; recorded in the database.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 const SCHEMA: &str = include_str!("../../../schema.sql");
 
 /// The script that brings a database from the version before to each
 /// version after the first, in order. Each runs in one transaction with
 /// the record of the version it reaches, so a crash mid-upgrade leaves the
 /// database as it was.
-const UPGRADES: &[(i64, &str)] =
-    &[(2, include_str!("upgrades/2.sql")), (3, include_str!("upgrades/3.sql"))];
+const UPGRADES: &[(i64, &str)] = &[
+    (2, include_str!("upgrades/2.sql")),
+    (3, include_str!("upgrades/3.sql")),
+    (4, include_str!("upgrades/4.sql")),
+];
 
 /// How many jobs may wait for each thread. Callers past this wait for room
 /// (backpressure on HTTP handlers and the meter) rather than queueing
@@ -351,7 +354,7 @@ impl Store for SqliteStore {
     }
 
     async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
-        self.write(|w| usage::close_abandoned(&mut w.conn, &w.hooks)).await
+        self.write(usage::close_abandoned).await
     }
 
     async fn start_completion(

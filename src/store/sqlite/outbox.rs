@@ -130,7 +130,7 @@ pub fn debited(
         return Ok(());
     };
     match marks(conn, human, *limit_type)? {
-        Some(marks) => crossed(conn, hooks, marks, balance, now),
+        Some(marks) => crossed(conn, hooks, marks, balance, now).map(|_| ()),
         None => Ok(()),
     }
 }
@@ -153,9 +153,9 @@ pub fn marks(
     limit_type: LimitType,
 ) -> StoreResult<Option<PoolMarks>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT h.project_id, l.limited, l.low_notified, l.exhausted_notified
-         FROM limits l JOIN humans h ON h.id = l.human_id
-         WHERE l.human_id = ?1 AND l.limit_type = ?2",
+        "SELECT (SELECT project_id FROM humans WHERE id = ?1),
+                limited, low_notified, exhausted_notified
+         FROM limits WHERE human_id = ?1 AND limit_type = ?2",
     )?;
     let found = stmt
         .query_row(params![human.0, limit_type.as_str()], |row| {
@@ -175,16 +175,17 @@ pub fn marks(
 /// After a pool's balance changed to `balance`: fires "running low" when it
 /// is first below the project's threshold and "exhausted" when it first
 /// reaches zero, once per crossing, and re-arms each once the balance is
-/// back above its line.
+/// back above its line. Returns the "running low" line still armed, if
+/// any: the balance below which the store must be told of the pool again.
 pub fn crossed(
     conn: &Connection,
     hooks: &Hooks,
     pool: PoolMarks,
     balance: i64,
     now: UnixMillis,
-) -> StoreResult<()> {
+) -> StoreResult<Option<i64>> {
     if hooks.is_empty() || !pool.limited {
-        return Ok(());
+        return Ok(None);
     }
     let (mut low, mut exhausted) = (pool.low_notified, pool.exhausted_notified);
     // A line the webhook does not want is left armed, so that wanting it
@@ -217,5 +218,5 @@ pub fn crossed(
         )?
         .execute(params![pool.human.0, pool.limit_type.as_str(), low, exhausted])?;
     }
-    Ok(())
+    Ok(threshold.filter(|_| !low))
 }

@@ -93,6 +93,13 @@ fn open_sessions(conn: &Connection, human: HumanId) -> StoreResult<u64> {
     Ok(count as u64)
 }
 
+/// Sets the meter's clock (see `meter_clock` in schema.sql) to `now`.
+fn advance_clock(conn: &Connection, now: UnixMillis) -> StoreResult<()> {
+    conn.prepare_cached("UPDATE meter_clock SET alive_at = MAX(alive_at, ?1) WHERE id = 1")?
+        .execute([now])?;
+    Ok(())
+}
+
 /// Applies one batch in one transaction. Segments started by the batch are
 /// remembered only once it has committed, so a failed batch leaves nothing
 /// pointing at rows that were rolled back.
@@ -113,6 +120,7 @@ pub fn record(
         let charged = end_session(&tx, &writer.hooks, end.session, end.reason, now)?;
         recorded.ended.push((end.session, charged));
     }
+    advance_clock(&tx, now)?;
     tx.commit()?;
 
     writer.segments.extend(started);
@@ -175,20 +183,21 @@ impl Charging<'_> {
                  WHERE human_id = ?1 AND limit_type = ?2",
             )?
             .execute(params![human.0, limit_type.as_str(), balance, self.now])?;
-        outbox::crossed(self.conn, self.hooks, marks, balance, self.now)?;
-        Ok(PoolState { human, limit_type, remaining: limited.then_some(balance), revocation_epoch })
+        let low_line = outbox::crossed(self.conn, self.hooks, marks, balance, self.now)?;
+        let remaining = limited.then_some(balance);
+        Ok(PoolState { human, limit_type, remaining, revocation_epoch, low_line })
     }
 
-    /// Debits a session's current segment. When the segment is complete,
-    /// what it holds is announced first, and a new one starts.
+    /// Debits a session's current segment, or a new one when it is a
+    /// minute old. Once a minute or more of the session's use has not been
+    /// announced, it is announced.
     fn debit_session(&mut self, charge: &Charge, applied: i64) -> StoreResult<()> {
         let segment = self.segments.current.get(&charge.session.0).copied();
-        let complete = segment.is_some_and(|s| self.now - s.started_at >= SEGMENT_MILLIS);
-        if applied > 0 && complete && !self.hooks.is_empty() {
-            track_session(self.conn, self.hooks, charge.session, self.now)?;
-        }
         if let Some(new) = debit(self.conn, charge, applied, segment, self.now)? {
             self.segments.started.push((charge.session.0, new));
+        }
+        if applied > 0 && !self.hooks.is_empty() {
+            track_session(self.conn, self.hooks, charge.session, SEGMENT_MILLIS, self.now)?;
         }
         Ok(())
     }
@@ -349,17 +358,18 @@ fn session_facts(conn: &Connection, session: SessionKey) -> StoreResult<SessionF
     Ok(SessionFacts { human: HumanId(human), public_id, kind, charged, tracked })
 }
 
-/// Announces what a session used since its last `usage.tracked`, if
-/// anything.
+/// Announces what a session used since its last `usage.tracked`, if that
+/// is at least `at_least` (and not nothing).
 fn track_session(
     conn: &Connection,
     hooks: &Hooks,
     session: SessionKey,
+    at_least: i64,
     now: UnixMillis,
 ) -> StoreResult<SessionFacts> {
     let facts = session_facts(conn, session)?;
     let untracked = facts.charged - facts.tracked;
-    if hooks.is_empty() || untracked == 0 {
+    if hooks.is_empty() || untracked == 0 || untracked < at_least {
         return Ok(facts);
     }
     let source = UsageSource::Session { session: &facts.public_id, kind: facts.kind };
@@ -382,7 +392,7 @@ fn announce_end(
     if hooks.is_empty() {
         return Ok(());
     }
-    let facts = track_session(conn, hooks, session, now)?;
+    let facts = track_session(conn, hooks, session, 0, now)?;
     let event = Event::SessionEnded {
         session: &facts.public_id,
         kind: facts.kind,
@@ -392,16 +402,27 @@ fn announce_end(
     outbox::emit(conn, hooks, facts.human, &event, now)
 }
 
-/// Ends every session still open in the database. They were charged up to
-/// the last tick that recorded them, which is taken as their end.
-pub fn close_abandoned(conn: &mut Connection, hooks: &Hooks) -> StoreResult<u64> {
-    let tx = super::write_transaction(conn)?;
-    let open: Vec<i64> = tx
-        .prepare("SELECT id FROM sessions WHERE ended_at IS NULL")?
-        .query_map([], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
+/// Ends every session still open in the database. Each is first charged
+/// from its last recorded usage up to the meter's clock, the last moment
+/// the run that left it open is known to have metered, and that is taken
+/// as its end.
+pub fn close_abandoned(writer: &mut Writer) -> StoreResult<u64> {
+    let tx = super::write_transaction(&mut writer.conn)?;
+    let alive_at: UnixMillis =
+        tx.query_row("SELECT alive_at FROM meter_clock WHERE id = 1", [], |row| row.get(0))?;
+    let open = abandoned_sessions(&tx)?;
+    let mut started = Vec::new();
+    let segments = Segments { current: &writer.segments, started: &mut started };
+    let mut charging = Charging { conn: &tx, hooks: &writer.hooks, segments, now: alive_at };
+    for session in &open {
+        let owed = alive_at - session.recorded_to;
+        if owed > 0 {
+            charging.charge_pool(vec![Charge { amount: owed, ..session.charge }])?;
+        }
+    }
     let reason = EndReason::ServerRestart.as_str();
-    for &id in &open {
+    for session in &open {
+        let id = session.charge.session.0;
         tx.execute(
             "UPDATE sessions SET
                  end_reason = ?2,
@@ -415,8 +436,42 @@ pub fn close_abandoned(conn: &mut Connection, hooks: &Hooks) -> StoreResult<u64>
         )?;
         let ended_at: i64 =
             tx.query_row("SELECT ended_at FROM sessions WHERE id = ?1", [id], |row| row.get(0))?;
-        announce_end(&tx, hooks, SessionKey(id), reason, ended_at)?;
+        announce_end(&tx, &writer.hooks, SessionKey(id), reason, ended_at)?;
     }
     tx.commit()?;
     Ok(open.len() as u64)
+}
+
+/// A session a previous run left open, and when its usage was last
+/// recorded (its start, if it never was).
+struct Abandoned {
+    charge: Charge,
+    recorded_to: UnixMillis,
+}
+
+fn abandoned_sessions(conn: &Connection) -> StoreResult<Vec<Abandoned>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, human_id, kind,
+                MAX(started_at, COALESCE((SELECT MAX(updated_at) FROM ledger
+                                          WHERE ledger.session_id = sessions.id), started_at))
+         FROM sessions WHERE ended_at IS NULL",
+    )?;
+    let rows = stmt.query_map([], |row| {
+        let kind: String = row.get(2)?;
+        Ok((row.get(0)?, row.get(1)?, kind, row.get(3)?))
+    })?;
+    let mut open = Vec::new();
+    for row in rows {
+        let (id, human, kind, recorded_to): (i64, i64, String, i64) = row?;
+        let kind = SessionKind::parse(&kind)
+            .ok_or_else(|| StoreError::Other(format!("unknown session kind {kind:?} stored")))?;
+        let charge = Charge {
+            session: SessionKey(id),
+            human: HumanId(human),
+            limit_type: kind.limit_type(),
+            amount: 0,
+        };
+        open.push(Abandoned { charge, recorded_to });
+    }
+    Ok(open)
 }
