@@ -1,0 +1,63 @@
+//! Tollgate's HTTP API as the suite uses it: minting usage tokens with the
+//! API key, and scraping `/metrics`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::{Value, json};
+
+use crate::suite::prometheus::Scrape;
+
+/// How long one request may take before the run gives up on it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Mints in flight at once when tokens are minted ahead of a run: enough
+/// to keep the server's writer busy, few enough to leave it responsive.
+const MINT_CONCURRENCY: usize = 64;
+
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    key: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr, key: String) -> Result<Api> {
+        let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?;
+        Ok(Api { base: format!("http://{addr}"), key, http })
+    }
+
+    /// Mints a usage token for `human`, setting their `conversational_seconds`.
+    pub async fn mint(&self, human: &str, seconds: f64) -> Result<String> {
+        let limits = json!([{ "type": "conversational_seconds", "value": seconds }]);
+        let response = self
+            .http
+            .post(format!("{}/v1/usage/token", self.base))
+            .header("x-api-key", &self.key)
+            .json(&json!({ "human": human, "limits": limits }))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status != reqwest::StatusCode::OK {
+            bail!("minting answered {status}: {body}");
+        }
+        let token = body["token"].as_str().context("the mint's answer has no token")?;
+        Ok(token.to_owned())
+    }
+
+    /// Mints one token for each of `humans`, in their order.
+    pub async fn mint_all(&self, humans: &[String], seconds: f64) -> Result<Vec<String>> {
+        let mints = futures::stream::iter(humans).map(|human| self.mint(human, seconds));
+        mints.buffered(MINT_CONCURRENCY).try_collect().await
+    }
+
+    pub async fn scrape(&self) -> Result<Scrape> {
+        let response = self.http.get(format!("{}/metrics", self.base)).send().await?;
+        let response = response.error_for_status()?;
+        Ok(Scrape::new(response.text().await?))
+    }
+}

@@ -1,0 +1,88 @@
+//! What the kernel says about a process under `/proc`: its resident memory,
+//! the CPU time it has used, its open-files limit, and the TCP port it
+//! listens on.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+fn read(pid: u32, file: &str) -> Result<String> {
+    let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+    fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Resident set size in KiB (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = read(pid, "status")?;
+    let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:"));
+    let Some(line) = line else { bail!("process {pid} has no VmRSS") };
+    let kib = line.trim().trim_end_matches("kB").trim();
+    kib.parse().with_context(|| format!("VmRSS of {pid} is {line:?}"))
+}
+
+/// User plus system CPU time (`utime` and `stime` of `/proc/<pid>/stat`).
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = read(pid, "stat")?;
+    // The command name, in parentheses, may itself hold spaces: the
+    // fields worth counting start after its closing parenthesis, with
+    // field 3 (the state).
+    let Some((_, rest)) = stat.rsplit_once(')') else { bail!("cannot parse {stat:?}") };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |number: usize| -> Result<u64> {
+        let text = fields.get(number - 3).context("/proc/<pid>/stat is too short")?;
+        Ok(text.parse()?)
+    };
+    let ticks = field(14)? + field(15)?;
+    let per_second = rustix::param::clock_ticks_per_second();
+    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// The soft limit on open files (`Max open files` of `/proc/<pid>/limits`).
+pub fn open_files_limit(pid: u32) -> Result<u64> {
+    let limits = read(pid, "limits")?;
+    let line = limits.lines().find_map(|line| line.strip_prefix("Max open files"));
+    let Some(soft) = line.and_then(|rest| rest.split_whitespace().next()) else {
+        bail!("process {pid} shows no open-files limit")
+    };
+    if soft == "unlimited" {
+        return Ok(u64::MAX);
+    }
+    soft.parse().with_context(|| format!("open-files limit of {pid} is {soft:?}"))
+}
+
+/// The port of a TCP socket of the process in the LISTEN state, if it has
+/// one yet.
+pub fn listening_port(pid: u32) -> Result<Option<u16>> {
+    let inodes = socket_inodes(pid)?;
+    let table = read(pid, "net/tcp")?;
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(state), Some(inode)) = (fields.get(1), fields.get(3), fields.get(9))
+        else {
+            continue;
+        };
+        if *state == LISTEN && inodes.iter().any(|ours| ours == inode) {
+            let port = local.rsplit_once(':').map(|(_, port)| port).unwrap_or_default();
+            return Ok(Some(u16::from_str_radix(port, 16)?));
+        }
+    }
+    Ok(None)
+}
+
+/// The state column of `/proc/net/tcp` for a listening socket.
+const LISTEN: &str = "0A";
+
+/// The inodes of the process's sockets, from the `socket:[inode]` links of
+/// its file descriptors.
+fn socket_inodes(pid: u32) -> Result<Vec<String>> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))?;
+    let links = entries.filter_map(|entry| fs::read_link(entry.ok()?.path()).ok());
+    let inodes = links.filter_map(|link| {
+        let link = link.to_str()?.to_owned();
+        Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+    });
+    Ok(inodes.collect())
+}
