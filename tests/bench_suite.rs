@@ -1,0 +1,125 @@
+//! The benchmark suite of `benches/suite`, run once at a small size for
+//! correctness only: every figure completes without an error, every
+//! session ends as it should, and the database adds up afterwards. Speeds
+//! are printed, never asserted; a shared CI machine makes them noise.
+
+mod common;
+
+// The CI test uses only part of the suite; the command line the rest.
+#[allow(dead_code)]
+#[path = "../benches/suite/mod.rs"]
+mod suite;
+
+use std::path::Path;
+use std::time::Duration;
+
+use suite::figures::{mints, relay, sessions, upgrades};
+
+/// The figures load the whole machine: one at a time, so that one's load
+/// cannot push another's cut-offs late.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Far looser than the 0.1 s of the target: a debug build on a busy CI
+/// machine must still pass, and a cut-off this late is a bug, not noise.
+const CUT_OFF_SANITY: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_session_is_cut_off_with_4001_at_its_limit_and_the_ledger_adds_up() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = sessions::Config::small(dir.path().join("tollgate.db"));
+    let report = sessions::run(&config).await.unwrap();
+    println!("{report}");
+
+    assert!(report.errors.is_empty(), "{}", report.errors);
+    assert_eq!(report.opened, config.sessions);
+    assert_eq!(report.open_at_peak, config.sessions);
+    assert_eq!(report.open_at_peak_server, Some(config.sessions as f64));
+    assert_eq!(report.closed_at_limit, config.sessions);
+    assert_eq!(report.cut_off.measured, config.sessions);
+    assert!(report.cut_off.max < CUT_OFF_SANITY, "a cut-off {:?} off", report.cut_off.max);
+    assert!(report.messages >= 2 * config.sessions, "{} usage messages", report.messages);
+    let ticks = [report.tick_p50, report.tick_p99].map(|tick| tick.unwrap().as_secs_f64());
+    assert_positive(&[report.rss_per_session_kib, report.cpu_percent, ticks[0], ticks[1]]);
+
+    let db = common::open_db(&config.db);
+    common::assert_ledger_identity(&db);
+    let rows = ended_sessions(&config.db, "usage_limit_exceeded");
+    assert_eq!(rows.len() as u64, config.sessions);
+    let limit = config.limit().as_millis() as i64;
+    assert!(rows.iter().all(|charged| *charged == limit), "not all charged {limit} ms: {rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_upgrades_open_and_close_cleanly_as_plain_ones_do() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = upgrades::Config::small(dir.path().join("tollgate.db"));
+    let report = upgrades::run(&config).await.unwrap();
+    println!("{report}");
+
+    for side in [&report.tollgate, &report.baseline] {
+        assert!(side.errors.is_empty(), "{}", side.errors);
+        let (p50, p99) = (side.latency.p50.as_secs_f64(), side.latency.p99.as_secs_f64());
+        assert_positive(&[side.completed as f64, side.per_second, p50, p99]);
+    }
+    assert_positive(&[report.rate_ratio(), report.p99_ratio()]);
+
+    common::assert_ledger_identity(&common::open_db(&config.db));
+    let rows = ended_sessions(&config.db, "client_closed");
+    assert!(rows.len() as u64 >= report.tollgate.completed, "{} sessions", rows.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_frames_all_come_back_and_the_sessions_close_cleanly() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = relay::Config::small(dir.path().join("tollgate.db"));
+    let report = relay::run(&config).await.unwrap();
+    println!("{report}");
+
+    for side in [&report.tollgate, &report.baseline] {
+        assert!(side.errors.is_empty(), "{}", side.errors);
+        assert_positive(&[side.echoes as f64, side.per_second]);
+    }
+    assert_positive(&[report.ratio()]);
+
+    common::assert_ledger_identity(&common::open_db(&config.db));
+    assert_eq!(ended_sessions(&config.db, "client_closed").len(), config.sessions);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mint_is_answered_with_a_token_and_recorded() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = mints::Config::small(dir.path().join("tollgate.db"));
+    let report = mints::run(&config).await.unwrap();
+    println!("{report}");
+
+    assert!(report.errors.is_empty(), "{}", report.errors);
+    let (p50, p99) = (report.latency.p50.as_secs_f64(), report.latency.p99.as_secs_f64());
+    assert_positive(&[report.minted as f64, report.per_second, p50, p99]);
+
+    let db = common::open_db(&config.db);
+    common::assert_ledger_identity(&db);
+    let tokens: i64 =
+        db.query_row("SELECT COUNT(*) FROM usage_tokens", [], |row| row.get(0)).unwrap();
+    assert!(tokens as u64 >= report.minted, "{tokens} tokens for {} mints", report.minted);
+}
+
+#[track_caller]
+fn assert_positive(figures: &[f64]) {
+    for figure in figures {
+        assert!(figure.is_finite() && *figure > 0.0, "not a finite positive figure: {figures:?}");
+    }
+}
+
+/// The charge of every session in the database, each of which must have
+/// ended with `reason`.
+#[track_caller]
+fn ended_sessions(db: &Path, reason: &str) -> Vec<i64> {
+    let rows = common::session_rows(&common::open_db(db));
+    let other = rows.iter().find(|(ended, _)| ended.as_deref() != Some(reason));
+    assert!(other.is_none(), "a session that did not end with {reason}: {other:?}");
+    rows.into_iter().map(|(_, charged)| charged).collect()
+}
