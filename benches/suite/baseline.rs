@@ -1,7 +1,9 @@
 //! The baseline: a plain tokio-tungstenite echo server, with no
 //! authentication and no metering. It runs inside the suite's process on a
 //! 2-worker runtime of its own, so that it shares the machine with the
-//! clients as the Tollgate child process does.
+//! clients as the Tollgate child process does. Like Tollgate's, its
+//! sockets keep Nagle's algorithm on (only the clients set TCP_NODELAY),
+//! and it keeps tungstenite's default buffers.
 
 use std::net::{Ipv4Addr, SocketAddr};
 

@@ -37,8 +37,8 @@ pub fn check(who: &str, what: &str, sockets: u64, limit: u64) -> Result<()> {
     let needed = sockets + MARGIN;
     if needed > limit {
         bail!(
-            "{what} need about {} open files but {who} may hold {}: raise the limit \
-             (ulimit -n, up to the hard limit) or run fewer",
+            "{what} need about {} open files but {who} may hold {}: raise the hard limit \
+             (ulimit -Hn) or run fewer",
             thousands(needed),
             thousands(limit)
         );

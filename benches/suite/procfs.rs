@@ -23,6 +23,9 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 /// User plus system CPU time (`utime` and `stime` of `/proc/<pid>/stat`).
+/// The kernel counts it in clock ticks, usually 10 ms each, so a share of
+/// CPU over a window of a few seconds is only good to a few tenths of a
+/// percent.
 pub fn cpu_time(pid: u32) -> Result<Duration> {
     let stat = read(pid, "stat")?;
     // The command name, in parentheses, may itself hold spaces: the

@@ -226,13 +226,20 @@ async fn session(shared: Arc<Shared>, path: String) -> Ending {
         Ok(ws) => ws,
         Err(failure) => return Ending::Failed(failure),
     };
+    // The 101 is seen here a little after the server started metering,
+    // and the close a little after it was sent: each cut-off error
+    // includes the client's own delays, on a machine the clients share
+    // with the server.
     let ending = follow(&shared, ws, Instant::now()).await;
     shared.open.fetch_sub(1, Ordering::Relaxed);
     ending
 }
 
 /// Reads the session until its close (sending frames meanwhile, with
-/// `frames`), then finishes the closing handshake.
+/// `frames`), then finishes the closing handshake. While a frame waits to
+/// be sent nothing is read, so a server that stops reading until its
+/// client does would stall both; at one frame per 20 ms it never comes to
+/// that.
 async fn follow(shared: &Shared, ws: Ws, opened: Instant) -> Ending {
     let deadline = opened + shared.limit + END_GRACE;
     let mut frames = shared.frames.then(|| interval(FRAME_INTERVAL));
