@@ -73,44 +73,58 @@ pub fn sessions(report: &SessionsReport) -> Vec<Row> {
     let at_size = report.sessions >= 19_000 && report.hold >= Duration::from_secs(300);
     let idle = at_size && !report.frames;
     let size = format!("{} sessions held {:?}", thousands(report.sessions), report.hold);
-    let all_cut_off = report.closed_at_limit == report.sessions && report.errors.is_empty();
-    let precise = report.cut_off.outside_tolerance == 0 && all_cut_off;
-    let tick_p99 =
-        report.tick_p99.map_or("no ticks seen".into(), |p99| format!("{:.2} ms", millis(p99)));
     let results = [
-        (
-            format!(
-                "{} opened, {} closed with 4001, errors: {}",
-                thousands(report.opened),
-                thousands(report.closed_at_limit),
-                report.errors
-            ),
-            verdict(all_cut_off && precise, at_size, &size),
-        ),
-        (
-            format!("{:.2} KiB", report.rss_per_session_kib),
-            verdict(report.rss_per_session_kib <= 8.0, idle, &size),
-        ),
-        (format!("{:.2} %", report.cpu_percent), verdict(report.cpu_percent <= 5.0, idle, &size)),
-        (
-            format!("p99 {tick_p99}"),
-            verdict(
-                report.tick_p99.is_some_and(|p99| p99 <= Duration::from_millis(25)),
-                at_size,
-                &size,
-            ),
-        ),
-        (
-            format!(
-                "max {:.1} ms, p99 {:.1} ms, {} beyond 0.1 s",
-                millis(report.cut_off.max),
-                millis(report.cut_off.p99),
-                thousands(report.cut_off.outside_tolerance)
-            ),
-            verdict(precise, at_size, &size),
-        ),
+        (closed_on_time(report), at_size),
+        (memory(report), idle),
+        (cpu(report), idle),
+        (ticks(report), at_size),
+        (precision(report), at_size),
     ];
+    let results = results.map(|((result, met), full)| (result, verdict(met, full, &size)));
     rows("sessions", &SESSIONS, results)
+}
+
+/// A result, and whether it meets its target.
+type Judged = (String, bool);
+
+fn closed_on_time(report: &SessionsReport) -> Judged {
+    let result = format!(
+        "{} opened, {} closed with 4001, errors: {}",
+        thousands(report.opened),
+        thousands(report.closed_at_limit),
+        report.errors
+    );
+    (result, all_cut_off(report) && precision(report).1)
+}
+
+fn all_cut_off(report: &SessionsReport) -> bool {
+    report.closed_at_limit == report.sessions && report.errors.is_empty()
+}
+
+fn memory(report: &SessionsReport) -> Judged {
+    (format!("{:.2} KiB", report.rss_per_session_kib), report.rss_per_session_kib <= 8.0)
+}
+
+fn cpu(report: &SessionsReport) -> Judged {
+    (format!("{:.2} %", report.cpu_percent), report.cpu_percent <= 5.0)
+}
+
+fn ticks(report: &SessionsReport) -> Judged {
+    match report.tick_p99 {
+        Some(p99) => (format!("p99 {:.2} ms", millis(p99)), p99 <= Duration::from_millis(25)),
+        None => ("no ticks seen".into(), false),
+    }
+}
+
+fn precision(report: &SessionsReport) -> Judged {
+    let cut_off = &report.cut_off;
+    let result = format!(
+        "max {:.1} ms, p99 {:.1} ms, {} beyond 0.1 s",
+        millis(cut_off.max),
+        millis(cut_off.p99),
+        thousands(cut_off.outside_tolerance)
+    );
+    (result, cut_off.outside_tolerance == 0 && all_cut_off(report))
 }
 
 pub fn upgrades(report: &UpgradesReport) -> Vec<Row> {
