@@ -7,6 +7,7 @@
 
 pub mod binary;
 pub mod llm;
+pub mod raw;
 pub mod receiver;
 pub mod upstream;
 
