@@ -1,10 +1,10 @@
 //! Hostile WebSocket input against the echo, written frame by frame over a
 //! plain TCP socket after a real upgrade (tests/common/raw.rs): frames and
 //! messages over the size limit, text that is not UTF-8, unmasked frames,
-//! frames after the client's close. Each case is a row of one table: what
-//! the client sends, what it must get back, the close and the end reason.
-//! After each, the session must be recorded as ended, and charged for the
-//! time it was open: nothing given away.
+//! frames after the client's close, a flood of pings. Each case is a row of
+//! one table: what the client sends, what it must get back, the close and
+//! the end reason. After each, the session must be recorded as ended, and
+//! charged for the time it was open: nothing given away.
 
 mod common;
 
@@ -19,6 +19,13 @@ use tokio::time::Instant;
 const LIMIT: usize = 1024;
 /// Seconds each case's human is granted.
 const GRANT: f64 = 60.0;
+/// Pings in the flood: about 16 MiB of them.
+const FLOOD_PINGS: usize = 128 * 1024;
+/// Most pong bytes a client that did not read during the flood may find
+/// waiting afterwards: the server's socket buffer (up to 4 MiB here) and a
+/// bounded backlog in the server, far less than the 16 MiB of pongs it
+/// was owed.
+const MOST_PONG_BYTES: usize = 6 << 20;
 /// How long each session is open before the hostile input, so that its
 /// charge is a real amount of time.
 const HOLD: Duration = Duration::from_millis(300);
@@ -90,6 +97,22 @@ const CASES: &[Case] = &[
         close: (1000, "bye"),
         reason: "client_closed",
     },
+    Case {
+        name: "a flood of pings from a client that reads only afterwards",
+        steps: || {
+            let ping = message(PING, &[b'p'; 125]);
+            let mut flood = ping.repeat(FLOOD_PINGS);
+            // As large as allowed: it finds no room beside the pongs.
+            flood.extend(message(BINARY, &[9; LIMIT]));
+            vec![
+                Step::Send(flood),
+                Step::Expect(BINARY, vec![9; LIMIT]),
+                Step::Send(close_frame(1000, "done")),
+            ]
+        },
+        close: (1000, "done"),
+        reason: "client_closed",
+    },
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,19 +124,21 @@ async fn hostile_input_is_closed_with_its_code_and_charged_as_used() {
         let path = format!("/v1/realtime/session?kind=conversational&events=none&token={token}");
         let mut client = RawClient::upgrade(&server, &path).await;
         tokio::time::sleep(HOLD).await;
-        run_steps(&mut client, case).await;
+        let pong_bytes = run_steps(&mut client, case).await;
         let (close, after) = until_closed(&mut client, case.name).await;
         let open_for = client.opened.elapsed().as_secs_f64();
 
         assert_eq!(close.as_ref(), Some(&(case.close.0, case.close.1.to_owned())), "{}", case.name);
         assert!(after.is_empty(), "{}: frames after the close: {after:?}", case.name);
+        assert!(pong_bytes <= MOST_PONG_BYTES, "{}: {pong_bytes} bytes of pongs", case.name);
         assert_ended_and_charged(&server, &human, case, open_for).await;
     }
     assert_ledger_identity(&server.db());
 }
 
-/// Carries out the case's steps.
-async fn run_steps(client: &mut RawClient, case: &Case) {
+/// Carries out the case's steps; returns the pong bytes read meanwhile.
+async fn run_steps(client: &mut RawClient, case: &Case) -> usize {
+    let mut pong_bytes = 0;
     for step in (case.steps)() {
         match step {
             Step::Send(bytes) => client.send(&bytes).await,
@@ -121,6 +146,7 @@ async fn run_steps(client: &mut RawClient, case: &Case) {
                 let frame = client.next_frame().await;
                 let frame = frame.unwrap_or_else(|| panic!("{}: connection ended", case.name));
                 if frame.opcode == PONG {
+                    pong_bytes += frame.payload.len() + 2;
                     continue;
                 }
                 let expected = Frame { opcode, fin: true, payload };
@@ -129,6 +155,7 @@ async fn run_steps(client: &mut RawClient, case: &Case) {
             },
         }
     }
+    pong_bytes
 }
 
 /// Reads up to the server's close frame and on to the end of the

@@ -1,7 +1,8 @@
 //! Sessions relayed to a real upstream (a WebSocket service written in the
 //! tests, plain and TLS): frames both ways, the headers it is given, every
 //! close path with the time it charged, an upstream that cannot be reached,
-//! bursts faster than a client reads, and a client that stops reading.
+//! bursts faster than a client reads, and a client that stops reading, or
+//! sends pings without reading their pongs.
 
 mod common;
 
@@ -516,4 +517,38 @@ async fn a_client_that_stops_reading_for_a_moment_catches_up_instead_of_being_dr
     let (frames, close) = frames_until_closed(&mut client).await;
     assert_eq!(frames, 2000);
     assert_eq!(close, Some((4006, "upstream_closed 4000".to_owned())));
+}
+
+#[tokio::test]
+async fn a_client_that_pings_without_reading_is_owed_a_bounded_backlog_of_pongs() {
+    use common::raw::*;
+
+    const LIMIT: usize = 64 * 1024;
+    let server = TestServer::start_with(|s| s.max_message_bytes = LIMIT).await;
+    let token = server.mint_seconds("ada", 60.0).await;
+    let path = format!("/v1/realtime/session?kind=conversational&events=none&token={token}");
+    let mut client = RawClient::upgrade(&server, &path).await;
+
+    // 16 MiB of pings, each owed a pong, then a message as large as allowed,
+    // all before the client reads anything.
+    let mut flood = message(PING, &[b'p'; 125]).repeat(128 * 1024);
+    flood.extend(message(BINARY, &[9; LIMIT]));
+    client.send(&flood).await;
+    let mut pong_bytes = 0;
+    let echo = loop {
+        let frame = client.next_frame().await.expect("the session is open");
+        if frame.opcode != PONG {
+            break frame;
+        }
+        pong_bytes += frame.payload.len() + 2;
+    };
+
+    // What waited was the server's socket buffer (up to 4 MiB here) and a
+    // bounded backlog, not every pong; and the echo waited for room
+    // rather than being dropped.
+    assert!(pong_bytes < 6 << 20, "{} MiB of pongs waited", pong_bytes >> 20);
+    assert_eq!((echo.opcode, echo.payload.len()), (BINARY, LIMIT));
+    client.send(&close_frame(1000, "")).await;
+    let rows = rows_once_all_ended(&server).await;
+    assert_eq!(rows[0].0.as_deref(), Some("client_closed"));
 }

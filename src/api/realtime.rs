@@ -32,6 +32,13 @@ use crate::upstream::OpenUpstream;
 /// several reads.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
+/// What tungstenite gathers for the client before it writes to the socket
+/// (its default).
+const WRITE_BUFFER_BYTES: usize = 128 * 1024;
+
+/// The longest header of a frame the server sends.
+const FRAME_HEADER_BYTES: usize = 10;
+
 #[derive(Deserialize)]
 pub struct SessionQuery {
     kind: Option<String>,
@@ -95,8 +102,17 @@ async fn upgrade_session(
         upstream,
     };
     let max_message_bytes = state.settings.max_message_bytes;
+    // tungstenite answers each ping with a pong, and keeps in its write
+    // buffer those the socket will not take. Bounded to what it gathers
+    // anyway plus one message, it holds back the pongs of a client that
+    // sends pings without reading, and answers only the latest once there
+    // is room: a flood of pings costs a bounded amount, and the session
+    // waits for the client to read before it sends anything more.
+    let max_write_bytes = WRITE_BUFFER_BYTES + max_message_bytes + FRAME_HEADER_BYTES;
     Ok(upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_write_buffer_size(max_write_bytes)
         .max_message_size(max_message_bytes)
         .max_frame_size(max_message_bytes)
         .on_upgrade(move |socket| session::run(socket, context, admitted.ticket)))

@@ -10,6 +10,7 @@
 //! reading altogether is dropped.
 
 mod outbox;
+mod patient;
 pub mod protocol;
 
 use std::time::Duration;
@@ -30,6 +31,7 @@ use crate::meter::{MeterHandle, Registration, SessionUpdate};
 use crate::store::{HumanId, SessionKey};
 use crate::upstream::{OpenUpstream, UpstreamSocket};
 use outbox::{Backlog, Outbox, Refused, Weight};
+use patient::Patient;
 use protocol::{ServerMessage, seconds};
 
 /// How long the server waits for each side to take its close frame and
@@ -162,7 +164,7 @@ async fn serve(socket: WebSocket, mut context: SessionContext, ticket: Ticket) {
     info!(remaining = context.remaining.map(seconds), "session opened");
 
     let queue_bytes = QUEUE_BYTES.max(2 * context.max_message_bytes);
-    let (to_client, from_client) = socket.split();
+    let (to_client, from_client) = Patient::new(socket).split();
     let (to_upstream, from_upstream) = match context.upstream.take().map(OpenUpstream::into_socket)
     {
         Some(socket) => {
@@ -211,8 +213,12 @@ fn registration(
     }
 }
 
+/// The client's connection, which waits rather than fails while its write
+/// buffer is full.
+type ClientSocket = Patient<WebSocket>;
+
 struct Session {
-    from_client: SplitStream<WebSocket>,
+    from_client: SplitStream<ClientSocket>,
     to_client: Outbox<Message>,
     from_upstream: Option<SplitStream<UpstreamSocket>>,
     to_upstream: Option<Outbox<UpstreamMessage>>,
