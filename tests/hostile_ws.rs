@@ -98,6 +98,12 @@ const CASES: &[Case] = &[
         reason: "client_closed",
     },
     Case {
+        name: "a close frame with a code no endpoint may send",
+        steps: || vec![Step::Send(close_frame(1005, ""))],
+        close: (1002, "Protocol violation"),
+        reason: "client_closed",
+    },
+    Case {
         name: "a flood of pings from a client that reads only afterwards",
         steps: || {
             let ping = message(PING, &[b'p'; 125]);
