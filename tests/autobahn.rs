@@ -86,9 +86,10 @@ async fn kosoku_installed() -> bool {
         .arg("--help")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
-        .await;
-    if status.is_ok_and(|status| status.success()) {
+        .kill_on_drop(true)
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(30), status).await;
+    if matches!(status, Ok(Ok(status)) if status.success()) {
         return true;
     }
     let why = "kosoku not found; pip install kosoku";
