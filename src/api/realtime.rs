@@ -126,7 +126,7 @@ async fn connect_upstream(
     kind: SessionKind,
     human: &Human,
     admitted: Admitted,
-) -> Result<(Admitted, Option<OpenUpstream>), ApiError> {
+) -> Result<(Admitted, Option<Box<OpenUpstream>>), ApiError> {
     let (Some(upstream), Some(client)) =
         (state.settings.upstreams.for_kind(kind), state.upstream_client.as_ref())
     else {
@@ -150,7 +150,7 @@ async fn connect_upstream(
             admitted.ticket.cancel(EndReason::ServerShutdown);
             Err(ApiError::Unavailable("the server is shutting down"))
         }
-        Ok(socket) => Ok((admitted, Some(socket))),
+        Ok(socket) => Ok((admitted, Some(Box::new(socket)))),
         Err(error) => {
             warn!(%error, "cannot reach the upstream");
             admitted.ticket.cancel(EndReason::UpstreamUnavailable);

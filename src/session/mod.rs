@@ -76,8 +76,10 @@ pub struct SessionContext {
     pub meter: MeterHandle,
     pub span: Span,
     /// The connection to the service behind the session, already open;
-    /// `None` for the echo.
-    pub upstream: Option<OpenUpstream>,
+    /// `None` for the echo. Boxed: it is large (TLS state), and the context
+    /// is moved through every layer of the session's future, each of which
+    /// would otherwise keep room for it for the whole session.
+    pub upstream: Option<Box<OpenUpstream>>,
 }
 
 /// Held from admission until the upgrade completes. If it is dropped first
@@ -148,43 +150,33 @@ impl Outcome {
 }
 
 /// Runs a session from the completed upgrade to its close.
-pub async fn run(socket: WebSocket, context: SessionContext, ticket: Ticket) {
-    let span = context.span.clone();
-    serve(socket, context, ticket).instrument(span).await;
-}
-
-async fn serve(socket: WebSocket, mut context: SessionContext, ticket: Ticket) {
+///
+/// The future is kept by its task for the whole session, so it is kept
+/// small: it holds little more than a pointer to the boxed [`Session`],
+/// and the larger futures of the opening and of the closing handshake are
+/// boxed while they run. An `async fn` keeps room for its arguments for as
+/// long as it runs, even once they are moved out, so the setup is done
+/// here, outside one.
+pub fn run(
+    socket: WebSocket,
+    context: SessionContext,
+    ticket: Ticket,
+) -> impl Future<Output = ()> + Send {
     let started = Instant::now();
     ticket.redeem();
+    let span = context.span.clone();
     let (updates_tx, updates_rx) = watch::channel(SessionUpdate {
         remaining_millis: context.remaining,
         ..SessionUpdate::default()
     });
-    context.meter.open(registration(&context, started, updates_tx)).await;
-    info!(remaining = context.remaining.map(seconds), "session opened");
+    let registration = registration(&context, started, updates_tx);
+    let session = Session::start(socket, context, updates_rx, started);
+    serve(session, registration, started).instrument(span)
+}
 
-    let queue_bytes = QUEUE_BYTES.max(2 * context.max_message_bytes);
-    let (to_client, from_client) = Patient::new(socket).split();
-    let (to_upstream, from_upstream) = match context.upstream.take().map(OpenUpstream::into_socket)
-    {
-        Some(socket) => {
-            let (to, from) = socket.split();
-            (Some(Outbox::spawn(to, QUEUE_MESSAGES, queue_bytes)), Some(from))
-        }
-        None => (None, None),
-    };
-    let mut session = Session {
-        from_client,
-        to_client: Outbox::spawn(to_client, QUEUE_MESSAGES, queue_bytes),
-        from_upstream,
-        to_upstream,
-        context,
-        updates_rx,
-        last_frame: started,
-        last_upstream_frame: started,
-        client_full_since: None,
-        low_sent: false,
-    };
+async fn serve(mut session: Box<Session>, registration: Registration, started: Instant) {
+    Box::pin(session.context.meter.open(registration)).await;
+    info!(remaining = session.context.remaining.map(seconds), "session opened");
     let (reason, upstream) = match session.serve(started).await {
         Outcome::Ended { at, reason, upstream } => {
             session.context.meter.end(session.context.key, at, reason).await;
@@ -192,7 +184,40 @@ async fn serve(socket: WebSocket, mut context: SessionContext, ticket: Ticket) {
         }
         Outcome::ClosedByMeter(reason) => (reason, UpstreamPart::None),
     };
-    session.close(reason, upstream).await;
+    Box::pin(session.close(reason, upstream)).await;
+}
+
+impl Session {
+    /// Starts the writers of both sides. Boxed: it is what the session's
+    /// future holds while the session is open.
+    fn start(
+        socket: WebSocket,
+        mut context: SessionContext,
+        updates_rx: watch::Receiver<SessionUpdate>,
+        started: Instant,
+    ) -> Box<Session> {
+        let queue_bytes = QUEUE_BYTES.max(2 * context.max_message_bytes);
+        let (to_client, from_client) = Patient::new(socket).split();
+        let (to_upstream, from_upstream) = match context.upstream.take().map(|u| u.into_socket()) {
+            Some(socket) => {
+                let (to, from) = socket.split();
+                (Some(Outbox::spawn(to, QUEUE_MESSAGES, queue_bytes)), Some(from))
+            }
+            None => (None, None),
+        };
+        Box::new(Session {
+            from_client,
+            to_client: Outbox::spawn(to_client, QUEUE_MESSAGES, queue_bytes),
+            from_upstream,
+            to_upstream,
+            context,
+            updates_rx,
+            last_frame: started,
+            last_upstream_frame: started,
+            client_full_since: None,
+            low_sent: false,
+        })
+    }
 }
 
 fn registration(
@@ -489,7 +514,7 @@ impl Session {
 
     /// Closes both sides, at once: each gets its close frame, if it is
     /// owed one, and a moment for its half of the closing handshake.
-    async fn close(self, reason: EndReason, upstream: UpstreamPart) {
+    async fn close(self: Box<Self>, reason: EndReason, upstream: UpstreamPart) {
         let client_frame = reason.close_code().map(|code| {
             let text = match upstream {
                 UpstreamPart::Closed(code) | UpstreamPart::Failed(code) => {
@@ -503,9 +528,10 @@ impl Session {
         // otherwise the session was stopped, and the close goes first.
         let client_backlog =
             if reason == EndReason::UpstreamClosed { Backlog::Send } else { Backlog::Drop };
-        let client = finish(self.to_client, client_frame, client_backlog, self.from_client);
+        let Session { to_client, from_client, to_upstream, from_upstream, .. } = *self;
+        let client = finish(to_client, client_frame, client_backlog, from_client);
         let upstream_side = async {
-            if let (Some(to), Some(from)) = (self.to_upstream, self.from_upstream) {
+            if let (Some(to), Some(from)) = (to_upstream, from_upstream) {
                 let (frame, backlog) = upstream_close(reason, upstream);
                 finish(to, frame, backlog, from).await;
             }

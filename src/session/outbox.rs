@@ -50,8 +50,13 @@ pub trait Weight {
     fn weight(&self) -> usize;
 }
 
+/// Messages wait boxed: the channel allocates its places in blocks of a
+/// few dozen as soon as it is made, and an idle session, which queues
+/// nothing, would otherwise hold a block of whole messages for nothing.
+type Queue<M> = mpsc::Sender<Box<M>>;
+
 pub struct Outbox<M> {
-    tx: mpsc::Sender<M>,
+    tx: Queue<M>,
     last_tx: oneshot::Sender<M>,
     queued: Arc<Queued>,
     writer: AbortOnDropHandle<()>,
@@ -131,7 +136,7 @@ impl<M: Weight + Send + 'static> Outbox<M> {
     fn enqueue(&self, message: M) -> Result<(), Refused> {
         let weight = message.weight();
         self.queued.bytes.fetch_add(weight, Ordering::Relaxed);
-        self.tx.try_send(message).map_err(|error| {
+        self.tx.try_send(Box::new(message)).map_err(|error| {
             self.queued.bytes.fetch_sub(weight, Ordering::Relaxed);
             match error {
                 TrySendError::Full(_) => Refused::Full,
@@ -151,7 +156,7 @@ impl<M: Weight + Send + 'static> Outbox<M> {
             }
             // The place kept free takes it.
             (Some(last), Backlog::Send) => {
-                let _ = tx.try_send(last);
+                let _ = tx.try_send(Box::new(last));
             }
             (None, _) => {}
         }
@@ -164,7 +169,7 @@ impl<M: Weight + Send + 'static> Outbox<M> {
 /// last frame that skips the backlog ends it at once.
 async fn write<M, S>(
     mut sink: S,
-    mut rx: mpsc::Receiver<M>,
+    mut rx: mpsc::Receiver<Box<M>>,
     mut last_rx: oneshot::Receiver<M>,
     queued: Arc<Queued>,
 ) where
@@ -184,7 +189,7 @@ async fn write<M, S>(
             },
             message = rx.recv() => {
                 let Some(message) = message else { break };
-                if !write_run(&mut sink, &mut rx, message, &queued).await {
+                if !write_run(&mut sink, &mut rx, *message, &queued).await {
                     return;
                 }
             }
@@ -199,7 +204,7 @@ async fn write<M, S>(
 /// took them.
 async fn write_run<M, S>(
     sink: &mut S,
-    rx: &mut mpsc::Receiver<M>,
+    rx: &mut mpsc::Receiver<Box<M>>,
     first: M,
     queued: &Queued,
 ) -> bool
@@ -213,7 +218,7 @@ where
     while written && fed < WRITE_BATCH && ready_now(sink) {
         let Ok(message) = rx.try_recv() else { break };
         weight += message.weight();
-        written = sink.start_send_unpin(message).is_ok();
+        written = sink.start_send_unpin(*message).is_ok();
         fed += 1;
     }
     written = written && sink.flush().await.is_ok();
