@@ -24,7 +24,7 @@ pub type UpstreamSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The read buffer of an upstream connection, as for clients: frames
 /// larger than this still arrive, in several reads.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+const READ_BUFFER_BYTES: usize = 2 * 1024;
 
 /// How long an unused upstream connection is given to take its close.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -27,10 +27,12 @@ use crate::session::{self, SessionContext, Ticket};
 use crate::store::{Admission, Human, NewSession, StoreError};
 use crate::upstream::OpenUpstream;
 
-/// Read buffer per connection. tungstenite's default of 128 KiB would cost
-/// that much per idle session; frames larger than this still arrive, in
-/// several reads.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Read buffer per connection, and the most one read from the socket takes.
+/// It is filled once and then kept, so it is most of what an idle session
+/// costs: tungstenite's default of 128 KiB would cost that much per
+/// session. Three 20 ms audio frames of 640 bytes fit in one read; larger
+/// frames still arrive, in several reads.
+const READ_BUFFER_BYTES: usize = 2 * 1024;
 
 /// What tungstenite gathers for the client before it writes to the socket
 /// (its default).
