@@ -62,11 +62,9 @@ pub fn open_session(
         session.now
     ])?;
     let key = SessionKey(tx.last_insert_rowid());
-    let revocation_epoch: i64 = tx.query_row(
-        "SELECT revocation_epoch FROM humans WHERE id = ?1",
-        [session.human.0],
-        |row| row.get(0),
-    )?;
+    let revocation_epoch: i64 = tx
+        .prepare_cached("SELECT revocation_epoch FROM humans WHERE id = ?1")?
+        .query_row([session.human.0], |row| row.get(0))?;
     let started = Event::SessionStarted { session: &session.public_id, kind: session.kind };
     outbox::emit(&tx, hooks, session.human, &started, session.now)?;
     tx.commit()?;
