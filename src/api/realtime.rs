@@ -87,7 +87,9 @@ async fn upgrade_session(
     let (admitted, upstream) =
         connect_upstream(&state, kind, &human, admitted).instrument(span.clone()).await?;
 
-    let context = SessionContext {
+    // Boxed: the upgrade's task keeps what its callback captures for the
+    // whole session.
+    let context = Box::new(SessionContext {
         key: admitted.ticket.key(),
         public_id: admitted.public_id,
         human: human.id,
@@ -102,7 +104,7 @@ async fn upgrade_session(
         meter: state.meter.clone(),
         span,
         upstream,
-    };
+    });
     let max_message_bytes = state.settings.max_message_bytes;
     // tungstenite answers each ping with a pong, and keeps in its write
     // buffer those the socket will not take. Bounded to what it gathers

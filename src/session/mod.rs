@@ -76,9 +76,8 @@ pub struct SessionContext {
     pub meter: MeterHandle,
     pub span: Span,
     /// The connection to the service behind the session, already open;
-    /// `None` for the echo. Boxed: it is large (TLS state), and the context
-    /// is moved through every layer of the session's future, each of which
-    /// would otherwise keep room for it for the whole session.
+    /// `None` for the echo. Boxed: it is large (TLS state), and it is taken
+    /// out of the context and split as soon as the session starts.
     pub upstream: Option<Box<OpenUpstream>>,
 }
 
@@ -152,14 +151,14 @@ impl Outcome {
 /// Runs a session from the completed upgrade to its close.
 ///
 /// The future is kept by its task for the whole session, so it is kept
-/// small: it holds little more than a pointer to the boxed [`Session`],
-/// and the larger futures of the opening and of the closing handshake are
-/// boxed while they run. An `async fn` keeps room for its arguments for as
-/// long as it runs, even once they are moved out, so the setup is done
-/// here, outside one.
+/// small: it holds the relay loop's own state and pointers to the boxed
+/// session and registration, and the larger futures of the opening and of
+/// the closing handshake are boxed while they run. An `async fn` keeps room
+/// for its arguments for as long as it runs, even once they are moved out,
+/// so the setup is done here, outside one, and what is handed on is boxed.
 pub fn run(
     socket: WebSocket,
-    context: SessionContext,
+    context: Box<SessionContext>,
     ticket: Ticket,
 ) -> impl Future<Output = ()> + Send {
     let started = Instant::now();
@@ -169,13 +168,17 @@ pub fn run(
         remaining_millis: context.remaining,
         ..SessionUpdate::default()
     });
-    let registration = registration(&context, started, updates_tx);
-    let session = Session::start(socket, context, updates_rx, started);
-    serve(session, registration, started).instrument(span)
+    let registration = Box::new(registration(&context, started, updates_tx));
+    let session = Session::start(socket, *context, updates_rx, started);
+    serve_session(session, registration, started).instrument(span)
 }
 
-async fn serve(mut session: Box<Session>, registration: Registration, started: Instant) {
-    Box::pin(session.context.meter.open(registration)).await;
+async fn serve_session(
+    mut session: Box<Session>,
+    registration: Box<Registration>,
+    started: Instant,
+) {
+    Box::pin(session.context.meter.open(*registration)).await;
     info!(remaining = session.context.remaining.map(seconds), "session opened");
     let (reason, upstream) = match session.serve(started).await {
         Outcome::Ended { at, reason, upstream } => {

@@ -50,13 +50,11 @@ pub trait Weight {
     fn weight(&self) -> usize;
 }
 
-/// Messages wait boxed: the channel allocates its places in blocks of a
-/// few dozen as soon as it is made, and an idle session, which queues
-/// nothing, would otherwise hold a block of whole messages for nothing.
-type Queue<M> = mpsc::Sender<Box<M>>;
-
 pub struct Outbox<M> {
-    tx: Queue<M>,
+    /// Messages wait boxed: the channel allocates its places in blocks of
+    /// a few dozen as soon as it is made, and an idle session, which
+    /// queues nothing, would otherwise hold a block of whole messages.
+    tx: mpsc::Sender<Box<M>>,
     last_tx: oneshot::Sender<M>,
     queued: Arc<Queued>,
     writer: AbortOnDropHandle<()>,
