@@ -13,13 +13,14 @@ mod outbox;
 mod patient;
 pub mod protocol;
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::StreamExt;
 use futures::stream::SplitStream;
 use tokio::sync::watch;
-use tokio::time::{Instant, MissedTickBehavior, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as UpstreamCloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as UpstreamMessage};
@@ -272,8 +273,8 @@ impl Session {
             return outcome;
         }
         let ping_every = self.context.ping;
-        let mut ping = tokio::time::interval_at(started + ping_every, ping_every);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let ping_due = tokio::time::sleep_until(ping_slot(started + ping_every, ping_every));
+        tokio::pin!(ping_due);
         let time_limit = started + self.context.max_duration;
         let time_limit_reached = tokio::time::sleep_until(time_limit);
         tokio::pin!(time_limit_reached);
@@ -302,7 +303,10 @@ impl Session {
                 }
                 _ = room(&self.to_upstream), if !upstream_has_room => Ok(()),
                 message = self.from_client.next(), if client_is_read => self.on_client(message),
-                _ = ping.tick() => self.on_ping(),
+                () = &mut ping_due => {
+                    ping_due.as_mut().reset(ping_slot(Instant::now() + ping_every, ping_every));
+                    self.on_ping()
+                }
             };
             if let Err(outcome) = step {
                 return outcome;
@@ -574,6 +578,20 @@ where
     let closing = outbox.finish(last, backlog);
     let drain = async { while from.next().await.is_some() {} };
     let _ = timeout(CLOSE_TIMEOUT, async { tokio::join!(closing, drain) }).await;
+}
+
+/// The first moment at or after `at` on a grid of instants shared by every
+/// session, with a step of a sixteenth of the ping interval and at most
+/// 250 ms. Pings fall due on it, so that the timers of the many sessions
+/// due in one step fire together: an idle server wakes once per step for
+/// all of them rather than once per session. A ping is at most a step late.
+fn ping_slot(at: Instant, ping_every: Duration) -> Instant {
+    static GRID_START: OnceLock<Instant> = OnceLock::new();
+    let start = *GRID_START.get_or_init(Instant::now);
+    let step = (ping_every / 16).min(Duration::from_millis(250)).as_nanos().max(1);
+    let since = at.saturating_duration_since(start).as_nanos();
+    let steps = since.div_ceil(step);
+    start + Duration::from_nanos(u64::try_from(steps * step).unwrap_or(u64::MAX))
 }
 
 /// The next message from the upstream, if the session has one; `None`
