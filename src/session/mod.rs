@@ -656,3 +656,31 @@ fn classify(error: axum::Error) -> EndReason {
         _ => EndReason::ClientDisconnected,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_slots_are_shared_by_moments_in_one_step_and_never_early() {
+        let every = Duration::from_secs(15);
+        let step = Duration::from_millis(250);
+        let first = ping_slot(Instant::now(), every);
+        for offset_ms in [1, 60, 125, 249, 250] {
+            let at = first + Duration::from_millis(offset_ms);
+            let slot = ping_slot(at, every);
+            assert!(slot >= at, "{offset_ms} ms: the slot is before the moment");
+            assert!(slot - at < step, "{offset_ms} ms: the slot is a step or more late");
+            assert_eq!(slot, first + step, "{offset_ms} ms: not the step after the first");
+        }
+        assert_eq!(ping_slot(first, every), first, "a moment on the grid is its own slot");
+    }
+
+    #[test]
+    fn a_short_ping_interval_has_a_step_of_a_sixteenth_of_it() {
+        let every = Duration::from_millis(160);
+        let first = ping_slot(Instant::now(), every);
+        let next = ping_slot(first + Duration::from_millis(1), every);
+        assert_eq!(next - first, Duration::from_millis(10));
+    }
+}
