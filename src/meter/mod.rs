@@ -1,5 +1,7 @@
-//! The meter: one task that owns the clock of every open session, charges
-//! them all in one store transaction per tick, and cuts sessions off at the
+//! The meter: one task that owns the clock of every open session, records
+//! their usage in one store transaction per tick (each session once a
+//! minute, and at once when its pool falls below a webhook line), tells
+//! each session its figures once a tick, and cuts sessions off at the
 //! instant their human's pool runs dry.
 //!
 //! Sessions of one human and limit type share a pool. Between two commits
@@ -11,7 +13,8 @@
 //! which never takes an enforced pool below zero, keeps the pool at zero.
 //!
 //! The meter's picture of a pool is what the store answered at the last
-//! commit that charged it. Every tick refreshes it; so does a settle, which
+//! commit that charged it, less what its sessions used since. A tick
+//! refreshes the pools it records; so does a settle, which
 //! the API asks for around every change of a human's limits and every
 //! revocation, so that a top-up, a set-to-zero or a revocation reaches the
 //! human's open sessions as soon as it is made, and usage up to the change
