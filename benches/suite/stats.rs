@@ -93,3 +93,22 @@ pub fn thousands(n: u64) -> String {
     }
     out
 }
+
+/// Waits for clients that each return their latencies and errors, and puts
+/// them together; a client task that panicked counts as an error.
+pub async fn gather(
+    clients: impl IntoIterator<Item = tokio::task::JoinHandle<(Vec<Duration>, Tally)>>,
+) -> (Vec<Duration>, Tally) {
+    let mut latencies = Vec::new();
+    let mut errors = Tally::default();
+    for joined in futures::future::join_all(clients).await {
+        match joined {
+            Ok((mut theirs, their_errors)) => {
+                latencies.append(&mut theirs);
+                errors.merge(their_errors);
+            }
+            Err(error) => errors.add(format!("task: {error}")),
+        }
+    }
+    (latencies, errors)
+}

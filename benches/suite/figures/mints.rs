@@ -8,12 +8,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use futures::future::join_all;
 use tokio::time::Instant;
 
 use crate::suite::api::Api;
 use crate::suite::server::{Server, ServerOptions};
-use crate::suite::stats::{Summary, Tally, thousands};
+use crate::suite::stats::{self, Summary, Tally, thousands};
 
 pub struct Config {
     pub concurrency: usize,
@@ -46,17 +45,7 @@ pub async fn run(config: &Config) -> Result<MintsReport> {
     let deadline = Instant::now() + config.duration;
     let clients =
         (0..config.concurrency).map(|i| tokio::spawn(client(server.api.clone(), i, deadline)));
-    let mut latencies = Vec::new();
-    let mut errors = Tally::default();
-    for joined in join_all(clients).await {
-        match joined {
-            Ok((mut theirs, their_errors)) => {
-                latencies.append(&mut theirs);
-                errors.merge(their_errors);
-            }
-            Err(error) => errors.add(format!("task: {error}")),
-        }
-    }
+    let (latencies, errors) = stats::gather(clients).await;
     server.stop().await?;
     Ok(MintsReport {
         concurrency: config.concurrency,

@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use futures::future::join_all;
 use tokio::time::Instant;
 
 use crate::suite::baseline::Baseline;
 use crate::suite::clients::{self, Sources};
 use crate::suite::fds;
 use crate::suite::server::{Server, ServerOptions};
-use crate::suite::stats::{Summary, Tally, millis, thousands};
+use crate::suite::stats::{self, Summary, Tally, millis, thousands};
 
 /// Seconds each in-flight client's human holds: sessions that last a few
 /// milliseconds never come near it.
@@ -117,17 +116,7 @@ async fn load(addr: SocketAddr, paths: Vec<String>, config: &Config) -> Side {
     let deadline = Instant::now() + config.duration;
     let clients =
         paths.into_iter().map(|path| tokio::spawn(client(addr, path, sources.clone(), deadline)));
-    let mut latencies = Vec::new();
-    let mut errors = Tally::default();
-    for joined in join_all(clients).await {
-        match joined {
-            Ok((mut theirs, their_errors)) => {
-                latencies.append(&mut theirs);
-                errors.merge(their_errors);
-            }
-            Err(error) => errors.add(format!("task: {error}")),
-        }
-    }
+    let (latencies, errors) = stats::gather(clients).await;
     let per_second = latencies.len() as f64 / config.duration.as_secs_f64();
     Side { completed: latencies.len() as u64, per_second, latency: Summary::of(latencies), errors }
 }
