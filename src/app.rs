@@ -61,6 +61,7 @@ impl RunningServer {
 
 /// Opens the database and starts serving.
 pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
+    let tls = settings.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let lock = lock_database(&settings.db)?;
     crate::metrics::handle();
     let listener = listener::bind(settings.listen)
@@ -108,7 +109,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         state.settings.webhooks,
         shutdown.clone(),
     );
-    let http = tokio::spawn(listener::serve(listener, api::router(state), shutdown.clone()));
+    let http = tokio::spawn(listener::serve(listener, api::router(state), tls, shutdown.clone()));
     let parts = Parts { http, meter, meter_task, dispatcher, store_threads, _lock: lock };
     let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts));
     Ok(RunningServer { local_addr, first_api_key, shutdown, done })

@@ -27,6 +27,7 @@ pub mod secret;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod webhooks;
 

@@ -1,6 +1,7 @@
 //! The TCP listener and the HTTP/1.1 connections on it, served by hyper
-//! with upgrades (for WebSockets) and a header read timeout. On shutdown
-//! it stops accepting and lets each connection finish the request in hand.
+//! with upgrades (for WebSockets) and a header read timeout, over TLS when
+//! the server has a certificate. On shutdown it stops accepting and lets
+//! each connection finish the request in hand.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,7 +11,9 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Service;
@@ -24,6 +27,9 @@ const LISTEN_BACKLOG: u32 = 4096;
 /// How long a client may take to send a request's headers. Closes
 /// connections that trickle bytes to hold a slot (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client may take over the TLS handshake, for the same reason.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// After a failed `accept` (out of file descriptors, say), wait this long
 /// before the next, rather than spin.
@@ -39,7 +45,12 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Accepts connections until `shutdown`, then waits for the open ones to
 /// finish their current request. Upgraded connections have left hyper by
 /// then; their sessions end through the meter.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -48,7 +59,8 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
         };
         match accepted {
             Ok((stream, peer)) => {
-                connections.spawn(connection(stream, peer, router.clone(), shutdown.clone()));
+                let (router, tls, shutdown) = (router.clone(), tls.clone(), shutdown.clone());
+                connections.spawn(connection(stream, peer, router, tls, shutdown));
             }
             Err(error) => {
                 warn!(%error, "cannot accept a connection");
@@ -65,8 +77,24 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
+    let Some(acceptor) = tls else {
+        return serve_http(stream, peer, router, shutdown).await;
+    };
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_http(stream, peer, router, shutdown).await,
+        Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// Serves HTTP on one connection, plain or TLS, until it closes.
+async fn serve_http<S>(stream: S, peer: SocketAddr, router: Router, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
         router.clone().call(request)

@@ -23,6 +23,8 @@ pub struct FileSettings {
     pub max_token_ttl: Option<f64>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_message_bytes: Option<usize>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     #[serde(default)]
     pub upstream: FileUpstreams,
     #[serde(default)]

@@ -15,6 +15,7 @@ use std::time::Duration;
 use axum::http::{HeaderValue, Uri};
 use clap::{Args, Parser, Subcommand};
 
+use crate::tls::TlsFiles;
 use crate::webhooks::dispatch::DispatchSettings;
 use file::FileSettings;
 pub use llm::{API_KEY_VARIABLE as LLM_API_KEY_VARIABLE, CapField, LlmSettings, LlmUpstream};
@@ -191,6 +192,15 @@ pub struct ServeArgs {
     /// [default: 4096].
     #[arg(long, env = "TOLLGATE_LLM_DEFAULT_MAX_TOKENS")]
     pub llm_default_max_tokens: Option<u32>,
+
+    /// A PEM file with the server's certificate chain: serve HTTPS and WSS
+    /// with it and --tls-key [default: none, plain HTTP].
+    #[arg(long, env = "TOLLGATE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// A PEM file with the private key of --tls-cert.
+    #[arg(long, env = "TOLLGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The server's settings, checked.
@@ -209,6 +219,8 @@ pub struct Settings {
     pub upstreams: Upstreams,
     pub upstream_ca_file: Option<PathBuf>,
     pub llm: LlmSettings,
+    /// Serve TLS with these files; plain HTTP without.
+    pub tls: Option<TlsFiles>,
     /// How webhook deliveries are paced; not a setting of the command line
     /// or the file, only of the code (tests make retries quick).
     pub webhooks: DispatchSettings,
@@ -243,6 +255,7 @@ impl Settings {
             upstreams: Upstreams::default(),
             upstream_ca_file: None,
             llm: LlmSettings::default(),
+            tls: None,
             webhooks: DispatchSettings::default(),
         }
     }
@@ -323,8 +336,19 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
         },
         upstream_ca_file: args.upstream_ca_file.or(file.upstream.ca_file),
         llm: llm::check(args.llm_upstream, args.llm_default_max_tokens, file.llm)?,
+        tls: tls_files(args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key))?,
         webhooks: DispatchSettings::default(),
     })
+}
+
+/// TLS takes both files or neither.
+fn tls_files(cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<TlsFiles>, String> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err("tls_cert (--tls-cert) needs tls_key (--tls-key) too".into()),
+        (None, Some(_)) => Err("tls_key (--tls-key) needs tls_cert (--tls-cert) too".into()),
+    }
 }
 
 /// A number of seconds within bounds, named by its file key and flag.
@@ -521,6 +545,18 @@ mod tests {
             AllowedOrigins::Any
         );
         assert!(load(&["--allowed-origins", "localhost:3000"], "").is_err());
+    }
+
+    #[test]
+    fn tls_takes_a_certificate_and_a_key_or_neither() {
+        let settings = load(&["--tls-cert", "c.pem"], "tls_key = \"k.pem\"").unwrap();
+        let files = TlsFiles { cert: "c.pem".into(), key: "k.pem".into() };
+        assert_eq!(settings.tls, Some(files));
+        assert_eq!(load(&[], "").unwrap().tls, None);
+        let error = load(&["--tls-cert", "c.pem"], "").unwrap_err();
+        assert!(error.contains("--tls-key"), "{error}");
+        let error = load(&[], "tls_key = \"k.pem\"").unwrap_err();
+        assert!(error.contains("--tls-cert"), "{error}");
     }
 
     #[test]
