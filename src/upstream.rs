@@ -96,6 +96,10 @@ impl UpstreamClient {
         let session = HeaderValue::from_str(session_id).map_err(|_| UpstreamError::Human)?;
         headers.insert(upstream.session_id_header.clone(), session);
 
+        // The upstream is the operator's own service and trusted this far:
+        // its write buffer is not capped as a client's is, so an upstream
+        // that sends pings without ever reading makes the session buffer its
+        // pongs without bound until the connection ends.
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
             .max_message_size(Some(max_message_bytes))
