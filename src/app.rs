@@ -230,3 +230,17 @@ pub async fn create_api_key(db: &Path, project: &str) -> anyhow::Result<Secret> 
     tokio::task::spawn_blocking(move || store_threads.join()).await?;
     Ok(key)
 }
+
+/// Revokes a live API key. Fails, changing nothing, for a text that is not
+/// an API key or a key that is unknown or already revoked.
+pub async fn revoke_api_key(db: &Path, key: &str) -> anyhow::Result<()> {
+    let Some(hash) = crate::secret::parse(key.trim(), SecretKind::ApiKey) else {
+        anyhow::bail!("--api-key: not an API key (tgk_ and 47 characters, checksum included)");
+    };
+    let (store, store_threads) = SqliteStore::open(db)?;
+    let revoked = store.revoke_api_key(hash).await;
+    drop(store);
+    tokio::task::spawn_blocking(move || store_threads.join()).await?;
+    anyhow::ensure!(revoked?, "--api-key: no live key of this database matches it");
+    Ok(())
+}

@@ -31,5 +31,5 @@ pub mod tls;
 pub mod upstream;
 pub mod webhooks;
 
-pub use app::{DEFAULT_PROJECT, RunningServer, create_api_key, start};
+pub use app::{DEFAULT_PROJECT, RunningServer, create_api_key, revoke_api_key, start};
 pub use webhooks::signature::verify;

@@ -34,6 +34,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", key.expose());
             Ok(())
         }
+        Command::Keys(KeysCommand::Revoke { api_key, db, config }) => {
+            let db = Settings::database(db, config.as_deref()).map_err(anyhow::Error::msg)?;
+            tollgate::revoke_api_key(&db, &api_key).await?;
+            println!("revoked");
+            Ok(())
+        }
         Command::Webhooks(args) => {
             println!("{}", tollgate::webhooks::cli::run(args).await?);
             Ok(())

@@ -107,6 +107,37 @@ async fn keys_create_prints_a_working_key_for_a_new_project() {
 }
 
 #[tokio::test]
+async fn keys_revoke_shuts_a_key_out_of_a_running_server_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let server = binary::spawn(&db, &[], "info");
+    let key = server.api_key();
+    let api = api_of(&server, &key);
+    assert_eq!(api.post("/v1/usage/token", json!({ "human": "ada" })).await.0, 200);
+
+    let revoke = |key: &str| {
+        binary::run_binary_with_env(&["keys", "revoke"], &db, &[("TOLLGATE_API_KEY", key)])
+    };
+    let (status, stdout, stderr) = revoke(&key);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), "revoked");
+    let (status, body) = api.post("/v1/usage/token", json!({ "human": "ada" })).await;
+    assert_eq!((status.as_u16(), body["type"].as_str()), (401, Some("unauthorized")), "{body}");
+
+    // A second revocation and a mistyped key change nothing and say why;
+    // the project's other keys go on working.
+    let mut mistyped = key.clone();
+    mistyped.pop();
+    let other = binary::run_binary(&["keys", "create", "--project", "acme"], &db).1;
+    for (text, expected) in [(key.as_str(), "no live key"), (&mistyped, "not an API key")] {
+        let (status, _, stderr) = revoke(text);
+        assert!(!status.success() && stderr.contains(expected), "{text}: {stderr}");
+    }
+    let other_api = api_of(&server, other.trim());
+    assert_eq!(other_api.post("/v1/usage/token", json!({ "human": "ada" })).await.0, 200);
+}
+
+#[tokio::test]
 async fn bad_settings_stop_start_up_with_a_message_naming_them() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");

@@ -124,6 +124,20 @@ pub enum KeysCommand {
         #[arg(long, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Revoke an API key at once, on a running server too: every request
+    /// with it is refused from then on.
+    Revoke {
+        /// The key to revoke (better given as TOLLGATE_API_KEY, which stays
+        /// out of the process list and shell history).
+        #[arg(long, env = "TOLLGATE_API_KEY", hide_env_values = true)]
+        api_key: String,
+        /// SQLite database file [default: ./tollgate.db, or the settings file's].
+        #[arg(long, env = "TOLLGATE_DB")]
+        db: Option<PathBuf>,
+        /// A TOML settings file, for its `db`.
+        #[arg(long, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 /// The flags of `serve`. None has a default here: what is not given falls

@@ -518,6 +518,9 @@ pub trait Store: Send + Sync + 'static {
     /// Creates the project if it does not exist and adds an API key to it.
     async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()>;
 
+    /// Revokes a live API key; false if there is none with that hash.
+    async fn revoke_api_key(&self, key: SecretHash) -> StoreResult<bool>;
+
     async fn has_projects(&self) -> StoreResult<bool>;
 
     async fn find_api_key(&self, key: SecretHash) -> StoreResult<Option<ProjectId>>;

@@ -28,6 +28,14 @@ pub fn add_api_key(conn: &mut Connection, project: &str, key: SecretHash) -> Sto
     Ok(())
 }
 
+pub fn revoke_api_key(conn: &Connection, key: SecretHash, now: i64) -> StoreResult<bool> {
+    let revoked = conn.execute(
+        "UPDATE api_keys SET revoked_at = ?2 WHERE key_hash = ?1 AND revoked_at IS NULL",
+        params![key.0.as_slice(), now],
+    )?;
+    Ok(revoked == 1)
+}
+
 pub fn has_projects(conn: &Connection) -> StoreResult<bool> {
     Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM projects)", [], |row| row.get(0))?)
 }

@@ -262,6 +262,11 @@ impl Store for SqliteStore {
         self.write(move |w| accounts::add_api_key(&mut w.conn, &project, key)).await
     }
 
+    async fn revoke_api_key(&self, key: SecretHash) -> StoreResult<bool> {
+        let now = crate::clock::now_millis();
+        self.write(move |w| accounts::revoke_api_key(&w.conn, key, now)).await
+    }
+
     async fn has_projects(&self) -> StoreResult<bool> {
         self.read(accounts::has_projects).await
     }
