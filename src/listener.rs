@@ -31,6 +31,13 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take over the TLS handshake, for the same reason.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most bytes of a request's head (request line and headers) accepted;
+/// hyper answers a longer one with `431` and closes the connection. No
+/// client of this API sends more than a few KiB. Without it the bound is
+/// hyper's read buffer, about 400 KiB, which each connection could hold
+/// while it trickles its head for the 10 s the timeout above allows.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// After a failed `accept` (out of file descriptors, say), wait this long
 /// before the next, rather than spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -100,7 +107,10 @@ where
         router.clone().call(request)
     });
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_header_size(MAX_HEAD_BYTES);
     let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
     tokio::pin!(connection);
     let result = tokio::select! {

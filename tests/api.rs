@@ -6,63 +6,19 @@
 mod common;
 
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, TimeDelta, Utc};
+use common::hostile::*;
 use common::*;
 use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tollgate::secret::{self, Secret, SecretKind};
-
-/// Every route is served under both.
-const PREFIXES: [&str; 2] = ["/v1", "/api/v1"];
+use tollgate::secret::{self, SecretKind};
 
 /// The default and largest token lifetime of a server with default settings.
 const DAY: f64 = 86_400.0;
-
-type Headers = Vec<(&'static str, HeaderValue)>;
-
-// ---------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------
-
-fn hv(text: &str) -> HeaderValue {
-    HeaderValue::from_str(text).unwrap()
-}
-
-fn key_header(key: &str) -> Headers {
-    vec![("x-api-key", hv(key))]
-}
-
-fn bearer_header(token: &str) -> Headers {
-    vec![("authorization", hv(&format!("Bearer {token}")))]
-}
-
-fn key_and_human(key: &str, human: &str) -> Headers {
-    vec![("x-api-key", hv(key)), ("x-human-id", hv(human))]
-}
-
-/// Sends raw bytes with the given headers; returns the status and the body
-/// as JSON (or as a JSON string when it is not JSON).
-async fn request(
-    server: &TestServer,
-    method: Method,
-    path: &str,
-    headers: &[(&'static str, HeaderValue)],
-    body: Vec<u8>,
-) -> (StatusCode, Value) {
-    let mut builder = server.http.request(method, server.url(path));
-    for (name, value) in headers {
-        builder = builder.header(*name, value.clone());
-    }
-    let response = builder.body(body).send().await.unwrap();
-    let status = response.status();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
 
 /// A JSON request with the given API key.
 async fn with_key(
@@ -98,15 +54,6 @@ async fn mint_answer(server: &TestServer, prefix: &str, body: Value) -> Value {
     let (status, answer) = server.post(&format!("{prefix}/usage/token"), body).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     answer
-}
-
-/// The names of an object's fields, sorted.
-#[track_caller]
-fn fields(value: &Value) -> Vec<String> {
-    let object = value.as_object().unwrap_or_else(|| panic!("not an object: {value}"));
-    let mut names: Vec<String> = object.keys().cloned().collect();
-    names.sort();
-    names
 }
 
 /// Asserts a limits list is exactly these `(type, value)` pairs, each entry
@@ -161,67 +108,6 @@ fn count(db: &rusqlite::Connection, sql: &str, params: impl rusqlite::Params) ->
     db.query_row(sql, params, |row| row.get(0)).unwrap()
 }
 
-/// Every row of every table, in a deterministic order, as text.
-fn snapshot(db: &rusqlite::Connection) -> String {
-    let tables: Vec<String> = db
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        .unwrap()
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    for wanted in ["projects", "api_keys", "humans", "limits", "usage_tokens", "sessions", "ledger"]
-    {
-        assert!(tables.iter().any(|t| t == wanted), "no table {wanted} in {tables:?}");
-    }
-    let mut out = String::new();
-    for table in tables {
-        let stmt = db.prepare(&format!("SELECT * FROM {table}")).unwrap();
-        let columns = stmt.column_count();
-        let order: Vec<String> = (1..=columns).map(|i| i.to_string()).collect();
-        drop(stmt);
-        let sql = format!("SELECT * FROM {table} ORDER BY {}", order.join(", "));
-        let mut stmt = db.prepare(&sql).unwrap();
-        let mut rows = stmt.query([]).unwrap();
-        writeln!(out, "{table}:").unwrap();
-        while let Some(row) = rows.next().unwrap() {
-            let cells: Vec<String> = (0..columns).map(|i| cell(row.get_ref(i).unwrap())).collect();
-            writeln!(out, "  {}", cells.join(" | ")).unwrap();
-        }
-    }
-    out
-}
-
-fn cell(value: rusqlite::types::ValueRef<'_>) -> String {
-    use rusqlite::types::ValueRef;
-    match value {
-        ValueRef::Null => "NULL".to_owned(),
-        ValueRef::Integer(n) => n.to_string(),
-        ValueRef::Real(r) => format!("{r:?}"),
-        ValueRef::Text(text) => format!("{:?}", String::from_utf8_lossy(text)),
-        ValueRef::Blob(bytes) => {
-            bytes.iter().fold(String::from("x'"), |mut hex, byte| {
-                write!(hex, "{byte:02x}").unwrap();
-                hex
-            }) + "'"
-        }
-    }
-}
-
-/// The lines one snapshot has and the other lacks.
-fn difference(before: &str, after: &str) -> String {
-    let gone = before.lines().filter(|l| !after.lines().any(|a| a == *l));
-    let new = after.lines().filter(|l| !before.lines().any(|b| b == *l));
-    let mut out = String::new();
-    for line in gone {
-        writeln!(out, "    - {line}").unwrap();
-    }
-    for line in new {
-        writeln!(out, "    + {line}").unwrap();
-    }
-    out
-}
-
 fn wal_path(db: &std::path::Path) -> PathBuf {
     let mut wal = OsString::from(db.as_os_str());
     wal.push("-wal");
@@ -230,11 +116,6 @@ fn wal_path(db: &std::path::Path) -> PathBuf {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|window| window == needle)
-}
-
-/// A well-formed secret that was never issued.
-fn never_issued(kind: SecretKind) -> String {
-    Secret::generate(kind).expose().to_owned()
 }
 
 // ---------------------------------------------------------------------------
@@ -712,27 +593,6 @@ async fn an_unknown_path_is_not_found_and_a_wrong_method_is_not_allowed() {
 // ---------------------------------------------------------------------------
 // Hostile input
 // ---------------------------------------------------------------------------
-
-/// One hostile request: what it is, method, path (after the prefix),
-/// headers, body, the expected status and error type, and text the message
-/// must contain ("" for none).
-type Case = (String, Method, String, Headers, Vec<u8>, u16, &'static str, &'static str);
-
-/// One row of the table, one argument per column.
-#[allow(clippy::too_many_arguments)]
-fn case(
-    what: &str,
-    method: Method,
-    path: &str,
-    headers: Headers,
-    body: impl Into<Vec<u8>>,
-    status: u16,
-    kind: &'static str,
-    mentions: &'static str,
-) -> Case {
-    let what = what.to_owned();
-    (what, method, path.to_owned(), headers, body.into(), status, kind, mentions)
-}
 
 fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
     use Method as M;
@@ -1475,39 +1335,11 @@ async fn hostile_requests_are_refused_with_their_error_and_change_nothing() {
     assert_eq!(status, StatusCode::OK, "{answer}");
 
     let db = server.db();
-    let mut before = snapshot(&db);
+    let before = snapshot(&db);
     assert!(before.contains("\"ada\"") && before.contains("\"tokenless\""), "{before}");
     let cases = hostile_cases(&server.key, &token);
-    let mut failures = Vec::new();
-    for (what, method, path, headers, body, status, kind, mentions) in &cases {
-        for prefix in PREFIXES {
-            let at = format!("{what}: {method} {prefix}{path}");
-            let full = format!("{prefix}{path}");
-            let (got, answer) =
-                request(&server, method.clone(), &full, headers, body.clone()).await;
-            let message = answer["message"].as_str().unwrap_or_default();
-            if got.as_u16() != *status || answer["type"] != *kind {
-                failures.push(format!("{at}: expected {status} {kind}, got {got} {answer}"));
-            } else if fields(&answer) != ["message", "type"] || message.is_empty() {
-                failures.push(format!("{at}: not a {{type, message}} body: {answer}"));
-            } else if !message.contains(mentions) {
-                failures.push(format!("{at}: the message does not name {mentions}: {answer}"));
-            }
-            let after = snapshot(&db);
-            if after != before {
-                let changed = difference(&before, &after);
-                failures.push(format!("{at}: changed the database:\n{changed}"));
-                before = after;
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests went wrong:\n{}",
-        failures.len(),
-        cases.len() * PREFIXES.len(),
-        failures.join("\n")
-    );
+    let failures = refusals_gone_wrong(&server, &cases).await;
+    assert_none_went_wrong(&failures, &cases);
     // The token still works and the limits are what they were.
     let (status, body) = limits_by_token(&server, "/v1", &token).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -22,11 +22,12 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Longest human identifier accepted, in bytes.
 pub const MAX_HUMAN_BYTES: usize = 256;
 
-/// A JSON body, whatever its `Content-Type`, deserialised with the path of
-/// any bad field in the error (`limits[1].type: unknown variant ...`).
-pub struct JsonBody<T>(pub T);
+/// A request's body as bytes, at most [`MAX_BODY_BYTES`]; a longer one, or
+/// one that cannot be read, is an `invalid_input` rather than axum's own
+/// plain-text rejection.
+pub struct BodyBytes(pub Bytes);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<S: Send + Sync> FromRequest<S> for BodyBytes {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
@@ -38,6 +39,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             };
             ApiError::InvalidInput(format!("request body: {reason}"))
         })?;
+        Ok(BodyBytes(bytes))
+    }
+}
+
+/// A JSON body, whatever its `Content-Type`, deserialised with the path of
+/// any bad field in the error (`limits[1].type: unknown variant ...`).
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let BodyBytes(bytes) = BodyBytes::from_request(request, state).await?;
         parse_json(&bytes).map(JsonBody)
     }
 }

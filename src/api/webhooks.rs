@@ -2,8 +2,7 @@
 //! its secret, and its deliveries.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri};
 use serde::{Deserialize, Serialize};
@@ -12,7 +11,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::Backend;
 use super::error::ApiError;
-use super::extract::{self, JsonBody, LimitInput};
+use super::extract::{self, BodyBytes, JsonBody, LimitInput};
 use crate::clock;
 use crate::limits::{Limit, LimitView};
 use crate::store::{Delivery, DeliveryStatus, Webhook, WebhookChange};
@@ -102,7 +101,7 @@ pub struct Rotate {
 pub async fn rotate(
     State(state): State<AppState>,
     Backend(project): Backend,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Result<Json<Value>, ApiError> {
     // The body is optional: an empty one keeps the default grace.
     let body: Rotate =
@@ -171,13 +170,15 @@ pub async fn deliveries(
 pub async fn retry(
     State(state): State<AppState>,
     Backend(project): Backend,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let delivery = state
-        .store
-        .retry_delivery(project, &id, clock::now_millis())
-        .await?
-        .ok_or(ApiError::NotFound("the project has no such delivery"))?;
+    const NO_DELIVERY: ApiError = ApiError::NotFound("the project has no such delivery");
+    // An id that is not UTF-8 once decoded names no delivery either.
+    let Ok(Path(id)) = id else {
+        return Err(NO_DELIVERY);
+    };
+    let delivery =
+        state.store.retry_delivery(project, &id, clock::now_millis()).await?.ok_or(NO_DELIVERY)?;
     Ok(Json(delivery_view(&delivery)))
 }
 

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod hostile;
 pub mod llm;
 pub mod raw;
 pub mod receiver;
