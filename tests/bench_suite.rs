@@ -13,7 +13,7 @@ mod suite;
 use std::path::Path;
 use std::time::Duration;
 
-use suite::figures::{mints, relay, sessions, upgrades};
+use suite::figures::{mints, relay, sessions, soak, upgrades};
 
 /// The figures load the whole machine: one at a time, so that one's load
 /// cannot push another's cut-offs late.
@@ -105,6 +105,29 @@ async fn every_mint_is_answered_with_a_token_and_recorded() {
     let tokens: i64 =
         db.query_row("SELECT COUNT(*) FROM usage_tokens", [], |row| row.get(0)).unwrap();
     assert!(tokens as u64 >= report.minted, "{tokens} tokens for {} mints", report.minted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_ends_every_session_as_it_should_and_leaves_no_file_open() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = soak::Config::small(dir.path().join("tollgate.db"));
+    let report = soak::run(&config).await.unwrap();
+    println!("{report}");
+
+    assert!(report.ends.errors.is_empty(), "{}", report.ends.errors);
+    assert!(report.ends.closed_by_client >= config.clients as u64, "{report}");
+    assert!(report.ends.cut_off >= config.clients as u64, "{report}");
+    assert!(report.fds_after <= report.fds_before, "{report}");
+    assert_positive(&[report.rss_warm_kib as f64, report.rss_end_kib as f64]);
+
+    let db = common::open_db(&config.db);
+    common::assert_ledger_identity(&db);
+    let rows = common::session_rows(&db);
+    let ended = |reason: &str| rows.iter().filter(|(r, _)| r.as_deref() == Some(reason)).count();
+    assert_eq!(ended("client_closed") as u64, report.ends.closed_by_client);
+    assert_eq!(ended("usage_limit_exceeded") as u64, report.ends.cut_off);
+    assert_eq!(rows.len() as u64, report.ends.sessions(), "sessions ended otherwise: {rows:?}");
 }
 
 #[track_caller]

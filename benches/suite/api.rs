@@ -26,8 +26,13 @@ pub struct Api {
 
 impl Api {
     pub fn new(addr: SocketAddr, key: String) -> Result<Api> {
-        let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?;
-        Ok(Api { base: format!("http://{addr}"), key, http })
+        Ok(Api { base: format!("http://{addr}"), key, http: http_client()? })
+    }
+
+    /// The same API with a connection pool of its own, whose keep-alive
+    /// connections close when it and its clones are dropped.
+    pub fn fresh(&self) -> Result<Api> {
+        Ok(Api { base: self.base.clone(), key: self.key.clone(), http: http_client()? })
     }
 
     /// Mints a usage token for `human`, setting their `conversational_seconds`.
@@ -60,4 +65,8 @@ impl Api {
         let response = response.error_for_status()?;
         Ok(Scrape::new(response.text().await?))
     }
+}
+
+fn http_client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?)
 }

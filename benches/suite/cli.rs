@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::suite::figures::{mints, relay, sessions, upgrades};
+use crate::suite::figures::{mints, relay, sessions, soak, upgrades};
 use crate::suite::targets::{self, Row};
 
 #[derive(Parser)]
@@ -38,6 +38,9 @@ enum Figure {
     Mints(MintsArgs),
     /// Every figure at its default size, then the table of targets.
     All,
+    /// Sessions opening and closing for an hour; memory and open files
+    /// before and after (not part of `all`).
+    Soak(SoakArgs),
 }
 
 #[derive(Args, Default)]
@@ -89,6 +92,16 @@ struct RelayArgs {
 }
 
 #[derive(Args, Default)]
+struct SoakArgs {
+    /// Clients, each with one session open at a time [full: 2000; small: 50].
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Seconds to run [full: 3600; small: 6].
+    #[arg(long)]
+    secs: Option<f64>,
+}
+
+#[derive(Args, Default)]
 struct MintsArgs {
     /// Concurrent keep-alive clients [64].
     #[arg(long)]
@@ -127,6 +140,7 @@ async fn run(figure: Figure, small: bool) -> Result<()> {
         Figure::Upgrades(args) => println!("{}", upgrades::run(&args.config(small, db)).await?),
         Figure::Relay(args) => println!("{}", relay::run(&args.config(small, db)).await?),
         Figure::Mints(args) => println!("{}", mints::run(&args.config(small, db)).await?),
+        Figure::Soak(args) => println!("{}", soak::run(&args.config(small, db)).await?),
         Figure::All => println!("{}", targets::markdown(&all(small, dir.path()).await)),
     }
     Ok(())
@@ -213,6 +227,15 @@ impl MintsArgs {
     fn config(self, small: bool, db: std::path::PathBuf) -> mints::Config {
         let mut config = if small { mints::Config::small(db) } else { mints::Config::full(db) };
         config.concurrency = self.concurrency.unwrap_or(config.concurrency);
+        config.duration = self.secs.map_or(config.duration, seconds);
+        config
+    }
+}
+
+impl SoakArgs {
+    fn config(self, small: bool, db: std::path::PathBuf) -> soak::Config {
+        let mut config = if small { soak::Config::small(db) } else { soak::Config::full(db) };
+        config.clients = self.clients.unwrap_or(config.clients);
         config.duration = self.secs.map_or(config.duration, seconds);
         config
     }

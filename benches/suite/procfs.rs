@@ -1,6 +1,6 @@
 //! What the kernel says about a process under `/proc`: its resident memory,
-//! the CPU time it has used, its open-files limit, and the TCP port it
-//! listens on.
+//! the CPU time it has used, its open files and their limit, and the TCP
+//! port it listens on.
 
 use std::fs;
 use std::path::PathBuf;
@@ -53,6 +53,13 @@ pub fn open_files_limit(pid: u32) -> Result<u64> {
         return Ok(u64::MAX);
     }
     soft.parse().with_context(|| format!("open-files limit of {pid} is {soft:?}"))
+}
+
+/// How many files the process holds open (the entries of `/proc/<pid>/fd`).
+pub fn open_fds(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))?;
+    Ok(entries.count() as u64)
 }
 
 /// The port of a TCP socket of the process in the LISTEN state, if it has

@@ -5,4 +5,5 @@
 pub mod mints;
 pub mod relay;
 pub mod sessions;
+pub mod soak;
 pub mod upgrades;
