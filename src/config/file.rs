@@ -23,6 +23,9 @@ pub struct FileSettings {
     pub max_token_ttl: Option<f64>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_message_bytes: Option<usize>,
+    pub max_auth_failures_per_minute: Option<u32>,
+    pub max_connections: Option<u32>,
+    pub header_timeout_seconds: Option<f64>,
     #[serde(default)]
     pub upstream: FileUpstreams,
     #[serde(default)]
