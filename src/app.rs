@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, AuthFailures};
 use crate::config::{LLM_API_KEY_VARIABLE, Settings};
 use crate::listener;
 use crate::llm::{LlmClient, Proxy};
@@ -93,6 +93,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         store.clone(),
         shutdown.clone(),
     ));
+    let auth_failures = Arc::new(AuthFailures::new(settings.auth_failures));
     let state = AppState {
         store,
         meter: meter.clone(),
@@ -101,6 +102,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         shutdown: shutdown.clone(),
         upstream_client,
         llm,
+        auth_failures,
     };
     let dispatcher = webhooks::dispatch::spawn(
         state.store.clone(),
