@@ -110,10 +110,26 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         state.settings.webhooks,
         shutdown.clone(),
     );
-    let http = tokio::spawn(listener::serve(listener, api::router(state), shutdown.clone()));
+    let listening = listener_settings(&state.settings);
+    info!(max_connections = listening.max_connections, "connections capped");
+    let router = api::router(state);
+    let http = tokio::spawn(listener::serve(listener, router, listening, shutdown.clone()));
     let parts = Parts { http, meter, meter_task, dispatcher, store_threads, _lock: lock };
     let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts));
     Ok(RunningServer { local_addr, first_api_key, shutdown, done })
+}
+
+/// The cap on connections (derived from the open-file limit unless set),
+/// and the header timeout.
+fn listener_settings(settings: &Settings) -> listener::ListenerSettings {
+    let upstreams = &settings.upstreams;
+    let with_upstreams = upstreams.conversational.is_some()
+        || upstreams.voice_synthesis.is_some()
+        || settings.llm.upstream.is_some();
+    let max_connections = settings
+        .max_connections
+        .unwrap_or_else(|| listener::default_max_connections(with_upstreams));
+    listener::ListenerSettings { max_connections, header_timeout: settings.header_timeout }
 }
 
 /// The TLS set-up for upstreams, when any session kind has one.
