@@ -15,6 +15,12 @@
 //! address is refused until the window ends. A success does not reset the
 //! count: otherwise a caller holding one good credential could interleave
 //! it with guesses for ever.
+//!
+//! The address is the TCP peer's. Behind a proxy every client has the
+//! proxy's address, so the limit counts all of them together, and a few
+//! clients with bad credentials lock every client out for the rest of the
+//! window; `X-Forwarded-For` is not read, so such a deployment should turn
+//! the limit off and limit failures at the proxy.
 
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
