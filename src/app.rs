@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, AuthFailures};
 use crate::config::{LLM_API_KEY_VARIABLE, Settings};
 use crate::listener;
 use crate::llm::{LlmClient, Proxy};
@@ -94,6 +95,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         store.clone(),
         shutdown.clone(),
     ));
+    let auth_failures = Arc::new(AuthFailures::new(settings.auth_failures));
     let state = AppState {
         store,
         meter: meter.clone(),
@@ -102,6 +104,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         shutdown: shutdown.clone(),
         upstream_client,
         llm,
+        auth_failures,
     };
     let dispatcher = webhooks::dispatch::spawn(
         state.store.clone(),
@@ -109,10 +112,26 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         state.settings.webhooks,
         shutdown.clone(),
     );
-    let http = tokio::spawn(listener::serve(listener, api::router(state), tls, shutdown.clone()));
+    let listening = listener_settings(&state.settings, tls);
+    info!(max_connections = listening.max_connections, "connections capped");
+    let router = api::router(state);
+    let http = tokio::spawn(listener::serve(listener, router, listening, shutdown.clone()));
     let parts = Parts { http, meter, meter_task, dispatcher, store_threads, _lock: lock };
     let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts));
     Ok(RunningServer { local_addr, first_api_key, shutdown, done })
+}
+
+/// The cap on connections (derived from the open-file limit unless set),
+/// the header timeout, and TLS if the server has a certificate.
+fn listener_settings(settings: &Settings, tls: Option<TlsAcceptor>) -> listener::ListenerSettings {
+    let upstreams = &settings.upstreams;
+    let with_upstreams = upstreams.conversational.is_some()
+        || upstreams.voice_synthesis.is_some()
+        || settings.llm.upstream.is_some();
+    let max_connections = settings
+        .max_connections
+        .unwrap_or_else(|| listener::default_max_connections(with_upstreams));
+    listener::ListenerSettings { max_connections, header_timeout: settings.header_timeout, tls }
 }
 
 /// The TLS set-up for upstreams, when any session kind has one.

@@ -26,8 +26,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
-        Command::Serve(args) => serve(args).await,
+    match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
+        Command::Serve(args) => serve(*args).await,
         Command::Keys(KeysCommand::Create { project, db, config }) => {
             let db = Settings::database(db, config.as_deref()).map_err(anyhow::Error::msg)?;
             let key = tollgate::create_api_key(&db, &project).await?;

@@ -11,6 +11,13 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const OPEN_SESSIONS: &str = "tollgate_open_sessions";
 /// Session upgrades, by `outcome`: `accepted`, or the error type refusing it.
 pub const UPGRADES: &str = "tollgate_upgrades_total";
+/// TCP connections the listener holds, sessions included.
+pub const OPEN_CONNECTIONS: &str = "tollgate_open_connections";
+/// Connections turned away because the listener held its cap.
+pub const CONNECTIONS_REFUSED: &str = "tollgate_connections_refused_total";
+/// Authenticated requests refused, before their credential was read,
+/// because their address failed to authenticate too often.
+pub const AUTH_RATE_LIMITED: &str = "tollgate_auth_rate_limited_total";
 /// Seconds each tick's transaction took to record.
 pub const TICK_SECONDS: &str = "tollgate_tick_seconds";
 /// Ledger rows written (rows of a transaction that then failed included).

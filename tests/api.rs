@@ -1324,7 +1324,7 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
 
 #[tokio::test]
 async fn hostile_requests_are_refused_with_their_error_and_change_nothing() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(hostile::for_tables).await;
     let limits = json!([
         { "type": "conversational_seconds", "value": 60 },
         { "type": "token_cnt", "value": 100 },

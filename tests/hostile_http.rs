@@ -51,6 +51,7 @@ struct World {
 /// A server whose webhook deliveries go out at once.
 async fn server() -> TestServer {
     TestServer::start_with(|settings| {
+        hostile::for_tables(settings);
         settings.webhooks =
             DispatchSettings { poll: Duration::from_millis(20), ..DispatchSettings::default() };
     })

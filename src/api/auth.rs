@@ -1,9 +1,13 @@
 //! Who is calling: an app's backend with its API key, or one of its humans
 //! with a usage token (or the backend speaking for a human with its key and
 //! `x-human-id`). Secrets are checked for shape and checksum before any
-//! lookup, and never logged.
+//! lookup, and never logged. An address that failed to authenticate too
+//! often is refused before its credential is read ([`super::auth_failures`]).
 
-use axum::extract::FromRequestParts;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -27,6 +31,21 @@ pub enum HumanCredential {
     Key { project: ProjectId, human: String },
 }
 
+/// The address a request came from: the TCP peer, which behind a proxy is
+/// the proxy. The listener gives every request its peer; a router served
+/// some other way, without one, has all its callers counted as one.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub IpAddr);
+
+impl<S: Sync> FromRequestParts<S> for Peer {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip());
+        Ok(Peer(peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))))
+    }
+}
+
 /// The project of a backend caller, authenticated before the body is read.
 pub struct Backend(pub ProjectId);
 
@@ -34,13 +53,15 @@ impl FromRequestParts<AppState> for Backend {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        backend(state, &parts.headers).await.map(Backend)
+        let Ok(peer) = Peer::from_request_parts(parts, state).await;
+        backend(state, peer, &parts.headers).await.map(Backend)
     }
 }
 
 /// Authenticates a backend endpoint: an API key in `x-api-key`. A usage
 /// token, wherever it is put, is refused with 403.
-async fn backend(state: &AppState, headers: &HeaderMap) -> Result<ProjectId, ApiError> {
+async fn backend(state: &AppState, peer: Peer, headers: &HeaderMap) -> Result<ProjectId, ApiError> {
+    state.auth_failures.check(peer.0)?;
     let key = extract::header(headers, API_KEY_HEADER)?;
     let presented = [key, bearer(headers)?];
     if presented.into_iter().flatten().any(|c| secret::parse(c, SecretKind::UsageToken).is_some()) {
@@ -48,7 +69,7 @@ async fn backend(state: &AppState, headers: &HeaderMap) -> Result<ProjectId, Api
             "usage tokens cannot call backend endpoints; send an API key in x-api-key",
         ));
     }
-    api_key(state, key.ok_or(ApiError::Unauthorized)?).await
+    api_key(state, peer, key.ok_or(ApiError::Unauthorized)?).await
 }
 
 /// Authenticates an endpoint a human may call: a usage token as a Bearer
@@ -56,11 +77,13 @@ async fn backend(state: &AppState, headers: &HeaderMap) -> Result<ProjectId, Api
 /// `token` query parameter, or an API key with `x-human-id`.
 pub async fn human(
     state: &AppState,
+    peer: Peer,
     headers: &HeaderMap,
     query_token: Option<&str>,
 ) -> Result<HumanCredential, ApiError> {
+    state.auth_failures.check(peer.0)?;
     if let Some(key) = extract::header(headers, API_KEY_HEADER)? {
-        let project = api_key(state, key).await?;
+        let project = api_key(state, peer, key).await?;
         let Some(human) = extract::header(headers, HUMAN_HEADER)? else {
             return Err(ApiError::InvalidInput(format!(
                 "{HUMAN_HEADER}: required when calling with {API_KEY_HEADER}"
@@ -73,17 +96,33 @@ pub async fn human(
         Some(token) => token,
         None => query_token.ok_or(ApiError::Unauthorized)?,
     };
-    usage_token(state, token).await.map(HumanCredential::Token)
+    usage_token(state, peer, token).await.map(HumanCredential::Token)
 }
 
-async fn api_key(state: &AppState, presented: &str) -> Result<ProjectId, ApiError> {
-    let hash = secret::parse(presented, SecretKind::ApiKey).ok_or(ApiError::Unauthorized)?;
-    state.store.find_api_key(hash).await?.ok_or(ApiError::Unauthorized)
+/// The project of an API key; an unknown or malformed one is a failure of
+/// the caller's address.
+async fn api_key(state: &AppState, peer: Peer, presented: &str) -> Result<ProjectId, ApiError> {
+    let found = match secret::parse(presented, SecretKind::ApiKey) {
+        Some(hash) => state.store.find_api_key(hash).await?,
+        None => None,
+    };
+    found.ok_or_else(|| failed(state, peer))
 }
 
-async fn usage_token(state: &AppState, presented: &str) -> Result<UsageTokenRecord, ApiError> {
-    let hash = secret::parse(presented, SecretKind::UsageToken).ok_or(ApiError::Unauthorized)?;
-    let record = state.store.find_usage_token(hash).await?.ok_or(ApiError::Unauthorized)?;
+/// A live usage token. An unknown or malformed one is a failure of the
+/// caller's address; a revoked or expired one is not, since only a token
+/// that was really issued gets those answers, and a client that keeps
+/// retrying with a stale token should keep hearing why it is refused.
+async fn usage_token(
+    state: &AppState,
+    peer: Peer,
+    presented: &str,
+) -> Result<UsageTokenRecord, ApiError> {
+    let found = match secret::parse(presented, SecretKind::UsageToken) {
+        Some(hash) => state.store.find_usage_token(hash).await?,
+        None => None,
+    };
+    let record = found.ok_or_else(|| failed(state, peer))?;
     if record.revoked {
         return Err(ApiError::TokenRevoked);
     }
@@ -91,6 +130,14 @@ async fn usage_token(state: &AppState, presented: &str) -> Result<UsageTokenReco
         return Err(ApiError::TokenExpired);
     }
     Ok(record)
+}
+
+/// Counts a credential that matched nothing against the caller's address.
+/// A request that sent no credential at all is not counted: it guessed
+/// nothing.
+fn failed(state: &AppState, peer: Peer) -> ApiError {
+    state.auth_failures.record(peer.0);
+    ApiError::Unauthorized
 }
 
 /// The credential of an `Authorization: Bearer` header, if there is one.

@@ -4,11 +4,11 @@
 //! read; the proxy in [`crate::llm`] does the rest.
 
 use axum::body::to_bytes;
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::response::Response;
 
 use super::AppState;
-use super::auth::{self, HumanCredential};
+use super::auth::{self, HumanCredential, Peer};
 use super::error::{ApiError, OpenAiError};
 use crate::llm::{Caller, LlmError};
 
@@ -17,8 +17,9 @@ pub async fn chat(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Response, OpenAiError> {
-    let (parts, body) = request.into_parts();
-    let caller = caller(&state, &parts.headers).await?;
+    let (mut parts, body) = request.into_parts();
+    let Ok(peer) = Peer::from_request_parts(&mut parts, &state).await;
+    let caller = caller(&state, peer, &parts.headers).await?;
     let limit = state.llm.max_request_bytes();
     let body = to_bytes(body, limit).await.map_err(|_| {
         let message =
@@ -31,9 +32,10 @@ pub async fn chat(
 /// `GET /v1/models`
 pub async fn models(
     State(state): State<AppState>,
+    peer: Peer,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, OpenAiError> {
-    caller(&state, &headers).await?;
+    caller(&state, peer, &headers).await?;
     Ok(state.llm.models().await?)
 }
 
@@ -45,8 +47,12 @@ pub async fn wrong_method() -> OpenAiError {
 /// The human a request is for. With an API key and `x-human-id`, a human
 /// met for the first time is created, unlimited until its backend sets a
 /// limit.
-async fn caller(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller, OpenAiError> {
-    match auth::human(state, headers, None).await? {
+async fn caller(
+    state: &AppState,
+    peer: Peer,
+    headers: &axum::http::HeaderMap,
+) -> Result<Caller, OpenAiError> {
+    match auth::human(state, peer, headers, None).await? {
         HumanCredential::Token(token) => Ok(Caller { human: token.human, token: Some(token.id) }),
         HumanCredential::Key { project, human } => {
             let human =

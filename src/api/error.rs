@@ -33,6 +33,10 @@ pub enum ApiError {
     UsageLimitExceeded(&'static str),
     #[error("the human already has the most open sessions allowed")]
     TooManySessions,
+    /// The client's address failed to authenticate too often; it may try
+    /// again in `retry_after` seconds.
+    #[error("too many failed authentications from this address; try again in {retry_after} s")]
+    RateLimited { retry_after: u64 },
     /// An idempotency key was used before by a different request.
     #[error("{0}")]
     Conflict(&'static str),
@@ -42,6 +46,9 @@ pub enum ApiError {
     /// Usage cannot be recorded right now, so nothing new is admitted.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// The listener holds the most connections it may.
+    #[error("the server has as many connections as it takes; try again later")]
+    TooManyConnections,
     #[error("internal error")]
     Internal(#[source] StoreError),
 }
@@ -65,10 +72,36 @@ impl ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, "usage_limit_exceeded")
             }
             ApiError::TooManySessions => (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "idempotency_key_reused"),
             ApiError::UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::TooManyConnections => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// The whole HTTP/1.1 answer, closing the connection, as bytes: for a
+    /// connection refused before hyper serves it, which has no other way to
+    /// be answered.
+    pub fn raw_response(&self) -> Vec<u8> {
+        let (status, kind) = self.status_and_type();
+        let body = ErrorBody { kind, message: self.to_string() };
+        let body = serde_json::to_string(&body).expect("an error body serializes");
+        let head = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        [head.into_bytes(), body.into_bytes()].concat()
+    }
+
+    /// Headers the error's answer carries besides its body.
+    fn add_headers(&self, response: &mut Response) {
+        if let ApiError::RateLimited { retry_after } = self {
+            response.headers_mut().insert(header::RETRY_AFTER, (*retry_after).into());
         }
     }
 }
@@ -107,7 +140,9 @@ impl IntoResponse for ApiError {
         }
         let (status, kind) = self.status_and_type();
         let body = ErrorBody { kind, message: self.to_string() };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        self.add_headers(&mut response);
+        response
     }
 }
 
@@ -182,8 +217,12 @@ impl OpenAiError {
     }
 }
 
-/// OpenAI's `type` for a status.
-fn openai_kind(status: StatusCode) -> &'static str {
+/// OpenAI's `type` for a status and code. OpenAI calls a refusal for
+/// sending requests too fast `requests`, apart from a spent quota.
+fn openai_kind(status: StatusCode, code: &str) -> &'static str {
+    if code == "rate_limited" {
+        return "requests";
+    }
     match status.as_u16() {
         401 => "authentication_error",
         403 => "permission_error",
@@ -228,6 +267,10 @@ fn openai_response(error: OpenAiError) -> Response {
         OpenAiError::Api(api) => api.to_string(),
         OpenAiError::Llm(llm) => llm.to_string(),
     };
-    let body = OpenAiBody { message, kind: openai_kind(status), param, code };
-    (status, Json(serde_json::json!({ "error": body }))).into_response()
+    let body = OpenAiBody { message, kind: openai_kind(status, code), param, code };
+    let mut response = (status, Json(serde_json::json!({ "error": body }))).into_response();
+    if let OpenAiError::Api(api) = &error {
+        api.add_headers(&mut response);
+    }
+    response
 }

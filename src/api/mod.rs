@@ -2,6 +2,7 @@
 //! served under both `/v1` and `/api/v1`.
 
 mod auth;
+mod auth_failures;
 mod completions;
 pub mod error;
 mod extract;
@@ -35,6 +36,8 @@ use crate::store::Store;
 use crate::upstream::UpstreamClient;
 use error::ApiError;
 
+pub use auth_failures::AuthFailures;
+
 /// How long a client may take to send a request's body once its headers
 /// are in. Bodies are at most 64 KiB; a client that stalls mid-body would
 /// otherwise hold its connection, and shutdown, for as long as it likes.
@@ -56,6 +59,8 @@ pub struct AppState {
     pub upstream_client: Option<Arc<UpstreamClient>>,
     /// The chat completions proxy.
     pub llm: Arc<Proxy>,
+    /// Failed authentications by client address.
+    pub auth_failures: Arc<AuthFailures>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tracing::{Instrument, info_span, warn};
 
 use super::AppState;
-use super::auth::{self, HumanCredential};
+use super::auth::{self, HumanCredential, Peer};
 use super::error::ApiError;
 use super::extract;
 use crate::clock;
@@ -80,7 +80,7 @@ async fn upgrade_session(
         ApiError::InvalidInput("this endpoint takes a WebSocket upgrade request".into())
     })?;
     check_origin(&state.settings.allowed_origins, &headers)?;
-    let (human, token) = caller(&state, &headers, query.token.as_deref()).await?;
+    let (human, token) = caller(&state, Peer(peer.ip()), &headers, query.token.as_deref()).await?;
     let admitted = admit(&state, &human, kind, token).await?;
     let span = info_span!(parent: None, "session", id = %admitted.public_id,
                           human = %human.name, kind = kind.as_str(), %peer);
@@ -226,10 +226,11 @@ fn admitted(
 /// The human a session is for, and the token it was opened with.
 async fn caller(
     state: &AppState,
+    peer: Peer,
     headers: &HeaderMap,
     query_token: Option<&str>,
 ) -> Result<(Human, Option<i64>), ApiError> {
-    Ok(match auth::human(state, headers, query_token).await? {
+    Ok(match auth::human(state, peer, headers, query_token).await? {
         HumanCredential::Token(token) => (token.human, Some(token.id)),
         HumanCredential::Key { project, human } => {
             (state.store.find_or_create_human(project, &human).await?, None)

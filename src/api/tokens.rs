@@ -74,9 +74,10 @@ pub async fn create(
 /// `GET /v1/usage/limits`
 pub async fn limits(
     State(state): State<AppState>,
+    peer: auth::Peer,
     headers: HeaderMap,
 ) -> Result<Json<Vec<LimitView>>, ApiError> {
-    let human = match auth::human(&state, &headers, None).await? {
+    let human = match auth::human(&state, peer, &headers, None).await? {
         auth::HumanCredential::Token(token) => Some(token.human),
         auth::HumanCredential::Key { project, human } => {
             state.store.find_human(project, &human).await?

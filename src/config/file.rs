@@ -25,6 +25,9 @@ pub struct FileSettings {
     pub max_message_bytes: Option<usize>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub max_auth_failures_per_minute: Option<u32>,
+    pub max_connections: Option<u32>,
+    pub header_timeout_seconds: Option<f64>,
     #[serde(default)]
     pub upstream: FileUpstreams,
     #[serde(default)]

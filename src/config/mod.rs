@@ -32,6 +32,17 @@ const DEFAULT_MAX_TOKEN_TTL: f64 = 86_400.0;
 /// voice protocol sends while bounding what one connection can make the
 /// server hold.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Enough for an app whose clients retry a stale token now and then, and
+/// for a person mistyping a key; a guesser gets 28,800 guesses a day per
+/// address against usage tokens of 258 random bits.
+const DEFAULT_MAX_AUTH_FAILURES_PER_MINUTE: u32 = 20;
+/// A client on a slow mobile link sends its headers in well under a
+/// second; ten leave room for a stalled link while bounding how long a
+/// connection that sends nothing (or a byte at a time) holds its slot.
+const DEFAULT_HEADER_TIMEOUT_SECONDS: f64 = 10.0;
+/// The largest cap on connections that may be set: far more than one
+/// process can hold open files for.
+const MAX_MAX_CONNECTIONS: u32 = 1 << 24;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,7 +62,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the server (what `tollgate` does with no command).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -191,6 +202,23 @@ pub struct ServeArgs {
     #[arg(long, env = "TOLLGATE_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
 
+    /// Failed authentications one client address may make in a minute;
+    /// past them, its authenticated requests get 429 until the minute is
+    /// over; 0 turns the limit off [default: 20].
+    #[arg(long, env = "TOLLGATE_MAX_AUTH_FAILURES_PER_MINUTE")]
+    pub max_auth_failures_per_minute: Option<u32>,
+
+    /// Most TCP connections the server holds at once, sessions included;
+    /// over it, a connection is answered 503 and closed [default: the
+    /// open-file limit less 100, halved when there are upstreams].
+    #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+
+    /// Seconds a client has to send a request's headers, from the moment
+    /// it connects or its previous answer is sent [default: 10].
+    #[arg(long, env = "TOLLGATE_HEADER_TIMEOUT_SECONDS")]
+    pub header_timeout_seconds: Option<f64>,
+
     /// A PEM file of CA certificates trusted for upstream TLS besides the
     /// system's.
     #[arg(long, env = "TOLLGATE_UPSTREAM_CA_FILE")]
@@ -230,6 +258,11 @@ pub struct Settings {
     pub max_token_ttl: Duration,
     pub allowed_origins: AllowedOrigins,
     pub max_message_bytes: usize,
+    pub auth_failures: AuthFailureLimit,
+    /// The cap on connections; `None` derives it from the open-file limit
+    /// when the server starts.
+    pub max_connections: Option<u32>,
+    pub header_timeout: Duration,
     pub upstreams: Upstreams,
     pub upstream_ca_file: Option<PathBuf>,
     pub llm: LlmSettings,
@@ -238,6 +271,23 @@ pub struct Settings {
     /// How webhook deliveries are paced; not a setting of the command line
     /// or the file, only of the code (tests make retries quick).
     pub webhooks: DispatchSettings,
+}
+
+/// How many failed authentications one client address may make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthFailureLimit {
+    /// Failures allowed in one window; 0 for no limit.
+    pub max: u32,
+    /// A minute. Not a setting of the command line or the file, only of
+    /// the code, so that tests can see a window end.
+    pub window: Duration,
+}
+
+impl AuthFailureLimit {
+    /// The limit of `max` failures a minute.
+    pub fn per_minute(max: u32) -> AuthFailureLimit {
+        AuthFailureLimit { max, window: Duration::from_secs(60) }
+    }
 }
 
 /// Which browser origins may use the API.
@@ -266,6 +316,9 @@ impl Settings {
             max_token_ttl: Duration::from_secs_f64(DEFAULT_MAX_TOKEN_TTL),
             allowed_origins: AllowedOrigins::None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            auth_failures: AuthFailureLimit::per_minute(DEFAULT_MAX_AUTH_FAILURES_PER_MINUTE),
+            max_connections: None,
+            header_timeout: Duration::from_secs_f64(DEFAULT_HEADER_TIMEOUT_SECONDS),
             upstreams: Upstreams::default(),
             upstream_ca_file: None,
             llm: LlmSettings::default(),
@@ -309,6 +362,16 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
         return Err("max_message_bytes (--max-message-bytes) must be from 1 KiB to 64 MiB".into());
     }
     let origins = args.allowed_origins.or(file.allowed_origins).unwrap_or_default();
+    let max_auth_failures = args
+        .max_auth_failures_per_minute
+        .or(file.max_auth_failures_per_minute)
+        .unwrap_or(DEFAULT_MAX_AUTH_FAILURES_PER_MINUTE);
+    let max_connections = args.max_connections.or(file.max_connections);
+    if max_connections.is_some_and(|cap| !(1..=MAX_MAX_CONNECTIONS).contains(&cap)) {
+        return Err(format!(
+            "max_connections (--max-connections) must be from 1 to {MAX_MAX_CONNECTIONS}"
+        ));
+    }
     Ok(Settings {
         listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().unwrap()),
         db: args.db.or(file.db).unwrap_or_else(|| DEFAULT_DB.into()),
@@ -344,6 +407,15 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
         )?,
         allowed_origins: allowed_origins(origins)?,
         max_message_bytes,
+        auth_failures: AuthFailureLimit::per_minute(max_auth_failures),
+        max_connections,
+        header_timeout: seconds(
+            "header_timeout_seconds",
+            args.header_timeout_seconds.or(file.header_timeout_seconds),
+            DEFAULT_HEADER_TIMEOUT_SECONDS,
+            0.05,
+            3600.0,
+        )?,
         upstreams: Upstreams {
             conversational: upstream::check("conversational", file.upstream.conversational)?,
             voice_synthesis: upstream::check("voice_synthesis", file.upstream.voice_synthesis)?,
@@ -452,6 +524,24 @@ mod tests {
         assert!(error.contains("tick_ms"), "{error}");
         let error = load(&["--max-sessions-per-human", "0"], "").unwrap_err();
         assert!(error.contains("max_sessions_per_human"), "{error}");
+        let error = load(&["--max-connections", "0"], "").unwrap_err();
+        assert!(error.contains("--max-connections"), "{error}");
+        let error = load(&[], "header_timeout_seconds = 0").unwrap_err();
+        assert!(error.contains("header_timeout_seconds"), "{error}");
+    }
+
+    #[test]
+    fn the_edge_settings_have_defaults_and_come_from_flags_or_the_file() {
+        let settings = load(&[], "").unwrap();
+        assert_eq!(settings.auth_failures, AuthFailureLimit::per_minute(20));
+        assert_eq!(settings.max_connections, None);
+        assert_eq!(settings.header_timeout, Duration::from_secs(10));
+        let file = "max_auth_failures_per_minute = 5\nmax_connections = 500\n\
+                    header_timeout_seconds = 2.5";
+        let settings = load(&["--max-auth-failures-per-minute", "0"], file).unwrap();
+        assert_eq!(settings.auth_failures.max, 0);
+        assert_eq!(settings.max_connections, Some(500));
+        assert_eq!(settings.header_timeout, Duration::from_millis(2500));
     }
 
     #[test]
