@@ -1,10 +1,12 @@
 //! The SQLite backend: one connection owned by one writer thread, fed by a
 //! bounded channel of jobs, so that SQLite never blocks the async runtime
 //! and every transaction is serialised without locks of our own; lookups
-//! go to a second, read-only connection on a thread of its own. Pragmas
-//! and the schema are applied here when the database is opened.
+//! go to a second, read-only connection on a thread of its own, and the
+//! write-ahead log is copied back by a third. Pragmas and the schema are
+//! applied here when the database is opened.
 
 mod accounts;
+mod checkpoint;
 mod completions;
 mod listings;
 mod outbox;
@@ -78,6 +80,7 @@ pub struct SqliteStore {
     /// of them (every well-formed credential costs one) never queues ahead
     /// of the meter's writes.
     reads_tx: mpsc::Sender<Job<Connection>>,
+    _checkpoints: checkpoint::Running,
 }
 
 /// The store's threads. Join them after every [`SqliteStore`] handle is
@@ -110,8 +113,9 @@ impl SqliteStore {
         let writer = Writer { conn, segments: HashMap::new(), hooks };
         let (writes_tx, write_thread) = spawn_thread("tollgate-store-writer", writer)?;
         let (reads_tx, read_thread) = spawn_thread("tollgate-store-reader", reader)?;
-        let threads = StoreThreads(vec![write_thread, read_thread]);
-        Ok((SqliteStore { writes_tx, reads_tx }, threads))
+        let (_checkpoints, checkpoint_thread) = checkpoint::spawn(path)?;
+        let threads = StoreThreads(vec![write_thread, read_thread, checkpoint_thread]);
+        Ok((SqliteStore { writes_tx, reads_tx, _checkpoints }, threads))
     }
 
     /// Runs `f` on the writer thread and waits for its answer.
@@ -179,6 +183,9 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Checkpoints run on a thread of their own (see `checkpoint`), never
+    // inside the writer's commits.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
 }
 
@@ -489,6 +496,35 @@ mod tests {
         let versions: i64 =
             conn.query_row("SELECT COUNT(*) FROM schema_version", [], |row| row.get(0)).unwrap();
         assert_eq!(versions, 1);
+    }
+
+    #[tokio::test]
+    async fn the_log_is_copied_back_by_the_checkpoint_thread_and_never_by_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (store, threads) = SqliteStore::open(&path).unwrap();
+        let autocheckpoint = store
+            .write(|w| {
+                Ok(w.conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get::<_, i64>(0))?)
+            })
+            .await;
+        assert_eq!(autocheckpoint.unwrap(), 0);
+
+        // A few dozen pages of writes: far below the 1,000 at which a
+        // commit would checkpoint, so only the thread copies them back.
+        let size = || std::fs::metadata(&path).unwrap().len();
+        let before = size();
+        for _ in 0..1000 {
+            let key = crate::secret::Secret::generate(crate::secret::SecretKind::ApiKey);
+            store.add_api_key("acme", key.hash()).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while size() <= before {
+            assert!(std::time::Instant::now() < deadline, "the log was never checkpointed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(store);
+        threads.join();
     }
 
     #[test]
