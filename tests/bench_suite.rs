@@ -125,9 +125,11 @@ async fn a_short_soak_ends_every_session_as_it_should_and_leaves_no_file_open() 
     common::assert_ledger_identity(&db);
     let rows = common::session_rows(&db);
     let ended = |reason: &str| rows.iter().filter(|(r, _)| r.as_deref() == Some(reason)).count();
-    assert_eq!(ended("client_closed") as u64, report.ends.closed_by_client);
-    assert_eq!(ended("usage_limit_exceeded") as u64, report.ends.cut_off);
-    assert_eq!(rows.len() as u64, report.ends.sessions(), "sessions ended otherwise: {rows:?}");
+    let (warm_up, run) = (&report.warm_up, &report.ends);
+    assert_eq!(ended("client_closed") as u64, warm_up.closed_by_client + run.closed_by_client);
+    assert_eq!(ended("usage_limit_exceeded") as u64, warm_up.cut_off + run.cut_off);
+    let sessions = warm_up.sessions() + run.sessions();
+    assert_eq!(rows.len() as u64, sessions, "sessions ended otherwise: {rows:?}");
 }
 
 #[track_caller]

@@ -3,8 +3,10 @@
 //! every other session is closed by its client after a while, the rest run
 //! out of their seconds and are cut off by the server with 4001. The
 //! server's memory is read under load early in the run and again at its
-//! end, and its open files before the load and once it has settled after;
-//! a server that leaks either shows it here.
+//! end, and its open files before the load (after a short warm-up, which
+//! opens what the server opens only once: its database's log on each
+//! connection, say) and once it has settled after; a server that leaks
+//! either shows it here.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -37,6 +39,11 @@ const PLENTY_OF_SECONDS: f64 = 3600.0;
 /// as missed: the figure is leaks, not precision.
 const CUT_OFF_GRACE: Duration = Duration::from_secs(5);
 
+/// How long the server rests after the warm-up before its open files are
+/// counted: longer than its checkpoints' interval, so that every
+/// connection to the database has opened its log.
+const REST: Duration = Duration::from_secs(2);
+
 /// How long the server is given, once the load stops, to close what its
 /// clients left (keep-alive HTTP connections, sessions in their closing
 /// handshake) before its open files are counted.
@@ -45,6 +52,8 @@ const SETTLE: Duration = Duration::from_secs(10);
 pub struct Config {
     /// Clients, each with one session open at a time.
     pub clients: usize,
+    /// The same load, before the run, not measured.
+    pub warm_up: Duration,
     pub duration: Duration,
     /// The share of the run after which memory is first read: what the
     /// server holds once its caches and pools have grown to the load.
@@ -55,12 +64,13 @@ pub struct Config {
 
 impl Config {
     pub fn full(db: PathBuf) -> Config {
-        let duration = Duration::from_secs(3600);
-        Config { clients: 2000, duration, warm_share: 0.1, sources: 64, db }
+        let (warm_up, duration) = (Duration::from_secs(30), Duration::from_secs(3600));
+        Config { clients: 2000, warm_up, duration, warm_share: 0.1, sources: 64, db }
     }
 
     pub fn small(db: PathBuf) -> Config {
-        Config { clients: 50, duration: Duration::from_secs(6), ..Config::full(db) }
+        let (warm_up, duration) = (Duration::from_secs(2), Duration::from_secs(6));
+        Config { clients: 50, warm_up, duration, ..Config::full(db) }
     }
 }
 
@@ -87,6 +97,8 @@ impl Ends {
 pub struct SoakReport {
     pub clients: usize,
     pub duration: Duration,
+    /// The sessions of the warm-up, and of the run.
+    pub warm_up: Ends,
     pub ends: Ends,
     /// Resident memory under load, early in the run and at its end.
     pub rss_warm_kib: u64,
@@ -110,6 +122,11 @@ pub async fn run(config: &Config) -> Result<SoakReport> {
     let options = ServerOptions { db: config.db.clone(), max_session_seconds: 3600 };
     let server = Server::start(&options).await?;
     fds::check("the server", &what, 2 * config.clients as u64, server.open_files_limit()?)?;
+    let warm_up = load(server.addr, server.api.fresh()?, config, config.warm_up).await;
+    if !warm_up.errors.is_empty() {
+        anyhow::bail!("the warm-up went wrong: {}", warm_up.errors);
+    }
+    sleep(REST).await;
     let fds_before = procfs::open_fds(server.pid)?;
 
     let started = Instant::now();
@@ -119,13 +136,23 @@ pub async fn run(config: &Config) -> Result<SoakReport> {
         sleep(config.duration.saturating_sub(started.elapsed())).await;
         anyhow::Ok((warm, server.rss_kib()?))
     };
-    let (ends, memory) = tokio::join!(load(server.addr, server.api.fresh()?, config), memory);
+    let run = load(server.addr, server.api.fresh()?, config, config.duration);
+    let (ends, memory) = tokio::join!(run, memory);
     let (rss_warm_kib, rss_end_kib) = memory?;
 
     let fds_after = settled_fds(&server, fds_before).await?;
     server.stop().await?;
     let (clients, duration) = (config.clients, config.duration);
-    Ok(SoakReport { clients, duration, ends, rss_warm_kib, rss_end_kib, fds_before, fds_after })
+    Ok(SoakReport {
+        clients,
+        duration,
+        warm_up,
+        ends,
+        rss_warm_kib,
+        rss_end_kib,
+        fds_before,
+        fds_after,
+    })
 }
 
 /// The server's open files once they are back to what they were before
@@ -141,11 +168,11 @@ async fn settled_fds(server: &Server, before: u64) -> Result<u64> {
     }
 }
 
-/// Runs the clients until the duration is up; the API client they mint
-/// with is dropped at the end, closing its keep-alive connections.
-async fn load(addr: SocketAddr, api: Api, config: &Config) -> Ends {
+/// Runs the clients for `duration`; the API client they mint with is
+/// dropped at the end, closing its keep-alive connections.
+async fn load(addr: SocketAddr, api: Api, config: &Config, duration: Duration) -> Ends {
     let sources = Arc::new(Sources::new(config.sources));
-    let deadline = Instant::now() + config.duration;
+    let deadline = Instant::now() + duration;
     let tasks = (0..config.clients).map(|index| {
         let client = Client { index, addr, api: api.clone(), sources: sources.clone() };
         tokio::spawn(client.run(deadline))
