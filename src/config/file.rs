@@ -23,6 +23,7 @@ pub struct FileSettings {
     pub max_token_ttl: Option<f64>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_message_bytes: Option<usize>,
+    pub max_db_mb: Option<u64>,
     #[serde(default)]
     pub upstream: FileUpstreams,
     #[serde(default)]

@@ -31,6 +31,10 @@ const DEFAULT_MAX_TOKEN_TTL: f64 = 86_400.0;
 /// voice protocol sends while bounding what one connection can make the
 /// server hold.
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// The largest database cap accepted, 16 TiB: SQLite's own limit for a
+/// database of its default 4 KiB pages, which a larger cap would never
+/// reach.
+const MAX_DB_MB: u64 = 16 * 1024 * 1024;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -176,6 +180,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TOLLGATE_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
 
+    /// Largest the database may grow, in megabytes; at the cap usage cannot
+    /// be recorded, so sessions are closed and refused [default: no cap].
+    #[arg(long, env = "TOLLGATE_MAX_DB_MB")]
+    pub max_db_mb: Option<u64>,
+
     /// A PEM file of CA certificates trusted for upstream TLS besides the
     /// system's.
     #[arg(long, env = "TOLLGATE_UPSTREAM_CA_FILE")]
@@ -206,6 +215,8 @@ pub struct Settings {
     pub max_token_ttl: Duration,
     pub allowed_origins: AllowedOrigins,
     pub max_message_bytes: usize,
+    /// The database's cap, in megabytes; `None` for none.
+    pub max_db_mb: Option<u64>,
     pub upstreams: Upstreams,
     pub upstream_ca_file: Option<PathBuf>,
     pub llm: LlmSettings,
@@ -240,6 +251,7 @@ impl Settings {
             max_token_ttl: Duration::from_secs_f64(DEFAULT_MAX_TOKEN_TTL),
             allowed_origins: AllowedOrigins::None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_db_mb: None,
             upstreams: Upstreams::default(),
             upstream_ca_file: None,
             llm: LlmSettings::default(),
@@ -281,6 +293,10 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
     if !(1024..=64 * 1024 * 1024).contains(&max_message_bytes) {
         return Err("max_message_bytes (--max-message-bytes) must be from 1 KiB to 64 MiB".into());
     }
+    let max_db_mb = args.max_db_mb.or(file.max_db_mb);
+    if max_db_mb.is_some_and(|mb| !(1..=MAX_DB_MB).contains(&mb)) {
+        return Err(format!("max_db_mb (--max-db-mb) must be from 1 to {MAX_DB_MB}"));
+    }
     let origins = args.allowed_origins.or(file.allowed_origins).unwrap_or_default();
     Ok(Settings {
         listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().unwrap()),
@@ -317,6 +333,7 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
         )?,
         allowed_origins: allowed_origins(origins)?,
         max_message_bytes,
+        max_db_mb,
         upstreams: Upstreams {
             conversational: upstream::check("conversational", file.upstream.conversational)?,
             voice_synthesis: upstream::check("voice_synthesis", file.upstream.voice_synthesis)?,
@@ -414,6 +431,15 @@ mod tests {
         assert!(error.contains("tick_ms"), "{error}");
         let error = load(&["--max-sessions-per-human", "0"], "").unwrap_err();
         assert!(error.contains("max_sessions_per_human"), "{error}");
+        let error = load(&["--max-db-mb", "0"], "").unwrap_err();
+        assert!(error.contains("--max-db-mb"), "{error}");
+    }
+
+    #[test]
+    fn the_database_has_no_cap_unless_one_is_given() {
+        assert_eq!(load(&[], "").unwrap().max_db_mb, None);
+        assert_eq!(load(&[], "max_db_mb = 512").unwrap().max_db_mb, Some(512));
+        assert_eq!(load(&["--max-db-mb", "64"], "max_db_mb = 512").unwrap().max_db_mb, Some(64));
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod completions;
 mod listings;
 mod outbox;
 mod reports;
+mod room;
 mod usage;
 mod webhooks;
 
@@ -68,6 +69,7 @@ type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 /// remembers between ticks, and what each project's webhook wants.
 pub(crate) struct Writer {
     conn: Connection,
+    cap: Option<room::Cap>,
     segments: HashMap<i64, usage::Segment>,
     hooks: outbox::Hooks,
 }
@@ -84,6 +86,7 @@ pub struct SqliteStore {
     /// of them (every well-formed credential costs one) never queues ahead
     /// of the meter's writes.
     reads_tx: mpsc::Sender<Job<Connection>>,
+    cap: Option<room::Cap>,
 }
 
 /// The store's threads. Join them after every [`SqliteStore`] handle is
@@ -104,6 +107,15 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, applies the
     /// schema to an empty one, and starts the writer and reader threads.
     pub fn open(path: &Path) -> anyhow::Result<(SqliteStore, StoreThreads)> {
+        SqliteStore::open_capped(path, None)
+    }
+
+    /// As [`SqliteStore::open`], with the database capped at `max_bytes`
+    /// (see [`room`]).
+    pub fn open_capped(
+        path: &Path,
+        max_bytes: Option<u64>,
+    ) -> anyhow::Result<(SqliteStore, StoreThreads)> {
         let cannot_open = || format!("cannot open the database {}", path.display());
         let mut conn = Connection::open(path).with_context(cannot_open)?;
         configure(&conn).context("cannot configure the database")?;
@@ -111,15 +123,19 @@ impl SqliteStore {
         let reader = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(cannot_open)?;
         reader.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
+        // Every connection the server opens gets the cap, the reader too,
+        // though it never writes: no connection of ours can grow the file.
+        let cap = max_bytes.map(|bytes| room::Cap::apply(&conn, bytes)).transpose()?;
+        max_bytes.map(|bytes| room::Cap::apply(&reader, bytes)).transpose()?;
 
         let hooks = outbox::Hooks::load(&conn).context("cannot read the webhooks")?;
-        let writer = Writer { conn, segments: HashMap::new(), hooks };
+        let writer = Writer { conn, cap, segments: HashMap::new(), hooks };
         let (meter_tx, meter_rx) = mpsc::channel(JOB_QUEUE);
         let (writes_tx, writes_rx) = mpsc::channel(JOB_QUEUE);
         let write_thread = spawn_writer(writer, meter_rx, writes_rx)?;
         let (reads_tx, read_thread) = spawn_thread("tollgate-store-reader", reader)?;
         let threads = StoreThreads(vec![write_thread, read_thread]);
-        Ok((SqliteStore { writes_tx, meter_tx, reads_tx }, threads))
+        Ok((SqliteStore { writes_tx, meter_tx, reads_tx, cap }, threads))
     }
 
     /// Runs `f` on the writer thread and waits for its answer.
@@ -128,7 +144,7 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static,
     {
-        run_on(&self.writes_tx, "writer", f).await
+        run_on(&self.writes_tx, "writer", with_room(f)).await
     }
 
     /// As [`SqliteStore::write`], ahead of every other write.
@@ -137,7 +153,7 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static,
     {
-        run_on(&self.meter_tx, "meter", f).await
+        run_on(&self.meter_tx, "meter", with_room(f)).await
     }
 
     /// Runs `f` on the reader thread and waits for its answer.
@@ -166,6 +182,17 @@ fn spawn_thread<S: Send + 'static>(
         })
         .with_context(|| format!("cannot start the thread {name}"))?;
     Ok((jobs_tx, handle))
+}
+
+/// `f`, once the database is seen to have room for what it writes.
+fn with_room<R, F>(f: F) -> impl FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static
+where
+    F: FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static,
+{
+    move |w: &mut Writer| {
+        room::check(w.cap, &w.conn)?;
+        f(w)
+    }
 }
 
 /// The writer thread: runs the meter's jobs as soon as one is waiting and
@@ -290,10 +317,10 @@ impl From<rusqlite::Error> for StoreError {
                 ErrorCode::DatabaseBusy
                 | ErrorCode::DatabaseLocked
                 | ErrorCode::ReadOnly
-                | ErrorCode::DiskFull
                 | ErrorCode::CannotOpen
                 | ErrorCode::SystemIoFailure,
             ) => StoreError::Unavailable(error.to_string()),
+            Some(ErrorCode::DiskFull) => StoreError::Full,
             _ => StoreError::Other(error.to_string()),
         }
     }
@@ -302,7 +329,12 @@ impl From<rusqlite::Error> for StoreError {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
-        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
+        let cap = self.cap;
+        self.read(move |conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            room::check(cap, conn)
+        })
+        .await
     }
 
     async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()> {
