@@ -3,7 +3,8 @@
 //! near the cap. Without the check a full database would fail only the
 //! writes that happen to need a new page, and the meter's ticks, which
 //! mostly rewrite rows in place, could go on for a minute before the first
-//! of them failed.
+//! of them failed. Without a cap, the default, there is no check, and a
+//! full disk is noticed only by the writes that need new space.
 
 use rusqlite::Connection;
 
