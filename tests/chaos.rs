@@ -53,11 +53,6 @@ const STALLED: f64 = 1.0;
 /// milliseconds of the server's monotonic clock, recorded with its wall
 /// clock, and the client keeps a monotonic clock of its own.
 const CLOCKS: f64 = 0.01;
-/// The server starts a session's clock when its task sees the upgrade
-/// done, which on a machine this busy came up to a quarter of a second
-/// after the client had the answer: time the client had and was not
-/// charged for.
-const START_LAG: f64 = 0.3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_nothing_confirmed_and_at_most_a_tick_of_usage() {
@@ -140,6 +135,8 @@ struct Round {
     killed_by: Instant,
     /// The last tick the killed server committed.
     last_tick: Instant,
+    /// The server's wall clock at `killed_from`, in Unix milliseconds.
+    killed_at: i64,
     left_open: i64,
 }
 
@@ -193,7 +190,8 @@ impl Chaos {
         let mints = self.mint_workers(round, &stop);
 
         sleep(kill_after).await;
-        let (killed_from, killed_by, last_tick) = self.kill();
+        let (killed_from, killed_at, killed_by) = self.kill();
+        let last_tick = instant_of(meter_clock(&self.db), killed_from, killed_at);
         stop.store(true, Ordering::Relaxed);
         for worker in top_ups.join_all().await {
             self.top_ups.extend(worker);
@@ -202,7 +200,16 @@ impl Chaos {
         let sessions = clients.join_all().await;
         let left_open = open_sessions(&open_db(&self.db));
         self.process = Some(spawn(&self.db));
-        Round { sessions, mints, last_session_before, killed_from, killed_by, last_tick, left_open }
+        Round {
+            sessions,
+            mints,
+            last_session_before,
+            killed_from,
+            killed_by,
+            last_tick,
+            killed_at,
+            left_open,
+        }
     }
 
     /// The round's sessions, shuffled: four for each rich human and for
@@ -223,16 +230,11 @@ impl Chaos {
         sessions
     }
 
-    /// `kill -9`: when it was sent, when it was done, and when the last
-    /// tick the server committed before it was.
-    fn kill(&mut self) -> (Instant, Instant, Instant) {
+    /// `kill -9`: when it was sent, on both clocks, and when it was done.
+    fn kill(&mut self) -> (Instant, i64, Instant) {
         let (killed_from, killed_at) = (Instant::now(), unix_millis());
         self.process.take().expect("the server runs").kill();
-        let killed_by = Instant::now();
-        let query = "SELECT alive_at FROM meter_clock";
-        let alive_at: i64 = open_db(&self.db).query_row(query, [], |row| row.get(0)).unwrap();
-        let before = Duration::from_millis((killed_at - alive_at).max(0) as u64);
-        (killed_from, killed_by, killed_from - before)
+        (killed_from, killed_at, Instant::now())
     }
 
     fn server(&self) -> &Process {
@@ -432,11 +434,13 @@ fn check_sessions(db: &rusqlite::Connection, outcome: &Round, context: &str) {
     for seen in &outcome.sessions {
         check_ending(seen, outcome, context);
         let Some(id) = &seen.id else { continue };
-        let (reason, charged) = rows.remove(id).unwrap_or_else(|| panic!("{context}: no {id}"));
+        let row = rows.remove(id).unwrap_or_else(|| panic!("{context}: no {id}"));
+        let (reason, charged, from) = row;
         let reasons = ["server_restart", "usage_limit_exceeded"];
         assert!(reasons.contains(&reason.as_str()), "{context}: {id} ended with {reason}");
         let charged = charged as f64 / 1000.0;
-        let (most, least) = bounds(seen, &reason, outcome);
+        let from = from.map(|ms| instant_of(ms, outcome.killed_from, outcome.killed_at));
+        let (most, least) = bounds(seen, &reason, from, outcome);
         let seen_as = format!("{context}: {id} of {} charged {charged} s", seen.human);
         assert!(charged <= most, "{seen_as}, seen for at most {most} s: {seen:?}");
         assert!(charged >= least, "{seen_as}, less than {least} s: {reason}, {seen:?}");
@@ -446,12 +450,12 @@ fn check_sessions(db: &rusqlite::Connection, outcome: &Round, context: &str) {
 
 /// Sessions no client learnt of: no more of them than upgrades the kill
 /// cut short, none charged more than the longest of those lasted.
-fn check_cut_short(rows: HashMap<String, (String, i64)>, outcome: &Round, context: &str) {
+fn check_cut_short(rows: HashMap<String, SessionRow>, outcome: &Round, context: &str) {
     let unknown: Vec<&Seen> = outcome.sessions.iter().filter(|s| cut_short(s)).collect();
     assert!(rows.len() <= unknown.len(), "{context}: sessions no client asked for: {rows:?}");
     let Some(earliest) = unknown.iter().map(|seen| seen.asked).min() else { return };
     let most = (outcome.killed_by - earliest).as_secs_f64() + CLOCKS;
-    for (id, (_, charged)) in rows {
+    for (id, (_, charged, _)) in rows {
         let charged = charged as f64 / 1000.0;
         assert!(charged <= most, "{context}: {id} charged {charged} s, more than {most} s");
     }
@@ -472,18 +476,24 @@ fn check_ending(seen: &Seen, outcome: &Round, context: &str) {
 /// most the time from asking for it to its end as the client saw it. At
 /// least, for a session of a rich human that the restart ended, its time
 /// open up to the last tick committed before the kill: a kill loses no
-/// more than what came after that tick. (A poor human's sessions can run
-/// on a moment past the pool's end, when the machine is too busy to cut
-/// them off at once, and time past the end is never charged.)
-fn bounds(seen: &Seen, reason: &str, outcome: &Round) -> (f64, f64) {
+/// more than what came after that tick. Open means from when the client
+/// had the answer or the server started charging, whichever was later: the
+/// server starts a session's clock when its task sees the upgrade done,
+/// which on a busy machine came a quarter of a second after the client
+/// had the answer. (A poor human's sessions can run on a moment past the
+/// pool's end, when the machine is too busy to cut them off at once, and
+/// time past the end is never charged.)
+fn bounds(seen: &Seen, reason: &str, from: Option<Instant>, outcome: &Round) -> (f64, f64) {
     let opened = seen.opened.expect("a session with an id was opened");
     let most = (seen.ended.min(outcome.killed_by) - seen.asked).as_secs_f64();
     let rich = seen.human.starts_with("rich-");
-    let least = match reason {
-        "server_restart" if rich => outcome.last_tick.saturating_duration_since(opened),
+    let least = match (reason, from) {
+        ("server_restart", Some(from)) if rich => {
+            outcome.last_tick.saturating_duration_since(opened.max(from))
+        }
         _ => return (most + CLOCKS, 0.0),
     };
-    (most + CLOCKS, least.as_secs_f64() - START_LAG - CLOCKS)
+    (most + CLOCKS, least.as_secs_f64() - CLOCKS)
 }
 
 /// The client never learnt its session's id, though it was not refused.
@@ -522,14 +532,37 @@ fn open_sessions(db: &rusqlite::Connection) -> i64 {
     db.query_row(query, [], |row| row.get(0)).unwrap()
 }
 
-/// The round's sessions by public id: (end reason, charged milliseconds).
-fn sessions_after(db: &rusqlite::Connection, id: i64) -> HashMap<String, (String, i64)> {
-    db.prepare("SELECT public_id, end_reason, charged FROM sessions WHERE id > ?1")
-        .unwrap()
-        .query_map([id], |row| Ok((row.get(0)?, (row.get(1)?, row.get(2)?))))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+/// A session's end reason, what it was charged in milliseconds, and when
+/// the server started charging it, in Unix milliseconds: its first debit
+/// row runs from then to when it was last written, or when the restart
+/// wrote it from the session's start.
+type SessionRow = (String, i64, Option<i64>);
+
+/// The sessions after the one with id `id`, by public id.
+fn sessions_after(db: &rusqlite::Connection, id: i64) -> HashMap<String, SessionRow> {
+    db.prepare(
+        "SELECT public_id, end_reason, charged,
+                (SELECT updated_at + amount FROM ledger g WHERE g.session_id = s.id
+                 ORDER BY g.id LIMIT 1)
+         FROM sessions s WHERE id > ?1",
+    )
+    .unwrap()
+    .query_map([id], |row| Ok((row.get(0)?, (row.get(1)?, row.get(2)?, row.get(3)?))))
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+/// The last time the meter committed, in Unix milliseconds.
+fn meter_clock(db: &std::path::Path) -> i64 {
+    let query = "SELECT alive_at FROM meter_clock";
+    open_db(db).query_row(query, [], |row| row.get(0)).unwrap()
+}
+
+/// The instant of `unix_ms`, by the instant `at` that was `at_ms`.
+fn instant_of(unix_ms: i64, at: Instant, at_ms: i64) -> Instant {
+    let offset = Duration::from_millis((at_ms - unix_ms).unsigned_abs());
+    if unix_ms <= at_ms { at - offset } else { at + offset }
 }
 
 /// How many grants of conversation of each (human, amount) that is not
