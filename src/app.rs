@@ -68,7 +68,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     let listener = listener::bind(settings.listen)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let local_addr = listener.local_addr()?;
-    let (store, store_threads) = SqliteStore::open(&settings.db)?;
+    let max_db_bytes = settings.max_db_mb.map(|mb| mb * 1024 * 1024);
+    let (store, store_threads) = SqliteStore::open_capped(&settings.db, max_db_bytes)?;
     let store: Arc<dyn Store> = Arc::new(store);
     let abandoned = store.close_abandoned_sessions().await?;
     if abandoned > 0 {

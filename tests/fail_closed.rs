@@ -1,12 +1,19 @@
 //! When usage cannot be written the server fails closed: open sessions are
 //! cut with 1011, new ones are refused with 503, and once writing works
-//! again everything recorded late is still in the ledger.
+//! again everything recorded late is still in the ledger. Two faults are
+//! made here: a lock another process holds, and a database grown past the
+//! server's cap. A database that turns read-only under a running server is
+//! not tested: tests may run as root, whom file modes do not stop, and
+//! what does (a read-only remount, an immutable attribute) needs
+//! privileges and file systems a test cannot count on; SQLite's answer to
+//! it takes the same path in the store as the lock's.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use serde_json::json;
 use tokio::time::sleep;
 
 #[tokio::test]
@@ -51,4 +58,77 @@ async fn a_store_that_cannot_be_written_closes_sessions_and_refuses_new_ones_unt
     assert_eq!(reason.as_deref(), Some("internal"));
     assert!(closed.after > locked_at + 0.5, "closed before the busy timeout ran out");
     assert_near(charged as f64 / 1000.0, closed.after, 0.1);
+}
+
+/// The cap the full database is given, small enough to fill at once.
+const CAP_MB: u64 = 1;
+
+#[tokio::test]
+async fn a_full_database_closes_sessions_and_refuses_new_ones_and_mints_until_pages_are_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let args = ["--max-db-mb", &CAP_MB.to_string(), "--tick-ms", "50"];
+    let process = binary::spawn(&db, &args, "info");
+    let api = Api::new(process.base.trim_start_matches("http://"), process.api_key());
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut client = api.connect(&token).await;
+    let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
+    sleep(Duration::from_millis(300)).await;
+
+    // A connection of another process, without the cap, grows the file
+    // past it.
+    let filler = rusqlite::Connection::open(&db).unwrap();
+    let blob = CAP_MB * 1024 * 1024;
+    let fill =
+        format!("CREATE TABLE filler (b BLOB); INSERT INTO filler VALUES (zeroblob({blob}))");
+    filler.execute_batch(&fill).unwrap();
+
+    let closed = client.until_closed().await;
+    assert_eq!((closed.code, closed.reason.as_str()), (Some(1011), "internal"));
+    assert_refused_while_full(&api, &token).await;
+    let logged = process.stderr().join("\n");
+    assert!(logged.contains("cannot record usage"), "{logged}");
+    assert!(logged.contains("the database is full"), "{logged}");
+
+    filler.execute_batch("DELETE FROM filler").unwrap();
+    wait_until_healthy(&api).await;
+    let mut again = api.connect(&token).await;
+    assert_eq!(again.next_event().await["type"], "usage.session_started");
+    assert_eq!(api.post("/v1/usage/token", json!({ "human": "bob" })).await.0, 200);
+
+    // Everything before the fault is kept, and the session was charged
+    // for all the time it ran, though that was written only once there
+    // was room.
+    let db = open_db(&db);
+    assert_ledger_identity(&db);
+    let (reason, charged) = session_row(&db, &session_id);
+    assert_eq!(reason.as_deref(), Some("internal"));
+    assert_near(charged as f64 / 1000.0, closed.after, 0.1);
+    let left_after_it = 30.0 - charged as f64 / 1000.0;
+    assert!(api.remaining("ada", "conversational_seconds").await <= left_after_it);
+}
+
+/// While the database is full: sessions refused with 503, mints with 503
+/// `unavailable`, and `/healthz` says why.
+async fn assert_refused_while_full(api: &Api, token: &str) {
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    let (status, body) = api.refused(&path).await;
+    assert_eq!((status.as_u16(), body["type"].as_str()), (503, Some("unavailable")), "{body}");
+    let (status, body) = api.post("/v1/usage/token", json!({ "human": "bob" })).await;
+    assert_eq!((status.as_u16(), body["type"].as_str()), (503, Some("unavailable")), "{body}");
+    let health = api.http.get(api.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("the database is full"), "{body}");
+}
+
+/// Waits until `/healthz` answers 200, for at most five seconds.
+async fn wait_until_healthy(api: &Api) {
+    for _ in 0..100 {
+        if api.http.get(api.url("/healthz")).send().await.unwrap().status() == 200 {
+            return;
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the server did not recover once pages were freed");
 }

@@ -28,6 +28,7 @@ pub struct FileSettings {
     pub max_auth_failures_per_minute: Option<u32>,
     pub max_connections: Option<u32>,
     pub header_timeout_seconds: Option<f64>,
+    pub max_db_mb: Option<u64>,
     #[serde(default)]
     pub upstream: FileUpstreams,
     #[serde(default)]

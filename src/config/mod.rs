@@ -43,6 +43,10 @@ const DEFAULT_HEADER_TIMEOUT_SECONDS: f64 = 10.0;
 /// The largest cap on connections that may be set: far more than one
 /// process can hold open files for.
 const MAX_MAX_CONNECTIONS: u32 = 1 << 24;
+/// The largest database cap accepted, 16 TiB: SQLite's own limit for a
+/// database of its default 4 KiB pages, which a larger cap would never
+/// reach.
+const MAX_DB_MB: u64 = 16 * 1024 * 1024;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -218,6 +222,10 @@ pub struct ServeArgs {
     /// it connects or its previous answer is sent [default: 10].
     #[arg(long, env = "TOLLGATE_HEADER_TIMEOUT_SECONDS")]
     pub header_timeout_seconds: Option<f64>,
+    /// Largest the database may grow, in megabytes; at the cap usage cannot
+    /// be recorded, so sessions are closed and refused [default: no cap].
+    #[arg(long, env = "TOLLGATE_MAX_DB_MB")]
+    pub max_db_mb: Option<u64>,
 
     /// A PEM file of CA certificates trusted for upstream TLS besides the
     /// system's.
@@ -263,6 +271,8 @@ pub struct Settings {
     /// when the server starts.
     pub max_connections: Option<u32>,
     pub header_timeout: Duration,
+    /// The database's cap, in megabytes; `None` for none.
+    pub max_db_mb: Option<u64>,
     pub upstreams: Upstreams,
     pub upstream_ca_file: Option<PathBuf>,
     pub llm: LlmSettings,
@@ -319,6 +329,7 @@ impl Settings {
             auth_failures: AuthFailureLimit::per_minute(DEFAULT_MAX_AUTH_FAILURES_PER_MINUTE),
             max_connections: None,
             header_timeout: Duration::from_secs_f64(DEFAULT_HEADER_TIMEOUT_SECONDS),
+            max_db_mb: None,
             upstreams: Upstreams::default(),
             upstream_ca_file: None,
             llm: LlmSettings::default(),
@@ -360,6 +371,10 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
         args.max_message_bytes.or(file.max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
     if !(1024..=64 * 1024 * 1024).contains(&max_message_bytes) {
         return Err("max_message_bytes (--max-message-bytes) must be from 1 KiB to 64 MiB".into());
+    }
+    let max_db_mb = args.max_db_mb.or(file.max_db_mb);
+    if max_db_mb.is_some_and(|mb| !(1..=MAX_DB_MB).contains(&mb)) {
+        return Err(format!("max_db_mb (--max-db-mb) must be from 1 to {MAX_DB_MB}"));
     }
     let origins = args.allowed_origins.or(file.allowed_origins).unwrap_or_default();
     let max_auth_failures = args
@@ -416,6 +431,7 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
             0.05,
             3600.0,
         )?,
+        max_db_mb,
         upstreams: Upstreams {
             conversational: upstream::check("conversational", file.upstream.conversational)?,
             voice_synthesis: upstream::check("voice_synthesis", file.upstream.voice_synthesis)?,
@@ -528,6 +544,8 @@ mod tests {
         assert!(error.contains("--max-connections"), "{error}");
         let error = load(&[], "header_timeout_seconds = 0").unwrap_err();
         assert!(error.contains("header_timeout_seconds"), "{error}");
+        let error = load(&["--max-db-mb", "0"], "").unwrap_err();
+        assert!(error.contains("--max-db-mb"), "{error}");
     }
 
     #[test]
@@ -542,6 +560,13 @@ mod tests {
         assert_eq!(settings.auth_failures.max, 0);
         assert_eq!(settings.max_connections, Some(500));
         assert_eq!(settings.header_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn the_database_has_no_cap_unless_one_is_given() {
+        assert_eq!(load(&[], "").unwrap().max_db_mb, None);
+        assert_eq!(load(&[], "max_db_mb = 512").unwrap().max_db_mb, Some(512));
+        assert_eq!(load(&["--max-db-mb", "64"], "max_db_mb = 512").unwrap().max_db_mb, Some(64));
     }
 
     #[test]

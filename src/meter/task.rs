@@ -22,8 +22,8 @@ use crate::clock;
 use crate::close::EndReason;
 use crate::limits::LimitType;
 use crate::store::{
-    Charge, HumanId, PoolState, SessionEnd, SessionKey, Store, StoreError, StoreResult, UsageBatch,
-    UsageRecorded,
+    Charge, HumanId, PoolState, SessionEnd, SessionKey, Store, StoreError, StoreResult, UnixMillis,
+    UsageBatch, UsageRecorded,
 };
 
 /// How long the close of a session the meter has ended may wait for the
@@ -474,14 +474,18 @@ impl Meter {
     /// As [`Meter::commit`]; with `always`, the transaction goes to the
     /// store even with nothing in it but the meter's clock.
     async fn commit_with(&mut self, keys: Vec<SessionKey>, always: bool) -> bool {
-        let (batch, charged) = self.batch(keys, Instant::now());
+        // The wall-clock time the store records with the charges is read
+        // with the instant they run to, so that the two say the same moment
+        // (what a crash leaves is charged from the one to the other).
+        let (now, wall) = (Instant::now(), clock::now_millis());
+        let (batch, charged) = self.batch(keys, now);
         let ending = std::mem::take(&mut self.ending);
         let batch = with_endings(batch, &ending);
         if batch.charges.is_empty() && batch.ends.is_empty() && !always {
             return true;
         }
         self.in_flight = ending.iter().filter_map(|end| end.charge).collect();
-        let (result, dry) = self.record(batch, &ending).await;
+        let (result, dry) = self.record(batch, wall, &ending).await;
         self.in_flight.clear();
         ending.iter().for_each(Ending::close_session);
         match result {
@@ -521,10 +525,11 @@ impl Meter {
     async fn record(
         &mut self,
         batch: UsageBatch,
+        wall: UnixMillis,
         ending: &[Ending],
     ) -> (StoreResult<UsageRecorded>, Dry) {
         let store = self.store.clone();
-        let recording = store.record_usage(batch, clock::now_millis());
+        let recording = store.record_usage(batch, wall);
         tokio::pin!(recording);
         let close_anyway = tokio::time::sleep(CLOSE_WAIT);
         tokio::pin!(close_anyway);

@@ -492,10 +492,14 @@ pub struct SessionRow {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database is locked, read-only, full or gone: writes may work
-    /// again later.
+    /// The database is locked, read-only or gone: writes may work again
+    /// later.
     #[error("the store cannot be written: {0}")]
     Unavailable(String),
+    /// The database has reached its cap (`--max-db-mb`) or its disk is
+    /// full: writes work again once pages or disk space are freed.
+    #[error("the database is full")]
+    Full,
     /// A change would take a limit above [`crate::limits::MAX_LIMIT_VALUE`].
     #[error("{} would exceed the largest allowed value", .0.as_str())]
     LimitOverflow(LimitType),
@@ -512,7 +516,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Answers when the store can be read.
+    /// Answers when the store can be read and has room to be written.
     async fn ping(&self) -> StoreResult<()>;
 
     /// Creates the project if it does not exist and adds an API key to it.

@@ -1,9 +1,10 @@
-//! The SQLite backend: one connection owned by one writer thread, fed by a
-//! bounded channel of jobs, so that SQLite never blocks the async runtime
-//! and every transaction is serialised without locks of our own; lookups
-//! go to a second, read-only connection on a thread of its own, and the
-//! write-ahead log is copied back by a third. Pragmas and the schema are
-//! applied here when the database is opened.
+//! The SQLite backend: one connection owned by one writer thread, fed by
+//! bounded channels of jobs, so that SQLite never blocks the async runtime
+//! and every transaction is serialised without locks of our own; the
+//! meter's commits have a channel of their own that the writer empties
+//! first. Lookups go to a second, read-only connection on a thread of its
+//! own, and the write-ahead log is copied back by a third. Pragmas and the
+//! schema are applied here when the database is opened.
 
 mod accounts;
 mod checkpoint;
@@ -11,6 +12,7 @@ mod completions;
 mod listings;
 mod outbox;
 mod reports;
+mod room;
 mod usage;
 mod webhooks;
 
@@ -68,6 +70,7 @@ type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 /// remembers between ticks, and what each project's webhook wants.
 pub(crate) struct Writer {
     conn: Connection,
+    cap: Option<room::Cap>,
     segments: HashMap<i64, usage::Segment>,
     hooks: outbox::Hooks,
 }
@@ -76,10 +79,15 @@ pub(crate) struct Writer {
 #[derive(Clone)]
 pub struct SqliteStore {
     writes_tx: mpsc::Sender<Job<Writer>>,
+    /// The meter's commits, taken before any other write: behind a burst
+    /// of admissions or mints a tick's commit waited hundreds of
+    /// milliseconds, and what a `kill -9` loses grows by what it waits.
+    meter_tx: mpsc::Sender<Job<Writer>>,
     /// Lookups run on a read-only connection of their own, so that a flood
     /// of them (every well-formed credential costs one) never queues ahead
     /// of the meter's writes.
     reads_tx: mpsc::Sender<Job<Connection>>,
+    cap: Option<room::Cap>,
     _checkpoints: checkpoint::Running,
 }
 
@@ -101,6 +109,15 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, applies the
     /// schema to an empty one, and starts the writer and reader threads.
     pub fn open(path: &Path) -> anyhow::Result<(SqliteStore, StoreThreads)> {
+        SqliteStore::open_capped(path, None)
+    }
+
+    /// As [`SqliteStore::open`], with the database capped at `max_bytes`
+    /// (see [`room`]).
+    pub fn open_capped(
+        path: &Path,
+        max_bytes: Option<u64>,
+    ) -> anyhow::Result<(SqliteStore, StoreThreads)> {
         let cannot_open = || format!("cannot open the database {}", path.display());
         let mut conn = Connection::open(path).with_context(cannot_open)?;
         configure(&conn).context("cannot configure the database")?;
@@ -108,14 +125,21 @@ impl SqliteStore {
         let reader = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(cannot_open)?;
         reader.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
+        // Both connections get the cap, the reader too, though it never
+        // writes: no connection of ours can grow the file. (The checkpoint
+        // thread's only copies in pages the writer's transactions made.)
+        let cap = max_bytes.map(|bytes| room::Cap::apply(&conn, bytes)).transpose()?;
+        max_bytes.map(|bytes| room::Cap::apply(&reader, bytes)).transpose()?;
 
         let hooks = outbox::Hooks::load(&conn).context("cannot read the webhooks")?;
-        let writer = Writer { conn, segments: HashMap::new(), hooks };
-        let (writes_tx, write_thread) = spawn_thread("tollgate-store-writer", writer)?;
+        let writer = Writer { conn, cap, segments: HashMap::new(), hooks };
+        let (meter_tx, meter_rx) = mpsc::channel(JOB_QUEUE);
+        let (writes_tx, writes_rx) = mpsc::channel(JOB_QUEUE);
+        let write_thread = spawn_writer(writer, meter_rx, writes_rx)?;
         let (reads_tx, read_thread) = spawn_thread("tollgate-store-reader", reader)?;
         let (_checkpoints, checkpoint_thread) = checkpoint::spawn(path)?;
         let threads = StoreThreads(vec![write_thread, read_thread, checkpoint_thread]);
-        Ok((SqliteStore { writes_tx, reads_tx, _checkpoints }, threads))
+        Ok((SqliteStore { writes_tx, meter_tx, reads_tx, cap, _checkpoints }, threads))
     }
 
     /// Runs `f` on the writer thread and waits for its answer.
@@ -124,7 +148,16 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static,
     {
-        run_on(&self.writes_tx, "writer", f).await
+        run_on(&self.writes_tx, "writer", with_room(f)).await
+    }
+
+    /// As [`SqliteStore::write`], ahead of every other write.
+    async fn write_first<R, F>(&self, f: F) -> StoreResult<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static,
+    {
+        run_on(&self.meter_tx, "meter", with_room(f)).await
     }
 
     /// Runs `f` on the reader thread and waits for its answer.
@@ -153,6 +186,48 @@ fn spawn_thread<S: Send + 'static>(
         })
         .with_context(|| format!("cannot start the thread {name}"))?;
     Ok((jobs_tx, handle))
+}
+
+/// `f`, once the database is seen to have room for what it writes.
+fn with_room<R, F>(f: F) -> impl FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static
+where
+    F: FnOnce(&mut Writer) -> StoreResult<R> + Send + 'static,
+{
+    move |w: &mut Writer| {
+        room::check(w.cap, &w.conn)?;
+        f(w)
+    }
+}
+
+/// The writer thread: runs the meter's jobs as soon as one is waiting and
+/// the other writes in between, until every sender of both is gone.
+fn spawn_writer(
+    mut writer: Writer,
+    mut meter_rx: mpsc::Receiver<Job<Writer>>,
+    mut writes_rx: mpsc::Receiver<Job<Writer>>,
+) -> anyhow::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("tollgate-store-writer".into())
+        .spawn(move || {
+            let mut next = || futures::executor::block_on(next_job(&mut meter_rx, &mut writes_rx));
+            while let Some(job) = next() {
+                job(&mut writer);
+            }
+        })
+        .context("cannot start the thread tollgate-store-writer")
+}
+
+/// The meter's next job if one is waiting, else the next other write.
+async fn next_job<S>(
+    first_rx: &mut mpsc::Receiver<Job<S>>,
+    then_rx: &mut mpsc::Receiver<Job<S>>,
+) -> Option<Job<S>> {
+    tokio::select! {
+        biased;
+        Some(job) = first_rx.recv() => Some(job),
+        Some(job) = then_rx.recv() => Some(job),
+        else => None,
+    }
 }
 
 /// Sends `f` to a thread's queue, waiting for room, then for its answer.
@@ -249,10 +324,10 @@ impl From<rusqlite::Error> for StoreError {
                 ErrorCode::DatabaseBusy
                 | ErrorCode::DatabaseLocked
                 | ErrorCode::ReadOnly
-                | ErrorCode::DiskFull
                 | ErrorCode::CannotOpen
                 | ErrorCode::SystemIoFailure,
             ) => StoreError::Unavailable(error.to_string()),
+            Some(ErrorCode::DiskFull) => StoreError::Full,
             _ => StoreError::Other(error.to_string()),
         }
     }
@@ -261,7 +336,12 @@ impl From<rusqlite::Error> for StoreError {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
-        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
+        let cap = self.cap;
+        self.read(move |conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            room::check(cap, conn)
+        })
+        .await
     }
 
     async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()> {
@@ -362,7 +442,7 @@ impl Store for SqliteStore {
     }
 
     async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {
-        self.write(move |w| usage::record(w, batch, now)).await
+        self.write_first(move |w| usage::record(w, batch, now)).await
     }
 
     async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
