@@ -52,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
 async fn open_sessions(store: &SqliteStore, n: usize) -> anyhow::Result<Vec<Charge>> {
     let key = Secret::generate(SecretKind::ApiKey);
     store.add_api_key("bench", key.hash()).await?;
-    let project = store.find_api_key(key.hash()).await?.expect("just added");
+    let project = store.find_api_key(key.hash()).await?.expect("just added").project;
     let now = tollgate::clock::now_millis();
     let mut charges = Vec::with_capacity(n);
     for i in 0..n {

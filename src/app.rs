@@ -257,6 +257,8 @@ pub async fn revoke_api_key(db: &Path, key: &str) -> anyhow::Result<()> {
     let Some(hash) = crate::secret::parse(key.trim(), SecretKind::ApiKey) else {
         anyhow::bail!("--api-key: not an API key (tgk_ and 47 characters, checksum included)");
     };
+    // Opening the store would create a database that is not there.
+    anyhow::ensure!(db.exists(), "--db: there is no database at {}", db.display());
     let (store, store_threads) = SqliteStore::open(db)?;
     let revoked = store.revoke_api_key(hash).await;
     drop(store);

@@ -125,7 +125,10 @@ pub async fn serve(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refuse(stream, &refusals, &connections);
+            // A TLS client would read a plain answer as a broken handshake:
+            // it is closed without one.
+            let refusals = if settings.tls.is_some() { None } else { Some(&refusals) };
+            refuse(stream, refusals, &connections);
             continue;
         };
         let held = Held::new(stream, slot);
@@ -190,12 +193,12 @@ async fn serve_http<S>(
 }
 
 /// Turns away a connection over the cap: answered with a 503 without its
-/// request being read, while few are being answered, and closed at once
-/// otherwise.
-fn refuse(stream: TcpStream, refusals: &Arc<Semaphore>, connections: &TaskTracker) {
+/// request being read, while few are being answered (`refusals`), and
+/// closed at once otherwise or with no `refusals` to answer with.
+fn refuse(stream: TcpStream, refusals: Option<&Arc<Semaphore>>, connections: &TaskTracker) {
     metrics::counter!(CONNECTIONS_REFUSED).increment(1);
     debug!("refused a connection: the server holds as many as it may");
-    let Ok(answering) = refusals.clone().try_acquire_owned() else {
+    let Some(Ok(answering)) = refusals.map(|r| r.clone().try_acquire_owned()) else {
         return;
     };
     connections.spawn(async move {

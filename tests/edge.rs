@@ -327,3 +327,22 @@ async fn a_kept_alive_connection_idle_after_its_answer_is_closed_after_the_timeo
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(answered.elapsed() >= HEADER_TIMEOUT, "closed after {:?}", answered.elapsed());
 }
+
+#[tokio::test]
+async fn a_revoked_api_key_is_refused_without_counting_against_its_address() {
+    let server = TestServer::start().await;
+    let new_key = tollgate::create_api_key(&server.db_path, "default").await.unwrap();
+    tollgate::revoke_api_key(&server.db_path, &server.key).await.unwrap();
+    let backend = client_from("127.0.0.1");
+    let mint = |key: &str| {
+        let request = backend.post(server.url("/v1/usage/token")).header("x-api-key", key);
+        request.json(&json!({ "human": "ada" })).send()
+    };
+
+    // A backend still sending the old key, many more times than the limit.
+    for _ in 0..30 {
+        let response = mint(&server.key).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(mint(new_key.expose()).await.unwrap().status(), StatusCode::OK);
+}

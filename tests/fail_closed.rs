@@ -132,3 +132,35 @@ async fn wait_until_healthy(api: &Api) {
     }
     panic!("the server did not recover once pages were freed");
 }
+
+#[tokio::test]
+async fn a_server_killed_while_its_database_is_full_starts_again_and_closes_what_was_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let args = ["--max-db-mb", &CAP_MB.to_string(), "--tick-ms", "50"];
+    let process = binary::spawn(&db, &args, "info");
+    let api = Api::new(process.base.trim_start_matches("http://"), process.api_key());
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut client = api.connect(&token).await;
+    let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
+    sleep(Duration::from_millis(300)).await;
+
+    let filler = rusqlite::Connection::open(&db).unwrap();
+    let blob = CAP_MB * 1024 * 1024;
+    let fill =
+        format!("CREATE TABLE filler (b BLOB); INSERT INTO filler VALUES (zeroblob({blob}))");
+    filler.execute_batch(&fill).unwrap();
+    let closed = client.until_closed().await;
+    assert_eq!(closed.code, Some(1011));
+
+    // Killed before the session's end could be written, and started again
+    // on the database while it is still past its cap.
+    process.kill();
+    let restarted = binary::spawn(&db, &args, "info");
+    let logged = restarted.stderr().join("\n");
+    assert!(logged.contains("left open sessions=1"), "{logged}");
+    let (reason, charged) = session_row(&open_db(&db), &session_id);
+    assert_eq!(reason.as_deref(), Some("server_restart"));
+    assert!(charged > 0 && charged as f64 / 1000.0 <= closed.after + 0.05, "{charged} ms");
+    assert_ledger_identity(&open_db(&db));
+}

@@ -139,6 +139,13 @@ async fn keys_revoke_shuts_a_key_out_of_a_running_server_at_once() {
     }
     let other_api = api_of(&server, other.trim());
     assert_eq!(other_api.post("/v1/usage/token", json!({ "human": "ada" })).await.0, 200);
+
+    // A mistyped database is not created.
+    let typo = dir.path().join("typo.db");
+    let env = [("TOLLGATE_API_KEY", other.trim())];
+    let (status, _, stderr) = binary::run_binary_with_env(&["keys", "revoke"], &typo, &env);
+    assert!(!status.success() && stderr.contains("no database"), "{stderr}");
+    assert!(!typo.exists(), "keys revoke created a database");
 }
 
 #[tokio::test]

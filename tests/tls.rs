@@ -7,6 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use http_body_util::{BodyExt, Full};
@@ -183,4 +184,26 @@ async fn start_error(dir: &Path, tls: TlsFiles) -> String {
     let error = tollgate::start(settings).await.err().expect("start-up was refused");
     assert!(!dir.join("t.db").exists(), "the database was created before the files were read");
     format!("{error:#}")
+}
+
+#[tokio::test]
+async fn a_connection_over_the_cap_on_a_tls_port_is_closed_without_a_plain_answer() {
+    use tokio::io::AsyncReadExt;
+
+    let certificates = Certificates::new();
+    let files = certificates.files();
+    let server = TestServer::start_with(|settings| {
+        settings.tls = Some(files);
+        settings.max_connections = Some(1);
+    })
+    .await;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tcp = TcpStream::connect(addr_of(&server)).await.unwrap();
+    let _held = TlsConnector::from(certificates.client()).connect(name, tcp).await.unwrap();
+
+    let mut over = TcpStream::connect(addr_of(&server)).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), over.read_to_end(&mut answer));
+    let _ = read.await.expect("the connection over the cap is closed");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
 }

@@ -99,14 +99,19 @@ pub async fn human(
     usage_token(state, peer, token).await.map(HumanCredential::Token)
 }
 
-/// The project of an API key; an unknown or malformed one is a failure of
-/// the caller's address.
+/// The project of a live API key. An unknown or malformed one is a failure
+/// of the caller's address; a revoked one is refused too, but not counted,
+/// as a revoked usage token is not: a backend still sending the key it is
+/// being moved off must not lock its address out for its new key as well.
 async fn api_key(state: &AppState, peer: Peer, presented: &str) -> Result<ProjectId, ApiError> {
     let found = match secret::parse(presented, SecretKind::ApiKey) {
         Some(hash) => state.store.find_api_key(hash).await?,
         None => None,
     };
-    found.ok_or_else(|| failed(state, peer))
+    match found.ok_or_else(|| failed(state, peer))? {
+        key if key.revoked => Err(ApiError::Unauthorized),
+        key => Ok(key.project),
+    }
 }
 
 /// A live usage token. An unknown or malformed one is a failure of the

@@ -16,6 +16,12 @@
 //! count: otherwise a caller holding one good credential could interleave
 //! it with guesses for ever.
 //!
+//! A request is checked before its credential is looked up and counted
+//! after, so requests from one address that are in flight at the same
+//! moment all pass the check: an address can make as many failures beyond
+//! the limit as it has requests in flight at once (bounded by the cap on
+//! connections), once per window.
+//!
 //! The address is the TCP peer's. Behind a proxy every client has the
 //! proxy's address, so the limit counts all of them together, and a few
 //! clients with bad credentials lock every client out for the rest of the

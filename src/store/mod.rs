@@ -39,6 +39,13 @@ pub struct Human {
     pub revocation_epoch: i64,
 }
 
+/// An API key found by its hash.
+#[derive(Clone, Copy, Debug)]
+pub struct ApiKeyRecord {
+    pub project: ProjectId,
+    pub revoked: bool,
+}
+
 /// A usage token found by its hash.
 #[derive(Clone, Debug)]
 pub struct UsageTokenRecord {
@@ -527,7 +534,7 @@ pub trait Store: Send + Sync + 'static {
 
     async fn has_projects(&self) -> StoreResult<bool>;
 
-    async fn find_api_key(&self, key: SecretHash) -> StoreResult<Option<ProjectId>>;
+    async fn find_api_key(&self, key: SecretHash) -> StoreResult<Option<ApiKeyRecord>>;
 
     async fn find_usage_token(&self, token: SecretHash) -> StoreResult<Option<UsageTokenRecord>>;
 

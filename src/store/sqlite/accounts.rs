@@ -7,7 +7,8 @@ use super::outbox::{self, Hooks};
 use crate::limits::{ChangeMode, Limit, LimitType, SessionKind};
 use crate::secret::SecretHash;
 use crate::store::{
-    Human, HumanId, MintRequest, ProjectId, StoreError, StoreResult, UnixMillis, UsageTokenRecord,
+    ApiKeyRecord, Human, HumanId, MintRequest, ProjectId, StoreError, StoreResult, UnixMillis,
+    UsageTokenRecord,
 };
 use crate::webhooks::events::Event;
 
@@ -40,14 +41,16 @@ pub fn has_projects(conn: &Connection) -> StoreResult<bool> {
     Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM projects)", [], |row| row.get(0))?)
 }
 
-pub fn find_api_key(conn: &Connection, key: SecretHash) -> StoreResult<Option<ProjectId>> {
+pub fn find_api_key(conn: &Connection, key: SecretHash) -> StoreResult<Option<ApiKeyRecord>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT project_id, key_hash FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
+        "SELECT project_id, key_hash, revoked_at IS NOT NULL FROM api_keys WHERE key_hash = ?1",
     )?;
-    let found = stmt
-        .query_row([key.0.as_slice()], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)))
-        .optional()?;
-    Ok(found.filter(|(_, hash)| key.matches(hash)).map(|(id, _)| ProjectId(id)))
+    let row = |row: &rusqlite::Row| {
+        Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?, row.get::<_, bool>(2)?))
+    };
+    let found = stmt.query_row([key.0.as_slice()], row).optional()?;
+    let found = found.filter(|(_, hash, _)| key.matches(hash));
+    Ok(found.map(|(id, _, revoked)| ApiKeyRecord { project: ProjectId(id), revoked }))
 }
 
 pub fn find_usage_token(
