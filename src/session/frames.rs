@@ -140,3 +140,38 @@ pub fn upstream_close(
     let client_left = matches!(reason, EndReason::ClientClosed | EndReason::ClientDisconnected);
     (Some(frame), if client_left { Backlog::Send } else { Backlog::Drop })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_that_closed_is_owed_nothing_and_the_client_hears_its_code() {
+        let close = UpstreamMessage::Close(Some(UpstreamCloseFrame {
+            code: CloseCode::Library(4321),
+            reason: "done".into(),
+        }));
+        let Verdict::End(part) = from_upstream(Some(Ok(close))) else {
+            panic!("the upstream's close did not end the session");
+        };
+        assert_eq!(part, UpstreamPart::Closed(4321));
+        let (frame, _) = upstream_close(EndReason::UpstreamClosed, part);
+        assert!(frame.is_none(), "{frame:?}");
+        let Some(Message::Close(Some(frame))) = client_close(EndReason::UpstreamClosed, part)
+        else {
+            panic!("the client got no close frame");
+        };
+        assert_eq!((frame.code, frame.reason.as_str()), (4006, "upstream_closed 4321"));
+    }
+
+    #[test]
+    fn a_client_that_left_lets_its_last_frames_reach_the_upstream_first() {
+        let (frame, backlog) = upstream_close(EndReason::ClientClosed, UpstreamPart::None);
+        assert_eq!(backlog, Backlog::Send);
+        let Some(UpstreamMessage::Close(Some(frame))) = frame else {
+            panic!("the upstream got no close frame");
+        };
+        assert_eq!(frame.code, CloseCode::Normal);
+        assert!(client_close(EndReason::ClientClosed, UpstreamPart::None).is_none());
+    }
+}
