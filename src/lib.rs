@@ -31,5 +31,26 @@ pub mod tls;
 pub mod upstream;
 pub mod webhooks;
 
+/// What the fuzz targets in `fuzz/` drive: the checks that turn request
+/// bodies into typed values, and the session's decisions about frames. The
+/// targets are a crate of their own, which sees only what is public, and
+/// these are private to their modules. Not part of Tollgate's interface.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::api::extract::{MAX_HUMAN_BYTES, parse_json};
+    pub use crate::api::reports::ReportBody;
+    pub use crate::api::tokens::{ChangeLimits, CreateToken, HumanOnly, UpdateTtl};
+    pub use crate::api::webhooks::{SetWebhook, grace_millis};
+    pub use crate::llm::request::ChatRequest;
+    pub use crate::session::frames::*;
+
+    use crate::secret::{Secret, SecretKind};
+
+    /// The secret of the given kind whose random body is `random`.
+    pub fn secret_from(kind: SecretKind, random: [u8; 32]) -> Secret {
+        Secret::from_random(kind, random)
+    }
+}
+
 pub use app::{DEFAULT_PROJECT, RunningServer, create_api_key, revoke_api_key, start};
 pub use webhooks::signature::verify;

@@ -55,6 +55,11 @@ impl Secret {
     pub fn generate(kind: SecretKind) -> Secret {
         let mut random = [0u8; RANDOM_BYTES];
         rand::fill(&mut random[..]);
+        Secret::from_random(kind, random)
+    }
+
+    /// The secret of the given kind with this body.
+    pub(crate) fn from_random(kind: SecretKind, random: [u8; RANDOM_BYTES]) -> Secret {
         let mut text = String::from(kind.prefix());
         URL_SAFE_NO_PAD.encode_string(random, &mut text);
         let check = check_of(&text);

@@ -64,11 +64,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-        // The path is `.` at the top level and holds a `?` where the parser
-        // gave up before it knew the field (truncated JSON, say).
+        // The path is `.` at the top level, empty for a field named by the
+        // empty string, and holds a `?` where the parser gave up before it
+        // knew the field (truncated JSON, say).
         let path = error.path().to_string();
-        let field =
-            if path == "." || path.contains('?') { "request body".to_owned() } else { path };
+        let unnamed = path == "." || path.is_empty() || path.contains('?');
+        let field = if unnamed { "request body".to_owned() } else { path };
         ApiError::InvalidInput(format!("{field}: {}", error.into_inner()))
     })?;
     deserializer.end().map_err(|error| ApiError::InvalidInput(format!("request body: {error}")))?;
@@ -246,6 +247,23 @@ mod tests {
         assert!(truncated.starts_with("request body: EOF"), "{truncated}");
         assert!(error_of(r#"{"human": "a", "limits": []} x"#).starts_with("request body:"));
         assert!(error_of("").starts_with("request body:"));
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Strict {
+        human: String,
+    }
+
+    #[test]
+    fn a_field_named_by_the_empty_string_is_refused_as_the_body_s_fault() {
+        let Err(ApiError::InvalidInput(message)) =
+            parse_json::<Strict>(br#"{""usage.limit_low"800}"#)
+        else {
+            panic!("the empty field name was not refused as invalid_input");
+        };
+        assert!(message.starts_with("request body: unknown field ``"), "{message}");
     }
 
     fn query_error(query: &str) -> String {

@@ -5,13 +5,13 @@ mod auth;
 mod auth_failures;
 mod completions;
 pub mod error;
-mod extract;
+pub(crate) mod extract;
 mod health;
 mod listings;
 mod realtime;
-mod reports;
-mod tokens;
-mod webhooks;
+pub(crate) mod reports;
+pub(crate) mod tokens;
+pub(crate) mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -15,7 +15,7 @@ use super::extract::{self, JsonBody};
 use super::tokens::settled;
 use crate::clock;
 use crate::limits::LimitType;
-use crate::store::{NewReport, Report, ReportOutcome};
+use crate::store::{NewReport, ProjectId, Report, ReportOutcome, UnixMillis};
 
 /// Longest idempotency key accepted, in bytes: room for a UUID with a
 /// prefix, or a hash, and more.
@@ -39,6 +39,21 @@ pub struct ReportBody {
     metadata: Option<Value>,
 }
 
+impl ReportBody {
+    /// The report the body asks for, checked.
+    pub fn check(self, project: ProjectId, now: UnixMillis) -> Result<NewReport, ApiError> {
+        Ok(NewReport {
+            project,
+            human: extract::human(self.human, "human")?,
+            limit_type: self.limit_type,
+            amount: amount(self.limit_type, self.value)?,
+            idempotency_key: idempotency_key(self.idempotency_key)?,
+            metadata: metadata(self.metadata)?,
+            now,
+        })
+    }
+}
+
 #[derive(Serialize)]
 struct ReportView {
     id: i64,
@@ -60,17 +75,8 @@ pub async fn report(
     Backend(project): Backend,
     JsonBody(body): JsonBody<ReportBody>,
 ) -> Result<Response, ApiError> {
-    let human = extract::human(body.human, "human")?;
-    let amount = amount(body.limit_type, body.value)?;
-    let report = NewReport {
-        project,
-        human: human.clone(),
-        limit_type: body.limit_type,
-        amount,
-        idempotency_key: idempotency_key(body.idempotency_key)?,
-        metadata: metadata(body.metadata)?,
-        now: clock::now_millis(),
-    };
+    let report = body.check(project, clock::now_millis())?;
+    let human = report.human.clone();
     // A report of seconds reaches the human's open sessions at once, as a
     // change of limits does.
     let outcome = settled(&state, project, &human, state.store.report_usage(report)).await?;

@@ -27,6 +27,27 @@ pub struct CreateToken {
     limits: Option<Vec<LimitInput>>,
 }
 
+/// A mint request, checked.
+#[derive(Debug)]
+pub struct Mint {
+    pub human: String,
+    pub ttl_millis: i64,
+    pub limits: Option<Vec<Limit>>,
+}
+
+impl CreateToken {
+    /// Checks the body against the server's longest token lifetime.
+    pub fn check(self, max_ttl_seconds: f64) -> Result<Mint, ApiError> {
+        let human = extract::human(self.human, "human")?;
+        let ttl_seconds = self.ttl_seconds.unwrap_or(DEFAULT_TTL_SECONDS.min(max_ttl_seconds));
+        Ok(Mint {
+            human,
+            ttl_millis: extract::ttl_millis(ttl_seconds, max_ttl_seconds)?,
+            limits: self.limits.map(extract::limits).transpose()?,
+        })
+    }
+}
+
 #[derive(Serialize)]
 pub struct CreatedToken {
     token: String,
@@ -42,11 +63,7 @@ pub async fn create(
     Backend(project): Backend,
     JsonBody(body): JsonBody<CreateToken>,
 ) -> Result<Json<CreatedToken>, ApiError> {
-    let human = extract::human(body.human, "human")?;
-    let ttl_seconds = body.ttl_seconds.unwrap_or(DEFAULT_TTL_SECONDS.min(max_ttl(&state)));
-    let ttl = extract::ttl_millis(ttl_seconds, max_ttl(&state))?;
-    let limits = body.limits.map(extract::limits).transpose()?;
-
+    let Mint { human, ttl_millis: ttl, limits } = body.check(max_ttl(&state))?;
     let token = Secret::generate(SecretKind::UsageToken);
     let now = clock::now_millis();
     let request = MintRequest {
@@ -104,19 +121,33 @@ pub struct ChangeLimits {
     mode: ChangeMode,
 }
 
+/// A change of limits, checked.
+#[derive(Debug)]
+pub struct LimitChange {
+    pub human: String,
+    pub limits: Vec<Limit>,
+    pub mode: ChangeMode,
+}
+
+impl ChangeLimits {
+    pub fn check(self) -> Result<LimitChange, ApiError> {
+        let human = extract::human(self.human, "human")?;
+        if self.limits.is_empty() {
+            return Err(ApiError::InvalidInput("limits: must name at least one limit".into()));
+        }
+        Ok(LimitChange { human, limits: extract::limits(self.limits)?, mode: self.mode })
+    }
+}
+
 /// `PUT /v1/usage/token`
 pub async fn change_limits(
     State(state): State<AppState>,
     Backend(project): Backend,
     JsonBody(body): JsonBody<ChangeLimits>,
 ) -> Result<Json<Value>, ApiError> {
-    let human = extract::human(body.human, "human")?;
-    if body.limits.is_empty() {
-        return Err(ApiError::InvalidInput("limits: must name at least one limit".into()));
-    }
-    let changes = extract::limits(body.limits)?;
+    let LimitChange { human, limits, mode } = body.check()?;
     let now = clock::now_millis();
-    let change = state.store.change_limits(project, &human, changes, body.mode, now);
+    let change = state.store.change_limits(project, &human, limits, mode, now);
     let limits = settled(&state, project, &human, change).await?;
     Ok(Json(json!({ "human": human, "limits": views(limits) })))
 }
@@ -128,13 +159,20 @@ pub struct HumanOnly {
     human: String,
 }
 
+impl HumanOnly {
+    /// The human named, checked.
+    pub fn check(self) -> Result<String, ApiError> {
+        extract::human(self.human, "human")
+    }
+}
+
 /// `POST /v1/usage/token/revoke`
 pub async fn revoke(
     State(state): State<AppState>,
     Backend(project): Backend,
     JsonBody(body): JsonBody<HumanOnly>,
 ) -> Result<Json<Value>, ApiError> {
-    let human = extract::human(body.human, "human")?;
+    let human = body.check()?;
     let revocation = state.store.revoke(project, &human, clock::now_millis());
     let revoked = settled(&state, project, &human, revocation)
         .await?
@@ -148,7 +186,7 @@ pub async fn check(
     Backend(project): Backend,
     JsonBody(body): JsonBody<HumanOnly>,
 ) -> Result<Json<Value>, ApiError> {
-    let human = extract::human(body.human, "human")?;
+    let human = body.check()?;
     let now = clock::now_millis();
     let expires_at = state
         .store
@@ -166,14 +204,29 @@ pub struct UpdateTtl {
     ttl_seconds: f64,
 }
 
+/// A new lifetime for a human's live tokens, checked.
+#[derive(Debug)]
+pub struct TtlChange {
+    pub human: String,
+    pub ttl_millis: i64,
+}
+
+impl UpdateTtl {
+    /// Checks the body against the server's longest token lifetime.
+    pub fn check(self, max_ttl_seconds: f64) -> Result<TtlChange, ApiError> {
+        let human = extract::human(self.human, "human")?;
+        let ttl_millis = extract::ttl_millis(self.ttl_seconds, max_ttl_seconds)?;
+        Ok(TtlChange { human, ttl_millis })
+    }
+}
+
 /// `POST /v1/usage/token/update_ttl`
 pub async fn update_ttl(
     State(state): State<AppState>,
     Backend(project): Backend,
     JsonBody(body): JsonBody<UpdateTtl>,
 ) -> Result<Json<Value>, ApiError> {
-    let human = extract::human(body.human, "human")?;
-    let ttl = extract::ttl_millis(body.ttl_seconds, max_ttl(&state))?;
+    let TtlChange { human, ttl_millis: ttl } = body.check(max_ttl(&state))?;
     let now = clock::now_millis();
     let updated = state.store.set_token_expiry(project, &human, now, now + ttl).await?;
     if updated == 0 {

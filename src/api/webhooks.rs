@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::extract::{self, BodyBytes, JsonBody, LimitInput};
 use crate::clock;
 use crate::limits::{Limit, LimitView};
-use crate::store::{Delivery, DeliveryStatus, Webhook, WebhookChange};
+use crate::store::{Delivery, DeliveryStatus, ProjectId, UnixMillis, Webhook, WebhookChange};
 use crate::webhooks::events;
 use crate::webhooks::signature::WebhookSecret;
 
@@ -32,6 +32,25 @@ pub struct SetWebhook {
     url: String,
     events: Option<Vec<String>>,
     thresholds: Option<Vec<LimitInput>>,
+}
+
+impl SetWebhook {
+    /// The change the body asks for, checked; `secret` is for a new webhook.
+    pub fn check(
+        self,
+        project: ProjectId,
+        secret: String,
+        now: UnixMillis,
+    ) -> Result<WebhookChange, ApiError> {
+        Ok(WebhookChange {
+            project,
+            url: url(self.url)?,
+            events: self.events.map(event_types).transpose()?,
+            thresholds: thresholds(self.thresholds.unwrap_or_default())?,
+            secret,
+            now,
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -55,14 +74,7 @@ pub async fn set(
     JsonBody(body): JsonBody<SetWebhook>,
 ) -> Result<(StatusCode, Json<WebhookView>), ApiError> {
     let secret = WebhookSecret::generate();
-    let change = WebhookChange {
-        project,
-        url: url(body.url)?,
-        events: body.events.map(event_types).transpose()?,
-        thresholds: thresholds(body.thresholds.unwrap_or_default())?,
-        secret: secret.expose().to_owned(),
-        now: clock::now_millis(),
-    };
+    let change = body.check(project, secret.expose().to_owned(), clock::now_millis())?;
     let (webhook, created) = state.store.set_webhook(change).await?;
     let secret = created.then(|| secret.expose().to_owned());
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
@@ -103,19 +115,10 @@ pub async fn rotate(
     Backend(project): Backend,
     BodyBytes(body): BodyBytes,
 ) -> Result<Json<Value>, ApiError> {
-    // The body is optional: an empty one keeps the default grace.
-    let body: Rotate =
-        if body.is_empty() { Rotate::default() } else { extract::parse_json(&body)? };
-    let grace = body.grace_seconds;
-    let grace = grace.unwrap_or(DEFAULT_GRACE_SECONDS);
-    if !(grace.is_finite() && (0.0..=MAX_GRACE_SECONDS).contains(&grace)) {
-        return Err(ApiError::InvalidInput(format!(
-            "grace_seconds: must be from 0 to {MAX_GRACE_SECONDS}"
-        )));
-    }
+    let grace = grace_millis(&body)?;
     let secret = WebhookSecret::generate();
     let now = clock::now_millis();
-    let until = now + (grace * 1000.0) as i64;
+    let until = now + grace;
     let rotated =
         state.store.rotate_webhook_secret(project, secret.expose().to_owned(), until, now).await?;
     if !rotated {
@@ -125,6 +128,19 @@ pub async fn rotate(
         "secret": secret.expose(),
         "previous_secret_expires_at": clock::rfc3339(until),
     })))
+}
+
+/// How long, in milliseconds, the body of a rotation asks the old secret
+/// to keep signing. The body is optional: an empty one keeps the default.
+pub fn grace_millis(body: &[u8]) -> Result<i64, ApiError> {
+    let body: Rotate = if body.is_empty() { Rotate::default() } else { extract::parse_json(body)? };
+    let grace = body.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
+    if !(grace.is_finite() && (0.0..=MAX_GRACE_SECONDS).contains(&grace)) {
+        return Err(ApiError::InvalidInput(format!(
+            "grace_seconds: must be from 0 to {MAX_GRACE_SECONDS}"
+        )));
+    }
+    Ok((grace * 1000.0) as i64)
 }
 
 #[derive(Deserialize)]

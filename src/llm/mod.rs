@@ -18,7 +18,7 @@
 mod answer;
 mod client;
 pub mod echo;
-mod request;
+pub(crate) mod request;
 mod tokenize;
 
 use std::sync::Arc;

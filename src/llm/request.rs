@@ -69,7 +69,11 @@ impl ChatRequest {
         let mut body = self.body.clone();
         body.insert("user".into(), json!(human));
         if self.stream {
-            let options = body.entry("stream_options").or_insert_with(|| json!({}));
+            // `null` is taken as no options, as the parse takes it.
+            let options = body.entry("stream_options").or_insert(Value::Null);
+            if options.is_null() {
+                *options = json!({});
+            }
             if let Value::Object(options) = options {
                 options.insert("include_usage".into(), json!(true));
             }
@@ -175,6 +179,14 @@ mod tests {
         assert!(request.stream && !request.client_wants_usage);
         let sent = forwarded(&request, None);
         assert_eq!(sent["stream_options"], json!({"other": 1, "include_usage": true}));
+    }
+
+    #[test]
+    fn a_stream_with_null_stream_options_still_asks_for_usage() {
+        let body = br#"{"model":"m","messages":[{}],"stream":true,"stream_options":null}"#;
+        let request = ChatRequest::parse(body).unwrap();
+        let sent = forwarded(&request, None);
+        assert_eq!(sent["stream_options"], json!({"include_usage": true}));
     }
 
     #[test]

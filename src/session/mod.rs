@@ -5,10 +5,12 @@
 //! figures to the client as `usage.*` messages, pings both sides, enforces
 //! the session time limit, and closes both sides with the code of whatever
 //! ended the session. The meter decides cut-offs; this loop carries them
-//! out. A side is read only while the queue its frames go to has room, so
-//! a side that reads slowly slows the other down; a client that stops
-//! reading altogether is dropped.
+//! out, and [`frames`] decides what becomes of each frame. A side is read
+//! only while the queue its frames go to has room, so a side that reads
+//! slowly slows the other down; a client that stops reading altogether is
+//! dropped.
 
+pub(crate) mod frames;
 mod outbox;
 mod patient;
 pub mod protocol;
@@ -16,13 +18,11 @@ pub mod protocol;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{Message, WebSocket};
 use futures::StreamExt;
 use futures::stream::SplitStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame as UpstreamCloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as UpstreamMessage};
 use tracing::{Instrument, Span, info, warn};
 
@@ -31,6 +31,7 @@ use crate::limits::SessionKind;
 use crate::meter::{MeterHandle, Registration, SessionUpdate};
 use crate::store::{HumanId, SessionKey};
 use crate::upstream::{OpenUpstream, UpstreamSocket};
+use frames::{UpstreamPart, Verdict};
 use outbox::{Backlog, Outbox, Refused, Weight};
 use patient::Patient;
 use protocol::{ServerMessage, seconds};
@@ -118,17 +119,6 @@ impl Drop for Ticket {
             meter.abandon(self.key, EndReason::UpgradeFailed);
         }
     }
-}
-
-/// How the upstream figured in the end of a session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum UpstreamPart {
-    None,
-    /// It closed with this code, or dropped (1006): it is owed no frame.
-    Closed(u16),
-    /// It broke the protocol (1002), sent a message over the limit (1009)
-    /// or stopped answering (1006): it is closed by the server.
-    Failed(u16),
 }
 
 /// How the loop came to an end.
@@ -364,17 +354,14 @@ impl Session {
         self.send_event(message).map(|_| ())
     }
 
-    fn on_client(&mut self, message: Option<Result<Message, axum::Error>>) -> Step {
-        let message = match message {
-            None => return Err(Outcome::ended(EndReason::ClientDisconnected)),
-            Some(Err(error)) => return Err(Outcome::ended(classify(error))),
-            Some(Ok(message)) => message,
-        };
-        self.last_frame = Instant::now();
-        match message {
-            Message::Text(_) | Message::Binary(_) => self.forward(message),
-            Message::Ping(_) | Message::Pong(_) => Ok(()),
-            Message::Close(_) => Err(Outcome::ended(EndReason::ClientClosed)),
+    fn on_client(&mut self, read: Option<Result<Message, axum::Error>>) -> Step {
+        if matches!(read, Some(Ok(_))) {
+            self.last_frame = Instant::now();
+        }
+        match frames::from_client(read) {
+            Verdict::Relay(message) => self.forward(message),
+            Verdict::Alive => Ok(()),
+            Verdict::End(reason) => Err(Outcome::ended(reason)),
         }
     }
 
@@ -384,10 +371,8 @@ impl Session {
         let Some(to_upstream) = &self.to_upstream else {
             return self.send_to_client(message);
         };
-        let message = match message {
-            Message::Text(text) => UpstreamMessage::Text(text.as_str().into()),
-            Message::Binary(bytes) => UpstreamMessage::Binary(bytes),
-            _ => return Ok(()),
+        let Some(message) = frames::to_upstream(message) else {
+            return Ok(());
         };
         // The loop reads the client only while the queue has room, so a
         // refusal means the upstream's writer has stopped.
@@ -396,35 +381,14 @@ impl Session {
             .map_err(|_| Outcome::upstream(Instant::now(), UpstreamPart::Closed(1006)))
     }
 
-    fn on_upstream(
-        &mut self,
-        message: Option<Result<UpstreamMessage, tungstenite::Error>>,
-    ) -> Step {
-        use tungstenite::error::{Error, ProtocolError};
-
+    fn on_upstream(&mut self, read: Option<Result<UpstreamMessage, tungstenite::Error>>) -> Step {
         let now = Instant::now();
         self.last_upstream_frame = now;
-        let part = match message {
-            Some(Ok(UpstreamMessage::Text(text))) => {
-                return self.send_to_client(Message::Text(text.as_str().into()));
-            }
-            Some(Ok(UpstreamMessage::Binary(bytes))) => {
-                return self.send_to_client(Message::Binary(bytes));
-            }
-            Some(Ok(UpstreamMessage::Close(frame))) => {
-                UpstreamPart::Closed(frame.map_or(1005, |frame| u16::from(frame.code)))
-            }
-            Some(Ok(_)) => return Ok(()),
-            Some(Err(Error::Capacity(_))) => UpstreamPart::Failed(1009),
-            Some(Err(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
-                UpstreamPart::Closed(1006)
-            }
-            Some(Err(Error::Protocol(_) | Error::Utf8(_) | Error::AttackAttempt)) => {
-                UpstreamPart::Failed(1002)
-            }
-            Some(Err(_)) | None => UpstreamPart::Closed(1006),
-        };
-        Err(Outcome::upstream(now, part))
+        match frames::from_upstream(read) {
+            Verdict::Relay(message) => self.send_to_client(message),
+            Verdict::Alive => Ok(()),
+            Verdict::End(part) => Err(Outcome::upstream(now, part)),
+        }
     }
 
     fn on_update(&mut self, meter_alive: bool) -> Step {
@@ -522,15 +486,7 @@ impl Session {
     /// Closes both sides, at once: each gets its close frame, if it is
     /// owed one, and a moment for its half of the closing handshake.
     async fn close(self: Box<Self>, reason: EndReason, upstream: UpstreamPart) {
-        let client_frame = reason.close_code().map(|code| {
-            let text = match upstream {
-                UpstreamPart::Closed(code) | UpstreamPart::Failed(code) => {
-                    format!("{} {code}", reason.as_str())
-                }
-                UpstreamPart::None => reason.as_str().to_owned(),
-            };
-            Message::Close(Some(CloseFrame { code, reason: text.into() }))
-        });
+        let client_frame = frames::client_close(reason, upstream);
         // What the upstream said before it closed still reaches the client;
         // otherwise the session was stopped, and the close goes first.
         let client_backlog =
@@ -539,33 +495,12 @@ impl Session {
         let client = finish(to_client, client_frame, client_backlog, from_client);
         let upstream_side = async {
             if let (Some(to), Some(from)) = (to_upstream, from_upstream) {
-                let (frame, backlog) = upstream_close(reason, upstream);
+                let (frame, backlog) = frames::upstream_close(reason, upstream);
                 finish(to, frame, backlog, from).await;
             }
         };
         tokio::join!(client, upstream_side);
     }
-}
-
-/// The close frame the upstream gets when the session ends, if any, and
-/// whether what is queued for it goes first: the client's last frames do
-/// when the client closed.
-fn upstream_close(reason: EndReason, upstream: UpstreamPart) -> (Option<UpstreamMessage>, Backlog) {
-    let code = match upstream {
-        UpstreamPart::Closed(_) => return (None, Backlog::Drop),
-        UpstreamPart::Failed(1006) => CloseCode::Away,
-        UpstreamPart::Failed(code) => CloseCode::from(code),
-        UpstreamPart::None if reason == EndReason::ServerShutdown => CloseCode::Away,
-        UpstreamPart::None => CloseCode::Normal,
-    };
-    let text = match upstream {
-        UpstreamPart::Failed(1009) => EndReason::MessageTooBig.as_str(),
-        UpstreamPart::Failed(1002) => EndReason::ProtocolError.as_str(),
-        _ => reason.as_str(),
-    };
-    let frame = UpstreamMessage::Close(Some(UpstreamCloseFrame { code, reason: text.into() }));
-    let client_left = matches!(reason, EndReason::ClientClosed | EndReason::ClientDisconnected);
-    (Some(frame), if client_left { Backlog::Send } else { Backlog::Drop })
 }
 
 /// Sends a side its last frame and reads what it answers, both within
@@ -636,24 +571,6 @@ impl Weight for Message {
 impl Weight for UpstreamMessage {
     fn weight(&self) -> usize {
         self.len()
-    }
-}
-
-/// The end reason for a failed read from the client.
-fn classify(error: axum::Error) -> EndReason {
-    use tungstenite::error::{Error, ProtocolError};
-
-    let Ok(error) = error.into_inner().downcast::<Error>() else {
-        return EndReason::ClientDisconnected;
-    };
-    match *error {
-        Error::Capacity(_) => EndReason::MessageTooBig,
-        Error::Utf8(_) => EndReason::InvalidPayload,
-        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            EndReason::ClientDisconnected
-        }
-        Error::Protocol(_) | Error::AttackAttempt => EndReason::ProtocolError,
-        _ => EndReason::ClientDisconnected,
     }
 }
 
