@@ -63,25 +63,42 @@ async fn a_store_that_cannot_be_written_closes_sessions_and_refuses_new_ones_unt
 /// The cap the full database is given, small enough to fill at once.
 const CAP_MB: u64 = 1;
 
-#[tokio::test]
-async fn a_full_database_closes_sessions_and_refuses_new_ones_and_mints_until_pages_are_freed() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    let args = ["--max-db-mb", &CAP_MB.to_string(), "--tick-ms", "50"];
-    let process = binary::spawn(&db, &args, "info");
+/// A server capped at [`CAP_MB`] with one session open for a while, and
+/// the database then grown past the cap by a connection of another
+/// process, without the cap, which the caller keeps to free the pages.
+struct Filled {
+    process: binary::Process,
+    api: Api,
+    token: String,
+    client: Client,
+    session_id: String,
+    filler: rusqlite::Connection,
+}
+
+async fn filled(db: &std::path::Path) -> Filled {
+    let process = binary::spawn(db, &CAPPED, "info");
     let api = Api::new(process.base.trim_start_matches("http://"), process.api_key());
     let token = api.mint_seconds("ada", 30.0).await;
     let mut client = api.connect(&token).await;
     let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     sleep(Duration::from_millis(300)).await;
 
-    // A connection of another process, without the cap, grows the file
-    // past it.
-    let filler = rusqlite::Connection::open(&db).unwrap();
+    let filler = rusqlite::Connection::open(db).unwrap();
     let blob = CAP_MB * 1024 * 1024;
     let fill =
         format!("CREATE TABLE filler (b BLOB); INSERT INTO filler VALUES (zeroblob({blob}))");
     filler.execute_batch(&fill).unwrap();
+    Filled { process, api, token, client, session_id, filler }
+}
+
+/// The server's arguments: the cap of [`CAP_MB`] and a quick tick.
+const CAPPED: [&str; 4] = ["--max-db-mb", "1", "--tick-ms", "50"];
+
+#[tokio::test]
+async fn a_full_database_closes_sessions_and_refuses_new_ones_and_mints_until_pages_are_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let Filled { process, api, token, mut client, session_id, filler } = filled(&db).await;
 
     let closed = client.until_closed().await;
     assert_eq!((closed.code, closed.reason.as_str()), (Some(1011), "internal"));
@@ -137,30 +154,19 @@ async fn wait_until_healthy(api: &Api) {
 async fn a_server_killed_while_its_database_is_full_starts_again_and_closes_what_was_open() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
-    let args = ["--max-db-mb", &CAP_MB.to_string(), "--tick-ms", "50"];
-    let process = binary::spawn(&db, &args, "info");
-    let api = Api::new(process.base.trim_start_matches("http://"), process.api_key());
-    let token = api.mint_seconds("ada", 30.0).await;
-    let mut client = api.connect(&token).await;
-    let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
-    sleep(Duration::from_millis(300)).await;
-
-    let filler = rusqlite::Connection::open(&db).unwrap();
-    let blob = CAP_MB * 1024 * 1024;
-    let fill =
-        format!("CREATE TABLE filler (b BLOB); INSERT INTO filler VALUES (zeroblob({blob}))");
-    filler.execute_batch(&fill).unwrap();
+    let Filled { process, mut client, session_id, filler, .. } = filled(&db).await;
     let closed = client.until_closed().await;
     assert_eq!(closed.code, Some(1011));
 
     // Killed before the session's end could be written, and started again
     // on the database while it is still past its cap.
     process.kill();
-    let restarted = binary::spawn(&db, &args, "info");
+    let restarted = binary::spawn(&db, &CAPPED, "info");
     let logged = restarted.stderr().join("\n");
     assert!(logged.contains("left open sessions=1"), "{logged}");
     let (reason, charged) = session_row(&open_db(&db), &session_id);
     assert_eq!(reason.as_deref(), Some("server_restart"));
     assert!(charged > 0 && charged as f64 / 1000.0 <= closed.after + 0.05, "{charged} ms");
     assert_ledger_identity(&open_db(&db));
+    drop(filler);
 }
