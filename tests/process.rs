@@ -64,17 +64,7 @@ async fn a_settings_file_sets_the_upstream_with_a_secret_header_from_the_environ
     let api = api_of(&process, &process.api_key());
 
     let token = api.mint_seconds("ada", 30.0).await;
-    let mut client = api.connect(&token).await;
-    client.next_event().await;
-    client.send(Message::Text("hi".into())).await;
-    loop {
-        match client.next_message().await.expect("the session is open") {
-            Message::Text(text) if text.starts_with("{\"type\":\"usage.") => continue,
-            message => break assert_eq!(message, Message::Text("upstream: hi".into())),
-        }
-    }
-    assert_eq!(upstream.connection(0).header("authorization"), Some(secret));
-    client.close().await;
+    talk_through_the_upstream(&api, &token, &upstream, secret).await;
     process.signal("TERM");
     let (status, stderr) = wait_for_exit(process).await;
     assert!(status.success());
@@ -392,8 +382,9 @@ async fn use_the_webhook(api: &Api, receiver: &Receiver, secrets: &mut Secrets) 
     assert_eq!(signed.header("webhook-signature").split(' ').count(), 2, "not signed twice");
 }
 
-/// A session through the upstream, whose secret header the server sends.
-async fn talk_through_the_upstream(api: &Api, token: &str, upstream: &TestUpstream) {
+/// A session through the upstream, which must be sent `secret` as its
+/// `Authorization` header.
+async fn talk_through_the_upstream(api: &Api, token: &str, upstream: &TestUpstream, secret: &str) {
     let mut client = api.connect(token).await;
     client.next_event().await;
     client.send(Message::Text("hi".into())).await;
@@ -403,7 +394,7 @@ async fn talk_through_the_upstream(api: &Api, token: &str, upstream: &TestUpstre
             message => break assert_eq!(message, Message::Text("upstream: hi".into())),
         }
     }
-    assert_eq!(upstream.connection(0).header("authorization"), Some(UPSTREAM_SECRET));
+    assert_eq!(upstream.connection(0).header("authorization"), Some(secret));
     client.close().await;
 }
 
@@ -459,7 +450,7 @@ async fn no_log_line_holds_any_secret_that_reached_or_left_the_server() {
     let token = use_the_usage_endpoints(&api, &mut secrets).await;
     ask_the_llm(&api, &token, &doubles.llm).await;
     use_the_webhook(&api, &doubles.receiver, &mut secrets).await;
-    talk_through_the_upstream(&api, &token, &doubles.upstream).await;
+    talk_through_the_upstream(&api, &token, &doubles.upstream, UPSTREAM_SECRET).await;
     be_refused(&api, &token, &mut secrets).await;
 
     process.signal("TERM");
