@@ -32,6 +32,12 @@ const TICK_BUCKETS: [f64; 12] =
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// How often the recorder's histograms are drained into their buckets. The
+/// recorder keeps every sample until then (or until `/metrics` is read),
+/// so a server nobody scrapes would otherwise hold each tick's duration for
+/// good.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The process's recorder, installed on first use. Should another
 /// recorder already be installed (an embedding program's own), Tollgate's
 /// metrics go there, and this one renders nothing.
@@ -45,8 +51,23 @@ pub fn handle() -> &'static PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("another metrics recorder is installed; /metrics shows nothing");
         }
+        spawn_upkeep(handle.clone());
         handle
     })
+}
+
+/// A thread for the life of the process, draining the histograms every
+/// [`UPKEEP_EVERY`]; should it fail to start, `/metrics` reads still drain
+/// them.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let upkeep = move || loop {
+        std::thread::sleep(UPKEEP_EVERY);
+        handle.run_upkeep();
+    };
+    let started = std::thread::Builder::new().name("tollgate-metrics-upkeep".into()).spawn(upkeep);
+    if let Err(error) = started {
+        tracing::warn!(%error, "cannot start the metrics upkeep thread");
+    }
 }
 
 /// `GET /metrics`, in Prometheus's text format.
