@@ -354,16 +354,7 @@ fn report_cases(w: &World) -> Vec<Case> {
             "idempotency_key_reused",
             "idempotency_key",
         ),
-        case(
-            "GET of the endpoint",
-            Method::GET,
-            path,
-            k.clone(),
-            "",
-            405,
-            "method_not_allowed",
-            "",
-        ),
+        wrong_method(Method::GET, path, k.clone()),
     ];
     cases.extend(bad_bodies(&post, path, &k, r#"{"human": "ada", "type": "token_cnt""#));
     cases.extend(bad_numbers(&post, path, &k, numbers));
@@ -410,18 +401,17 @@ fn events_cases(w: &World) -> Vec<Case> {
         ("an after past i64", "after=9223372036854775808", "after"),
     ];
     cases.extend(bad_queries(path, &k, &queries));
-    cases.push(case(
-        "POST of the endpoint",
-        Method::POST,
-        path,
-        k,
-        "{}",
-        405,
-        "method_not_allowed",
-        "",
-    ));
+    cases.push(wrong_method(Method::POST, path, k));
     cases.extend(backend_credentials(w, &Method::GET, path, ""));
     cases
+}
+
+/// The endpoint asked with a method it does not take: 405, whatever else
+/// the request holds.
+fn wrong_method(method: Method, path: &str, headers: Headers) -> Case {
+    let body = if method == Method::GET { "" } else { "{}" };
+    let what = format!("{method} of {path}");
+    case(&what, method, path, headers, body, 405, "method_not_allowed", "")
 }
 
 /// `GET /realtime/sessions`.
@@ -439,16 +429,7 @@ fn sessions_cases(w: &World) -> Vec<Case> {
         ("a human of 257 bytes", long_human.as_str(), "human"),
     ];
     cases.extend(bad_queries(path, &k, &queries));
-    cases.push(case(
-        "POST of the endpoint",
-        Method::POST,
-        path,
-        k,
-        "{}",
-        405,
-        "method_not_allowed",
-        "",
-    ));
+    cases.push(wrong_method(Method::POST, path, k));
     cases.extend(backend_credentials(w, &Method::GET, path, ""));
     cases
 }
@@ -522,16 +503,7 @@ fn webhook_cases(w: &World) -> Vec<Case> {
         cases.push(none);
         cases.extend(backend_credentials(w, &method, path, ""));
     }
-    cases.push(case(
-        "POST of the endpoint",
-        Method::POST,
-        path,
-        k,
-        "{}",
-        405,
-        "method_not_allowed",
-        "",
-    ));
+    cases.push(wrong_method(Method::POST, path, k));
     cases
 }
 
@@ -556,16 +528,7 @@ fn rotate_cases(w: &World) -> Vec<Case> {
             "not_found",
             "",
         ),
-        case(
-            "GET of the endpoint",
-            Method::GET,
-            path,
-            k.clone(),
-            "",
-            405,
-            "method_not_allowed",
-            "",
-        ),
+        wrong_method(Method::GET, path, k.clone()),
     ];
     // An empty body is a rotation with the default grace, so it is no row.
     let bodies = bad_bodies(&post, path, &k, r#"{"grace_seconds": 6"#);
@@ -660,31 +623,13 @@ fn completions_cases(w: &World) -> Vec<Case> {
             "usage_limit_exceeded",
             "",
         ),
-        case(
-            "GET of the endpoint",
-            Method::GET,
-            path,
-            t.clone(),
-            "",
-            405,
-            "method_not_allowed",
-            "",
-        ),
+        wrong_method(Method::GET, path, t.clone()),
     ];
     cases.extend(bad_bodies(&post, path, &t, r#"{"model": "echo", "messages": [{"role""#));
     cases.extend(bad_numbers(&post, path, &t, numbers));
     cases.extend(human_credentials(w, &post, path, good, &Vec::new()));
     cases.extend(human_credentials(w, &Method::GET, "/models", "", &Vec::new()));
-    cases.push(case(
-        "POST of the models",
-        Method::POST,
-        "/models",
-        t,
-        "{}",
-        405,
-        "method_not_allowed",
-        "",
-    ));
+    cases.push(wrong_method(Method::POST, "/models", t));
     cases
 }
 
