@@ -137,7 +137,7 @@ impl SqliteStore {
         let (writes_tx, writes_rx) = mpsc::channel(JOB_QUEUE);
         let write_thread = spawn_writer(writer, meter_rx, writes_rx)?;
         let (reads_tx, read_thread) = spawn_thread("tollgate-store-reader", reader)?;
-        let (_checkpoints, checkpoint_thread) = checkpoint::spawn(path)?;
+        let (_checkpoints, checkpoint_thread) = checkpoint::spawn(path, writes_tx.downgrade())?;
         let threads = StoreThreads(vec![write_thread, read_thread, checkpoint_thread]);
         Ok((SqliteStore { writes_tx, meter_tx, reads_tx, cap, _checkpoints }, threads))
     }
