@@ -3,9 +3,10 @@
 //! and every transaction is serialised without locks of our own; the
 //! meter's commits have a channel of their own that the writer empties
 //! first, and sessions to be admitted a channel of theirs, whose waiting
-//! admissions are committed together (see [`admissions`]). Lookups go to a second, read-only connection on a thread of its
-//! own, and the write-ahead log is copied back by a third. Pragmas and the
-//! schema are applied here when the database is opened.
+//! admissions are committed together (see `admissions`). Lookups go to
+//! a second, read-only connection on a thread of its own, and the
+//! write-ahead log is copied back by a third (see `checkpoint`). Pragmas
+//! and the schema are applied here when the database is opened.
 
 mod accounts;
 mod admissions;
