@@ -25,11 +25,14 @@
 //! When the store closes, the last of its connections to close
 //! checkpoints what is left and removes the log, as SQLite always does.
 //!
-//! Should checkpoints keep failing (another process holding the database
-//! for a long while), the log grows until they work again; it is warned of
-//! in the log once each time they start failing.
+//! Should checkpoints keep failing, or the log stay past its limit for
+//! [`LONG_LOG_TURNS`] turns (another process holding the database for a
+//! long while), the log grows until they work again; it is warned of in
+//! the log once each time it starts.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::Duration;
@@ -81,6 +84,7 @@ pub fn spawn(
 
 fn run(conn: &Connection, running_rx: &mpsc::Receiver<()>, writer: &WeakSender<Job<Writer>>) {
     let mut failing = false;
+    let mut long = LongLog::default();
     while let Err(RecvTimeoutError::Timeout) = running_rx.recv_timeout(CHECKPOINT_EVERY) {
         let result = run_checkpoint(conn, "PASSIVE");
         match (&result, failing) {
@@ -89,21 +93,67 @@ fn run(conn: &Connection, running_rx: &mpsc::Receiver<()>, writer: &WeakSender<J
             _ => {}
         }
         failing = result.is_err();
-        if result.is_ok_and(|frames| frames >= TRUNCATE_AFTER_FRAMES) {
-            ask_to_truncate(writer);
+        if let Ok(frames) = result {
+            long.saw(frames);
+            if frames >= TRUNCATE_AFTER_FRAMES {
+                ask_to_truncate(writer, &long.asked);
+            }
         }
     }
 }
 
-/// Queues the truncating checkpoint for the writer; if its queue is full,
-/// the next turn asks again.
-fn ask_to_truncate(writer: &WeakSender<Job<Writer>>) {
+/// How many turns in a row the log may stay past its limit before that is
+/// warned of: one truncation that readers kept from finishing is retried a
+/// second later, but a reader in another process that never lets go (a
+/// long backup, a shell left in a transaction) keeps the log growing.
+const LONG_LOG_TURNS: u32 = 10;
+
+/// What the thread remembers of the log's length between turns.
+#[derive(Default)]
+struct LongLog {
+    turns: u32,
+    /// Set while a truncation waits in the writer's queue, so that one
+    /// waiting long is not joined by another each turn.
+    asked: Arc<AtomicBool>,
+}
+
+impl LongLog {
+    fn saw(&mut self, frames: i64) {
+        if frames < TRUNCATE_AFTER_FRAMES {
+            if self.turns >= LONG_LOG_TURNS {
+                info!("the WAL is emptied again");
+            }
+            self.turns = 0;
+            return;
+        }
+        self.turns += 1;
+        if self.turns == LONG_LOG_TURNS {
+            warn!(
+                frames,
+                "the WAL cannot be emptied, and grows meanwhile: is another process \
+                 reading the database for long?"
+            );
+        }
+    }
+}
+
+/// Queues the truncating checkpoint for the writer, unless one is already
+/// waiting; if the queue is full, the next turn asks again.
+fn ask_to_truncate(writer: &WeakSender<Job<Writer>>, asked: &Arc<AtomicBool>) {
     let Some(writer) = writer.upgrade() else { return };
-    let _ = writer.try_send(Box::new(|w: &mut Writer| {
+    if asked.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let done = asked.clone();
+    let job = Box::new(move |w: &mut Writer| {
         if let Err(error) = truncate(&w.conn) {
             warn!(%error, "cannot empty the WAL; it grows meanwhile");
         }
-    }));
+        done.store(false, Ordering::Release);
+    });
+    if writer.try_send(job).is_err() {
+        asked.store(false, Ordering::Release);
+    }
 }
 
 /// The truncating checkpoint, waiting at most [`TRUNCATE_WAIT`] for

@@ -227,10 +227,11 @@ struct WriterQueues {
     writes_rx: mpsc::Receiver<Job<Writer>>,
 }
 
-/// The writer's next piece of work.
+/// The writer's next piece of work, by the queue it came from.
 enum WriterWork {
-    Job(Job<Writer>),
+    Meter(Job<Writer>),
     Admissions(admissions::Admit),
+    Write(Job<Writer>),
 }
 
 /// The writer thread: runs the meter's jobs as soon as one is waiting, and
@@ -247,49 +248,42 @@ fn spawn_writer(
             loop {
                 let next = next_work(&mut queues, admissions_first);
                 match futures::executor::block_on(next) {
-                    Some(WriterWork::Job(job)) => job(&mut writer),
+                    Some(WriterWork::Meter(job)) => job(&mut writer),
                     Some(WriterWork::Admissions(first)) => {
                         let batch = admissions::gather(first, &mut queues.admissions_rx);
-                        admit_all(&mut writer, batch);
+                        let Writer { conn, hooks, cap, .. } = &mut writer;
+                        admissions::admit_all(conn, hooks, *cap, batch);
+                        admissions_first = false;
+                    }
+                    Some(WriterWork::Write(job)) => {
+                        job(&mut writer);
+                        admissions_first = true;
                     }
                     None => break,
                 }
-                admissions_first = !admissions_first;
             }
         })
         .context("cannot start the thread tollgate-store-writer")
 }
 
-/// Admits `batch` once the database is seen to have room for it.
-fn admit_all(writer: &mut Writer, batch: Vec<admissions::Admit>) {
-    match room::check(writer.cap, &writer.conn) {
-        Ok(()) => admissions::admit_all(&mut writer.conn, &writer.hooks, batch),
-        Err(error) => {
-            for admit in batch {
-                let _ = admit.reply.send(Err(error.clone()));
-            }
-        }
-    }
-}
-
 /// The meter's next job if one is waiting; else the next admission or
-/// other write, whichever's turn it is when both are waiting, so that
+/// other write, when both are waiting the kind not served last, so that
 /// neither a flood of upgrades nor one of mints shuts the other out.
 async fn next_work(queues: &mut WriterQueues, admissions_first: bool) -> Option<WriterWork> {
     let WriterQueues { meter_rx, admissions_rx, writes_rx } = queues;
     if admissions_first {
         tokio::select! {
             biased;
-            Some(job) = meter_rx.recv() => Some(WriterWork::Job(job)),
+            Some(job) = meter_rx.recv() => Some(WriterWork::Meter(job)),
             Some(admit) = admissions_rx.recv() => Some(WriterWork::Admissions(admit)),
-            Some(job) = writes_rx.recv() => Some(WriterWork::Job(job)),
+            Some(job) = writes_rx.recv() => Some(WriterWork::Write(job)),
             else => None,
         }
     } else {
         tokio::select! {
             biased;
-            Some(job) = meter_rx.recv() => Some(WriterWork::Job(job)),
-            Some(job) = writes_rx.recv() => Some(WriterWork::Job(job)),
+            Some(job) = meter_rx.recv() => Some(WriterWork::Meter(job)),
+            Some(job) = writes_rx.recv() => Some(WriterWork::Write(job)),
             Some(admit) = admissions_rx.recv() => Some(WriterWork::Admissions(admit)),
             else => None,
         }
