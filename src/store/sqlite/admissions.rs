@@ -222,6 +222,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_database_near_its_cap_refuses_admissions_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (store, _, rich) = store_with_human(&path, 60_000).await;
+        drop(store);
+
+        let mut conn = Connection::open(&path).unwrap();
+        let pages: i64 = conn.pragma_query_value(None, "page_count", |row| row.get(0)).unwrap();
+        // Room for these sessions, but less than the pages kept for the
+        // meter: they are refused for it.
+        let cap = Cap::apply(&conn, (pages as u64 + 10) * 4096).unwrap();
+        let hooks = Hooks::load(&conn).unwrap();
+        let (batch, answers): (Vec<_>, Vec<_>) = (0..3)
+            .map(|n| {
+                let (reply, answer) = oneshot::channel();
+                (Admit { session: session(rich, n, None), reply }, answer)
+            })
+            .unzip();
+        admit_all(&mut conn, &hooks, Some(cap), batch);
+
+        for mut answer in answers {
+            assert!(matches!(answer.try_recv().unwrap(), Err(StoreError::Full)));
+        }
+        assert!(sessions_of(&conn, rich).is_empty());
+    }
+
+    #[tokio::test]
     async fn admissions_queued_behind_a_write_are_committed_together_and_capped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
