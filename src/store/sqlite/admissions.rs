@@ -149,6 +149,28 @@ mod tests {
         stmt.query_map([human.0], |row| row.get(0)).unwrap().map(Result::unwrap).collect()
     }
 
+    /// Admits `sessions` as one batch on `conn` and returns their answers.
+    fn admit_batch(
+        conn: &mut Connection,
+        cap: Option<Cap>,
+        sessions: Vec<NewSession>,
+    ) -> Vec<StoreResult<Admission>> {
+        let hooks = Hooks::load(conn).unwrap();
+        let (batch, answers): (Vec<_>, Vec<_>) = sessions
+            .into_iter()
+            .map(|session| {
+                let (reply, answer) = oneshot::channel();
+                (Admit { session, reply }, answer)
+            })
+            .unzip();
+        admit_all(conn, &hooks, cap, batch);
+        answers.into_iter().map(|mut answer| answer.try_recv().unwrap()).collect()
+    }
+
+    fn page_count(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "page_count", |row| row.get(0)).unwrap()
+    }
+
     #[tokio::test]
     async fn one_transaction_answers_each_admission_with_its_own_outcome() {
         let dir = tempfile::tempdir().unwrap();
@@ -160,17 +182,10 @@ mod tests {
         drop(store);
 
         let mut conn = Connection::open(&path).unwrap();
-        let hooks = Hooks::load(&conn).unwrap();
         let humans = [rich, broke, rich, rich];
         let caps = [None, None, Some(2), Some(2)];
-        let (batch, answers): (Vec<_>, Vec<_>) = (0..4)
-            .map(|n| {
-                let (reply, answer) = oneshot::channel();
-                (Admit { session: session(humans[n], n, caps[n]), reply }, answer)
-            })
-            .unzip();
-        admit_all(&mut conn, &hooks, None, batch);
-        let answers: Vec<_> = answers.into_iter().map(|mut a| a.try_recv().unwrap()).collect();
+        let sessions = (0..4).map(|n| session(humans[n], n, caps[n])).collect();
+        let answers = admit_batch(&mut conn, None, sessions);
 
         assert!(matches!(answers[0], Ok(Admission::Admitted { remaining: Some(60_000), .. })));
         assert!(matches!(answers[1], Ok(Admission::LimitExhausted)), "{:?}", answers[1]);
@@ -191,23 +206,19 @@ mod tests {
         // No room for a single new page, and sessions whose ids fill pages
         // fast: SQLite fails the batch part-way with SQLITE_FULL.
         let mut conn = Connection::open(&path).unwrap();
-        let pages: i64 = conn.pragma_query_value(None, "page_count", |row| row.get(0)).unwrap();
-        conn.pragma_update(None, "max_page_count", pages).unwrap();
-        let hooks = Hooks::load(&conn).unwrap();
-        let (batch, answers): (Vec<_>, Vec<_>) = (0..40)
-            .map(|n| {
-                let (reply, answer) = oneshot::channel();
-                let mut session = session(rich, n, None);
-                session.public_id = format!("ses_{n}_{}", "x".repeat(1500));
-                (Admit { session, reply }, answer)
+        conn.pragma_update(None, "max_page_count", page_count(&conn)).unwrap();
+        let sessions = (0..40)
+            .map(|n| NewSession {
+                public_id: format!("ses_{n}_{}", "x".repeat(1500)),
+                ..session(rich, n, None)
             })
-            .unzip();
-        admit_all(&mut conn, &hooks, None, batch);
+            .collect();
+        let answers = admit_batch(&mut conn, None, sessions);
 
         let mut admitted = Vec::new();
         let mut full = 0;
-        for (n, mut answer) in answers.into_iter().enumerate() {
-            match answer.try_recv().unwrap() {
+        for (n, answer) in answers.into_iter().enumerate() {
+            match answer {
                 Ok(Admission::Admitted { .. }) => admitted.push(n),
                 Err(StoreError::Full) => full += 1,
                 other => panic!("unexpected answer {other:?}"),
@@ -229,21 +240,13 @@ mod tests {
         drop(store);
 
         let mut conn = Connection::open(&path).unwrap();
-        let pages: i64 = conn.pragma_query_value(None, "page_count", |row| row.get(0)).unwrap();
         // Room for these sessions, but less than the pages kept for the
         // meter: they are refused for it.
-        let cap = Cap::apply(&conn, (pages as u64 + 10) * 4096).unwrap();
-        let hooks = Hooks::load(&conn).unwrap();
-        let (batch, answers): (Vec<_>, Vec<_>) = (0..3)
-            .map(|n| {
-                let (reply, answer) = oneshot::channel();
-                (Admit { session: session(rich, n, None), reply }, answer)
-            })
-            .unzip();
-        admit_all(&mut conn, &hooks, Some(cap), batch);
+        let cap = Cap::apply(&conn, (page_count(&conn) as u64 + 10) * 4096).unwrap();
+        let sessions = (0..3).map(|n| session(rich, n, None)).collect();
 
-        for mut answer in answers {
-            assert!(matches!(answer.try_recv().unwrap(), Err(StoreError::Full)));
+        for answer in admit_batch(&mut conn, Some(cap), sessions) {
+            assert!(matches!(answer, Err(StoreError::Full)));
         }
         assert!(sessions_of(&conn, rich).is_empty());
     }
