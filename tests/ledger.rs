@@ -101,7 +101,7 @@ async fn grants_session_and_completion_debits_and_reports_are_listed_with_their_
         json!([{"type": CONVERSATIONAL, "value": 30}, {"type": "token_cnt", "value": 1000}]);
     let token = server.mint("ada", limits).await;
 
-    let mut client = server.connect(&token).await;
+    let mut client = server.connect_ticking(&token).await;
     let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     while client.event_of("usage.remaining").await["used"].as_f64().unwrap() < 0.1 {}
     client.close().await;
@@ -162,7 +162,7 @@ fn db_ledger_ids(server: &TestServer, sql: &str) -> Vec<i64> {
 async fn an_ended_session_is_listed_with_what_it_was_charged_and_why_it_ended() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 30.0).await;
-    let mut client = server.connect(&token).await;
+    let mut client = server.connect_ticking(&token).await;
     let session_id = client.next_event().await["session_id"].as_str().unwrap().to_owned();
     while client.event_of("usage.remaining").await["used"].as_f64().unwrap() < 0.1 {}
     client.close().await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use tokio::time::sleep;
+use tokio::time::{Instant, sleep};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -92,7 +92,7 @@ async fn a_pool_too_large_to_run_dry_in_years_is_metered_like_any_other() {
     let server = TestServer::start().await;
     let vast = server.mint_seconds("ada", 1e12).await;
     let small = server.mint_seconds("bob", 0.5).await;
-    let mut vast = server.connect(&vast).await;
+    let mut vast = server.connect_ticking(&vast).await;
     assert_eq!(vast.next_event().await["remaining"], 1e12);
     vast.event_of("usage.remaining").await;
 
@@ -349,7 +349,7 @@ async fn events_until_quiet(client: &mut Client) -> Vec<Value> {
 async fn usage_messages_count_down_and_warn_once_per_crossing() {
     let server = TestServer::start_with(|s| s.warn = Duration::from_secs(1)).await;
     let token = server.mint_seconds("ada", 1.4).await;
-    let mut client = server.connect(&token).await;
+    let mut client = server.connect_ticking(&token).await;
     let warning = client.event_of("usage.warning").await;
     assert!(warning["remaining"].as_f64().unwrap() < 1.0, "{warning}");
 
@@ -368,6 +368,37 @@ async fn usage_messages_count_down_and_warn_once_per_crossing() {
     assert!(remaining.len() >= 10, "too few usage.remaining: {remaining:?}");
     let lifted = remaining.iter().position(|r| *r > 1.0).expect("the top-up shows");
     assert!(remaining[lifted..].windows(2).all(|w| w[1] <= w[0]), "{remaining:?}");
+}
+
+#[tokio::test]
+async fn by_default_usage_remaining_is_sent_when_the_count_down_would_be_wrong() {
+    let server = TestServer::start().await;
+    let token = server.mint_seconds("ada", 30.0).await;
+    let mut first = server.connect(&token).await;
+    let told = first.event_of("usage.remaining").await;
+    let told_at = Instant::now();
+    assert_eq!(told["sessions"], 1, "{told}");
+    let steady = events_until_quiet(&mut first).await;
+    assert!(steady.is_empty(), "sent during a steady count-down: {steady:?}");
+
+    // The client's count-down from the last message matches the pool.
+    let counted_down = told["remaining"].as_f64().unwrap() - told_at.elapsed().as_secs_f64();
+    assert_near(server.remaining("ada", CONVERSATIONAL).await, counted_down, 0.1);
+
+    let second = server.connect(&token).await;
+    let joined = first.event_of("usage.remaining").await;
+    assert_eq!(joined["sessions"], 2, "{joined}");
+    let top_up = json!({
+        "human": "ada",
+        "mode": "add",
+        "limits": [{ "type": CONVERSATIONAL, "value": 100 }],
+    });
+    assert_eq!(server.put("/v1/usage/token", top_up).await.0, 200);
+    let topped_up = first.event_of("usage.remaining").await;
+    assert!(topped_up["remaining"].as_f64().unwrap() > 100.0, "{topped_up}");
+    second.close().await;
+    let left = first.event_of("usage.remaining").await;
+    assert_eq!(left["sessions"], 1, "{left}");
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ use crate::clock;
 use crate::close::EndReason;
 use crate::config::AllowedOrigins;
 use crate::limits::SessionKind;
-use crate::meter::MeterHandle;
+use crate::meter::{MeterHandle, UsageEvents};
 use crate::session::{self, SessionContext, Ticket};
 use crate::store::{Admission, Human, NewSession, StoreError};
 use crate::upstream::OpenUpstream;
@@ -265,11 +265,12 @@ fn parse_kind(kind: Option<&str>) -> Result<SessionKind, ApiError> {
     })
 }
 
-fn parse_events(events: Option<&str>) -> Result<bool, ApiError> {
+fn parse_events(events: Option<&str>) -> Result<UsageEvents, ApiError> {
     match events {
-        None | Some("all") => Ok(true),
-        Some("none") => Ok(false),
-        Some(_) => Err(ApiError::InvalidInput("events: must be all or none".into())),
+        None | Some("all") => Ok(UsageEvents::Changes),
+        Some("ticks") => Ok(UsageEvents::EveryTick),
+        Some("none") => Ok(UsageEvents::Off),
+        Some(_) => Err(ApiError::InvalidInput("events: must be all, ticks or none".into())),
     }
 }
 

@@ -1,8 +1,8 @@
 //! The meter: one task that owns the clock of every open session, records
 //! their usage in one store transaction per tick (each session once a
 //! minute, and at once when its pool falls below a webhook line), tells
-//! each session its figures once a tick, and cuts sessions off at the
-//! instant their human's pool runs dry.
+//! each session its figures when they change ([`figures`]), and cuts
+//! sessions off at the instant their human's pool runs dry.
 //!
 //! Sessions of one human and limit type share a pool. Between two commits
 //! a pool with `n` open sessions drains at `n` milliseconds per millisecond,
@@ -20,6 +20,7 @@
 //! human's open sessions as soon as it is made, and usage up to the change
 //! is charged against the limit as it was.
 
+mod figures;
 mod pool;
 mod task;
 
@@ -35,6 +36,8 @@ use tracing::{Span, error};
 use crate::close::EndReason;
 use crate::limits::LimitType;
 use crate::store::{HumanId, SessionKey, Store};
+
+pub use figures::UsageEvents;
 
 /// How many commands may wait for the meter. Session tasks that find it
 /// full wait their turn; a command takes about a microsecond to handle, so
@@ -69,13 +72,15 @@ impl Health {
     }
 }
 
-/// What the meter tells a session after each commit that concerns it.
+/// What the meter tells a session: its figures, or that it is to close.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SessionUpdate {
     /// The pool's remaining milliseconds, `None` when unlimited.
     pub remaining_millis: Option<i64>,
     /// Milliseconds this session has been charged.
     pub used_millis: i64,
+    /// The pool's open sessions, each of which drains it.
+    pub sessions: u32,
     /// The pool is below the warning threshold.
     pub low: bool,
     /// The meter has ended the session; close it with this reason.
@@ -92,8 +97,8 @@ pub struct Registration {
     /// The remaining value seen at admission, `None` when unlimited.
     pub remaining: Option<i64>,
     pub revocation_epoch: i64,
-    /// The client is sent the session's figures (`usage.*` messages).
-    pub figures: bool,
+    /// Which of the session's figures its client is sent.
+    pub events: UsageEvents,
     pub updates_tx: watch::Sender<SessionUpdate>,
     pub span: Span,
 }

@@ -17,6 +17,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::{Span, debug, error, info};
 
+use super::figures::{self, Told, UsageEvents};
 use super::{Command, Health, MeterSettings, Registration, SessionUpdate, pool};
 use crate::clock;
 use crate::close::EndReason;
@@ -59,9 +60,10 @@ struct Metered {
     committed_to: Instant,
     used_millis: i64,
     revocation_epoch: i64,
-    /// The session shows its figures to the client, so it is told them
-    /// after every tick.
-    figures: bool,
+    /// Which of its figures the client asked for.
+    events: UsageEvents,
+    /// What the session was last told, from which its client counts down.
+    told: Option<Told>,
     updates_tx: watch::Sender<SessionUpdate>,
     span: Span,
 }
@@ -107,11 +109,12 @@ type Charged = Vec<(SessionKey, i64)>;
 /// Pools that ran dry while a commit waited for the store, and when.
 type Dry = Vec<(PoolKey, Instant)>;
 
-/// Each session is sent its figures once a tick, in one of this many turns
-/// spread evenly over the tick, chosen by its key. Sent to every session at
-/// once, they were a burst of work at the start of each tick (19,000
-/// messages, a few hundred milliseconds), and a cut-off that fell due in it
-/// waited behind it.
+/// Each session's figures are looked at once a tick, in one of this many
+/// turns spread evenly over the tick, chosen by its key, and sent if the
+/// client is to hear them ([`figures`]). Sent to every session at once,
+/// with `events=ticks`, they were a burst of work at the start of each tick
+/// (19,000 messages, a few hundred milliseconds), and a cut-off that fell
+/// due in it waited behind it.
 const NOTIFY_TURNS: u32 = 10;
 
 pub struct Meter {
@@ -230,7 +233,8 @@ impl Meter {
             committed_to: r.started,
             used_millis: 0,
             revocation_epoch: r.revocation_epoch,
-            figures: r.figures,
+            events: r.events,
+            told: None,
             updates_tx: r.updates_tx,
             span: r.span,
         };
@@ -426,12 +430,13 @@ impl Meter {
     }
 
     /// Tells the sessions of one of the [`NOTIFY_TURNS`] turns their figures
-    /// as of now.
-    fn notify_turn(&self, turn: u32) {
+    /// as of now, those that are to hear them.
+    fn notify_turn(&mut self, turn: u32) {
         let now = Instant::now();
         let turns = i64::from(NOTIFY_TURNS);
-        for key in self.sessions.keys().filter(|key| key.0.rem_euclid(turns) == i64::from(turn)) {
-            self.notify(*key, now);
+        let keys = self.sessions.keys().filter(|key| key.0.rem_euclid(turns) == i64::from(turn));
+        for key in keys.copied().collect::<Vec<_>>() {
+            self.notify(key, now);
         }
     }
 
@@ -632,21 +637,31 @@ impl Meter {
         self.schedule(pool_key);
     }
 
-    /// Sends a session its figures and its pool's as of `now`, if it shows
-    /// them.
-    fn notify(&self, key: SessionKey, now: Instant) {
-        let session = &self.sessions[&key];
-        if !session.figures {
+    /// Sends a session its figures and its pool's as of `now`, if its
+    /// client is to hear them.
+    fn notify(&mut self, key: SessionKey, now: Instant) {
+        let update = self.figures_of(key, now);
+        let session = self.sessions.get_mut(&key).expect("only open sessions are told");
+        if !figures::worth_sending(session.events, session.told.as_ref(), &update, now) {
             return;
         }
+        session.told = Some(Told { at: now, update });
+        session.updates_tx.send_replace(update);
+    }
+
+    /// A session's figures and its pool's as of `now`.
+    fn figures_of(&self, key: SessionKey, now: Instant) -> SessionUpdate {
+        let session = &self.sessions[&key];
         let remaining = self.live_remaining(session.pool, now);
         let running = pool::signed_millis(now, session.committed_to).max(0);
-        session.updates_tx.send_replace(SessionUpdate {
+        let sessions = self.pools.get(&session.pool).map_or(0, |pool| pool.members.len());
+        SessionUpdate {
             remaining_millis: remaining,
             used_millis: session.used_millis + running,
+            sessions: u32::try_from(sessions).unwrap_or(u32::MAX),
             low: remaining.is_some_and(|left| left < self.settings.warn_millis),
             close: None,
-        });
+        }
     }
 
     /// What remains of a pool at `now`: what the store last said, less what

@@ -28,7 +28,7 @@ use tracing::{Instrument, Span, info, warn};
 
 use crate::close::EndReason;
 use crate::limits::SessionKind;
-use crate::meter::{MeterHandle, Registration, SessionUpdate};
+use crate::meter::{MeterHandle, Registration, SessionUpdate, UsageEvents};
 use crate::store::{HumanId, SessionKey};
 use crate::upstream::{OpenUpstream, UpstreamSocket};
 use frames::{UpstreamPart, Verdict};
@@ -70,8 +70,8 @@ pub struct SessionContext {
     pub kind: SessionKind,
     pub remaining: Option<i64>,
     pub revocation_epoch: i64,
-    /// Send `usage.*` messages (`?events=none` turns them off).
-    pub events: bool,
+    /// Which `usage.*` messages the client asked for (`?events=`).
+    pub events: UsageEvents,
     pub ping: Duration,
     pub max_duration: Duration,
     pub max_message_bytes: usize,
@@ -210,6 +210,7 @@ impl Session {
             last_upstream_frame: started,
             client_full_since: None,
             low_sent: false,
+            figures_skipped: false,
         })
     }
 }
@@ -226,7 +227,7 @@ fn registration(
         started,
         remaining: context.remaining,
         revocation_epoch: context.revocation_epoch,
-        figures: context.events,
+        events: context.events,
         updates_tx,
         span: context.span.clone(),
     }
@@ -252,6 +253,10 @@ struct Session {
     client_full_since: Option<Instant>,
     /// A warning was sent and the pool has not been topped up since.
     low_sent: bool,
+    /// The last figures found no place in the client's queue; they go out
+    /// at the next ping. Every tick sends them again anyway, but by default
+    /// the meter sends them only when they change.
+    figures_skipped: bool,
 }
 
 /// What one turn of the loop decided.
@@ -400,12 +405,20 @@ impl Session {
         if let Some(reason) = update.close {
             return Err(Outcome::ClosedByMeter(reason));
         }
-        if !self.context.events {
+        self.send_figures(&update)
+    }
+
+    /// Sends `usage.remaining`, and `usage.warning` when the pool has just
+    /// fallen below the warning line.
+    fn send_figures(&mut self, update: &SessionUpdate) -> Step {
+        if self.context.events == UsageEvents::Off {
             return Ok(());
         }
         let remaining = update.remaining_millis.map(seconds);
         let used = seconds(update.used_millis);
-        self.send_event(ServerMessage::Remaining { remaining, used }.to_json())?;
+        let sessions = update.sessions;
+        let message = ServerMessage::Remaining { remaining, used, sessions }.to_json();
+        self.figures_skipped = !self.send_event(message)?;
         if !update.low {
             self.low_sent = false;
         } else if !self.low_sent {
@@ -450,13 +463,17 @@ impl Session {
             // A full queue needs no ping: the check above will tell.
             let _ = to_upstream.push_own(UpstreamMessage::Ping(Default::default()));
         }
+        if self.figures_skipped {
+            let update = *self.updates_rx.borrow();
+            self.send_figures(&update)?;
+        }
         self.send_own(Message::Ping(Default::default())).map(|_| ())
     }
 
     /// Interleaves one of the server's own messages on the client's side;
     /// they never go upstream. Returns whether it was queued.
     fn send_event(&mut self, json: String) -> Result<bool, Outcome> {
-        if !self.context.events {
+        if self.context.events == UsageEvents::Off {
             return Ok(false);
         }
         self.send_own(Message::Text(json.into()))

@@ -17,12 +17,16 @@ pub enum ServerMessage<'a> {
         /// Seconds left in the human's pool, `null` when unlimited.
         remaining: Option<f64>,
     },
-    /// After every tick that charged the session.
+    /// When the figures change other than by the client's count-down
+    /// (or after every tick, if the client asked for that).
     #[serde(rename = "usage.remaining")]
     Remaining {
         remaining: Option<f64>,
         /// Seconds this session has been charged so far.
         used: f64,
+        /// The pool's open sessions: `remaining` falls by this many
+        /// seconds a second.
+        sessions: u32,
     },
     /// Once when the pool falls below the warning threshold, and again
     /// after a top-up lifted it above and it fell once more.
@@ -61,8 +65,9 @@ mod tests {
             "remaining": null,
         });
         assert_eq!(json, expected);
-        let remaining = ServerMessage::Remaining { remaining: Some(seconds(1500)), used: 0.25 };
-        let expected = r#"{"type":"usage.remaining","remaining":1.5,"used":0.25}"#;
+        let remaining =
+            ServerMessage::Remaining { remaining: Some(seconds(1500)), used: 0.25, sessions: 2 };
+        let expected = r#"{"type":"usage.remaining","remaining":1.5,"used":0.25,"sessions":2}"#;
         assert_eq!(remaining.to_json(), expected);
     }
 }

@@ -167,6 +167,13 @@ impl Api {
         self.connect_to(&format!("/v1/realtime/session?kind=conversational&token={token}")).await
     }
 
+    /// As [`Api::connect`], with `usage.remaining` after every tick
+    /// (`events=ticks`) rather than only when the figures change.
+    pub async fn connect_ticking(&self, token: &str) -> Client {
+        let path = format!("/v1/realtime/session?kind=conversational&events=ticks&token={token}");
+        self.connect_to(&path).await
+    }
+
     /// Opens a session at `path_and_query`, panicking if it is refused.
     pub async fn connect_to(&self, path_and_query: &str) -> Client {
         let request = format!("{}{path_and_query}", self.ws_base).into_client_request().unwrap();
