@@ -33,9 +33,10 @@ const ui = {
 const visitor = visitorId();
 
 // The time left: `value` seconds as of `at` (performance.now()), counted
-// down locally while `counting`, between Tollgate's reports. `null` when
-// unknown; `Infinity` when unlimited. `max` is the bar's full length.
-const time = { value: null, at: 0, counting: false, max: 0, timer: 0 };
+// down locally while `counting`, between Tollgate's reports, by `rate`
+// seconds a second (the pool's open sessions). `null` when unknown;
+// `Infinity` when unlimited. `max` is the bar's full length.
+const time = { value: null, at: 0, counting: false, max: 0, timer: 0, rate: 1 };
 
 // The conversation in progress, if any.
 let conversation = null;
@@ -178,11 +179,15 @@ function onMessage(c, data) {
   switch (message?.type) {
     case 'usage.session_started':
       c.live = true;
+      time.rate = 1;
       ui.sessionId.textContent = message.session_id;
       setState('live', 'Conversation live', 'Speak: what you say comes back to you.');
       reported(message.remaining);
       break;
     case 'usage.remaining':
+      // Sent only when the figures change: in between, the pool falls by
+      // one second a second for each of its open sessions.
+      time.rate = message.sessions ?? 1;
       reported(message.remaining);
       break;
     case 'usage.warning':
@@ -388,7 +393,7 @@ function showTime(value, counting = false) {
 
 function currentTime() {
   if (time.value === null || !time.counting) return time.value;
-  return Math.max(0, time.value - (performance.now() - time.at) / 1000);
+  return Math.max(0, time.value - time.rate * (performance.now() - time.at) / 1000);
 }
 
 function render() {
