@@ -15,13 +15,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{self, AppState, AuthFailures};
-use crate::config::{LLM_API_KEY_VARIABLE, Settings};
+use crate::config::{Database, LLM_API_KEY_VARIABLE, Settings};
 use crate::listener;
 use crate::llm::{LlmClient, Proxy};
 use crate::meter::{self, Health, MeterSettings};
 use crate::outbound;
 use crate::secret::{Secret, SecretKind};
 use crate::store::Store;
+use crate::store::postgres::{InstanceLock, PostgresStore};
 use crate::store::sqlite::{SqliteStore, StoreThreads};
 use crate::upstream::{self, UpstreamClient};
 use crate::webhooks;
@@ -63,14 +64,12 @@ impl RunningServer {
 /// Opens the database and starts serving.
 pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     let tls = settings.tls.as_ref().map(crate::tls::acceptor).transpose()?;
-    let lock = lock_database(&settings.db)?;
+    let lock = DatabaseLock::take(&settings.db).await?;
     crate::metrics::handle();
     let listener = listener::bind(settings.listen)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let local_addr = listener.local_addr()?;
-    let max_db_bytes = settings.max_db_mb.map(|mb| mb * 1024 * 1024);
-    let (store, store_threads) = SqliteStore::open_capped(&settings.db, max_db_bytes)?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let (store, store_threads) = open_store(&settings).await?;
     let abandoned = store.close_abandoned_sessions().await?;
     if abandoned > 0 {
         info!(sessions = abandoned, "closed sessions the previous run left open");
@@ -166,9 +165,10 @@ struct Parts {
     /// Stops at the shutdown signal; what it was sending is sent again at
     /// the next start.
     dispatcher: JoinHandle<()>,
-    store_threads: StoreThreads,
-    /// Held until the end: see [`lock_database`].
-    _lock: File,
+    /// SQLite's threads; PostgreSQL has none.
+    store_threads: Option<StoreThreads>,
+    /// Held until the end: see [`DatabaseLock`].
+    _lock: DatabaseLock,
 }
 
 /// Waits for the shutdown signal, then stops in order: the meter ends and
@@ -190,14 +190,56 @@ async fn stop_when_asked(shutdown: CancellationToken, parts: Parts) -> anyhow::R
         warn!("some sessions did not finish closing in time; their usage is recorded");
         return finish(recorded);
     }
-    let store_threads = parts.store_threads;
-    tokio::task::spawn_blocking(move || store_threads.join()).await?;
+    if let Some(store_threads) = parts.store_threads {
+        tokio::task::spawn_blocking(move || store_threads.join()).await?;
+    }
     finish(recorded)
 }
 
-/// Takes a lock that only one server at a time can hold for a database. A
-/// second server started on the same file would otherwise close the first
-/// one's live sessions as left over from a crash.
+/// A lock that only one server at a time can hold for a database. A
+/// second server started on the same database would otherwise close the
+/// first one's live sessions as left over from a crash.
+enum DatabaseLock {
+    /// `<db>.lock`, beside the SQLite file.
+    File { _file: File },
+    /// An advisory lock in PostgreSQL.
+    Postgres { _lock: InstanceLock },
+}
+
+impl DatabaseLock {
+    async fn take(db: &Database) -> anyhow::Result<DatabaseLock> {
+        Ok(match db {
+            Database::Sqlite(path) => DatabaseLock::File { _file: lock_database(path)? },
+            Database::Postgres(url) => {
+                let lock = InstanceLock::take(url.expose())
+                    .await
+                    .with_context(|| format!("cannot use the database {url}"))?;
+                DatabaseLock::Postgres { _lock: lock }
+            }
+        })
+    }
+}
+
+/// Opens the server's store: SQLite, capped as the settings say, or
+/// PostgreSQL.
+async fn open_store(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Option<StoreThreads>)> {
+    match &settings.db {
+        Database::Sqlite(path) => {
+            let max_db_bytes = settings.max_db_mb.map(|mb| mb * 1024 * 1024);
+            let (store, threads) = SqliteStore::open_capped(path, max_db_bytes)?;
+            Ok((Arc::new(store), Some(threads)))
+        }
+        Database::Postgres(url) => {
+            let store = PostgresStore::open(url.expose())
+                .await
+                .with_context(|| format!("cannot open the database {url}"))?;
+            info!(database = %url, "using PostgreSQL");
+            Ok((Arc::new(store), None))
+        }
+    }
+}
+
+/// The lock file of a SQLite database at `db`.
 fn lock_database(db: &Path) -> anyhow::Result<File> {
     let mut path = db.as_os_str().to_owned();
     path.push(".lock");
@@ -233,7 +275,8 @@ async fn create_first_project(store: &dyn Store) -> anyhow::Result<Option<Secret
 }
 
 /// Creates the project if needed and a new API key for it, in the database
-/// at `db`, for `tollgate keys create`.
+/// `db` names (a `--db` value: a SQLite path or a PostgreSQL URL), for
+/// `tollgate keys create`.
 pub async fn create_api_key(db: &Path, project: &str) -> anyhow::Result<Secret> {
     anyhow::ensure!(
         !project.is_empty() && project.len() <= 100,
@@ -243,11 +286,11 @@ pub async fn create_api_key(db: &Path, project: &str) -> anyhow::Result<Secret> 
         !project.chars().any(char::is_control) && project.trim() == project,
         "--project must not contain control characters or start or end with white space"
     );
-    let (store, store_threads) = SqliteStore::open(db)?;
+    let (store, store_threads) = open_for_command(db).await?;
     let key = Secret::generate(SecretKind::ApiKey);
-    store.add_api_key(project, key.hash()).await?;
-    drop(store);
-    tokio::task::spawn_blocking(move || store_threads.join()).await?;
+    let added = store.add_api_key(project, key.hash()).await;
+    close_for_command(store, store_threads).await?;
+    added?;
     Ok(key)
 }
 
@@ -257,12 +300,42 @@ pub async fn revoke_api_key(db: &Path, key: &str) -> anyhow::Result<()> {
     let Some(hash) = crate::secret::parse(key.trim(), SecretKind::ApiKey) else {
         anyhow::bail!("--api-key: not an API key (tgk_ and 47 characters, checksum included)");
     };
-    // Opening the store would create a database that is not there.
-    anyhow::ensure!(db.exists(), "--db: there is no database at {}", db.display());
-    let (store, store_threads) = SqliteStore::open(db)?;
+    // Opening the store would create a SQLite database that is not there.
+    if let Database::Sqlite(path) = Database::parse(db).map_err(anyhow::Error::msg)? {
+        anyhow::ensure!(path.exists(), "--db: there is no database at {}", path.display());
+    }
+    let (store, store_threads) = open_for_command(db).await?;
     let revoked = store.revoke_api_key(hash).await;
-    drop(store);
-    tokio::task::spawn_blocking(move || store_threads.join()).await?;
+    close_for_command(store, store_threads).await?;
     anyhow::ensure!(revoked?, "--api-key: no live key of this database matches it");
+    Ok(())
+}
+
+/// The store a command of the command line works on, beside a server that
+/// may be running on it.
+async fn open_for_command(db: &Path) -> anyhow::Result<(Arc<dyn Store>, Option<StoreThreads>)> {
+    match Database::parse(db).map_err(anyhow::Error::msg)? {
+        Database::Sqlite(path) => {
+            let (store, threads) = SqliteStore::open(&path)?;
+            Ok((Arc::new(store), Some(threads)))
+        }
+        Database::Postgres(url) => {
+            let store = PostgresStore::open(url.expose())
+                .await
+                .with_context(|| format!("cannot open the database {url}"))?;
+            Ok((Arc::new(store), None))
+        }
+    }
+}
+
+/// Closes what [`open_for_command`] opened, waiting for SQLite's threads.
+async fn close_for_command(
+    store: Arc<dyn Store>,
+    store_threads: Option<StoreThreads>,
+) -> anyhow::Result<()> {
+    drop(store);
+    if let Some(threads) = store_threads {
+        tokio::task::spawn_blocking(move || threads.join()).await?;
+    }
     Ok(())
 }

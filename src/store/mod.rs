@@ -1,11 +1,14 @@
 //! The storage interface: everything the HTTP handlers and the meter need
-//! to persist, with no trace of the database behind it. SQLite
-//! ([`sqlite::SqliteStore`]) is the one backend today; a second one only has
-//! to implement [`Store`].
+//! to persist, with no trace of the database behind it. Two backends
+//! implement [`Store`]: SQLite ([`sqlite::SqliteStore`]), the default, and
+//! PostgreSQL ([`postgres::PostgresStore`]); [`hooks`] holds what both read
+//! of a project's webhook.
 //!
 //! Amounts are in base units (milliseconds for seconds limits, tokens for
 //! `token_cnt`) and times are Unix milliseconds, both as `i64`.
 
+mod hooks;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;

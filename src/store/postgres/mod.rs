@@ -1,0 +1,427 @@
+//! The PostgreSQL backend: a pool of connections (deadpool) on which every
+//! method runs its statements, a transaction where it changes more than one
+//! row. The schema (`schema.postgres.sql`) is applied here when the store is
+//! opened, and database errors become [`StoreError`]s here, in one place.
+//!
+//! Transactions run at PostgreSQL's default isolation, read committed, and
+//! take row locks where two of them could otherwise both act on what they
+//! read: a pool's row is locked (`FOR NO KEY UPDATE`) before it is charged,
+//! granted or held against, and a human's row before a session of theirs
+//! is admitted. Pools are locked in the order of human and limit type, so
+//! that two batches charging the same pools wait for each other rather
+//! than deadlock. Balances change only by `balance = balance - $n`
+//! statements that return the new value, with the amount cut to what
+//! remains by the database where a cut applies.
+//!
+//! Only one server at a time may use a database for now: see
+//! [`InstanceLock`].
+
+mod accounts;
+mod completions;
+mod listings;
+mod outbox;
+mod query;
+mod reports;
+mod usage;
+mod webhooks;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Config, NoTls};
+
+use super::sqlite::SCHEMA_VERSION;
+use super::{
+    Admission, ApiKeyRecord, AttemptOutcome, CompletionAdmission, CompletionEnd, Delivery,
+    DeliveryStatus, DueEvent, Human, HumanId, LedgerFilter, LedgerRow, Listing, MintRequest,
+    NewCompletion, NewReport, NewSession, Page, ProjectId, ReportOutcome, SessionFilter,
+    SessionRow, Store, StoreError, StoreResult, UnixMillis, UsageBatch, UsageRecorded,
+    UsageTokenRecord, Webhook, WebhookChange,
+};
+use crate::limits::{ChangeMode, Limit};
+use crate::secret::SecretHash;
+
+const SCHEMA: &str = include_str!("../../../schema.postgres.sql");
+
+/// Connections the pool keeps at most. The meter commits one transaction
+/// at a time; the rest serve HTTP handlers and the webhook dispatcher.
+/// Callers past this wait up to [`POOL_WAIT`] for a connection.
+const POOL_SIZE: usize = 16;
+
+/// How long a caller waits for a free connection, or for a new one to be
+/// made, before the store counts as unavailable. Failing makes the meter
+/// close its sessions rather than meter blind, so the wait is short.
+const POOL_WAIT: Duration = Duration::from_secs(2);
+
+/// How long one statement may run, and wait for a lock, before PostgreSQL
+/// cancels it: a stuck database fails the call (unavailable) instead of
+/// holding the meter's commit for ever.
+const STATEMENT_TIMEOUT_MS: u64 = 5000;
+
+/// The advisory lock key that serialises schema changes between servers
+/// starting at once: the text "tollgate" read as a number.
+const SCHEMA_LOCK: i64 = 0x746f_6c6c_6761_7465;
+
+/// The advisory lock key held by the one server using the database.
+const INSTANCE_LOCK: i64 = SCHEMA_LOCK + 1;
+
+/// A handle on the pool; cheap to clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl PostgresStore {
+    /// Connects to the database `url` names and applies the schema to an
+    /// empty one. The URL is never logged or put in an error: it may hold
+    /// a password.
+    pub async fn open(url: &str) -> anyhow::Result<PostgresStore> {
+        let config = connection_config(url)?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .recycle_timeout(Some(POOL_WAIT))
+            .build()
+            .context("cannot set up the PostgreSQL connection pool")?;
+        let store = PostgresStore { pool };
+        let mut client = store.client().await.context("cannot connect to PostgreSQL")?;
+        migrate(&mut client).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> StoreResult<deadpool_postgres::Client> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+/// The connection settings of `url`, with the timeouts above. TLS is not
+/// supported yet: a URL that asks for it (`sslmode=require`) fails to
+/// connect, and one that prefers it connects without.
+fn connection_config(url: &str) -> anyhow::Result<Config> {
+    let mut config: Config =
+        url.parse().context("the PostgreSQL URL is not a valid connection string")?;
+    config.connect_timeout(POOL_WAIT);
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(30));
+    config.application_name("tollgate");
+    config.options(format!(
+        "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS}"
+    ));
+    Ok(config)
+}
+
+/// Applies the schema to an empty database, in one transaction that holds
+/// an advisory lock, so that a second server starting at the same moment
+/// waits and then finds the schema there. A database of another version is
+/// refused: there are no PostgreSQL upgrade scripts yet.
+async fn migrate(client: &mut deadpool_postgres::Client) -> anyhow::Result<()> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK]).await?;
+    let exists: bool =
+        tx.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[]).await?.get(0);
+    if !exists {
+        tx.batch_execute(SCHEMA).await.context("cannot apply schema.postgres.sql")?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+            &[&SCHEMA_VERSION, &crate::clock::now_millis()],
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(());
+    }
+    let version: Option<i64> =
+        tx.query_one("SELECT MAX(version) FROM schema_version", &[]).await?.get(0);
+    match version {
+        Some(SCHEMA_VERSION) => Ok(()),
+        None => anyhow::bail!("the database has a schema_version table with no version in it"),
+        Some(version) => anyhow::bail!(
+            "the database has schema version {version}, and this build of Tollgate only \
+             knows version {SCHEMA_VERSION} on PostgreSQL"
+        ),
+    }
+}
+
+/// The database's lock for one server: a session-level advisory lock on a
+/// connection of its own, outside the pool, held while it is open.
+///
+/// A server cleans up at start what a crashed run left open (sessions,
+/// completions), and it cannot yet tell another live server's sessions
+/// from a dead one's; so a second server on the same database is refused,
+/// as a second one on the same SQLite file is. If this connection breaks,
+/// the lock goes with it and a second server could start; nothing watches
+/// for that yet.
+pub struct InstanceLock {
+    _client: tokio_postgres::Client,
+}
+
+impl InstanceLock {
+    /// Takes the lock, or fails at once if another server holds it.
+    pub async fn take(url: &str) -> anyhow::Result<InstanceLock> {
+        let config = connection_config(url)?;
+        let (client, connection) =
+            config.connect(NoTls).await.context("cannot connect to PostgreSQL")?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::error!(%error, "the connection holding the database's lock broke");
+            }
+        });
+        let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&INSTANCE_LOCK]).await?;
+        anyhow::ensure!(
+            row.get::<_, bool>(0),
+            "another tollgate server is already using this PostgreSQL database"
+        );
+        Ok(InstanceLock { _client: client })
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> StoreError {
+        let Some(code) = error.code() else {
+            // No SQLSTATE: the connection failed or closed.
+            return StoreError::Unavailable(error.to_string());
+        };
+        let text = match error.as_db_error() {
+            Some(db) => db.message().to_owned(),
+            None => error.to_string(),
+        };
+        if *code == SqlState::DISK_FULL {
+            return StoreError::Full;
+        }
+        let class = &code.code()[..2];
+        let transient = [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::QUERY_CANCELED,
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+        ];
+        // 08: connection exceptions; 53: out of resources (memory,
+        // connections).
+        if class == "08" || class == "53" || transient.contains(code) {
+            return StoreError::Unavailable(text);
+        }
+        StoreError::Other(text)
+    }
+}
+
+impl From<PoolError> for StoreError {
+    fn from(error: PoolError) -> StoreError {
+        match error {
+            PoolError::Backend(error) => error.into(),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.client().await?.query_one("SELECT 1", &[]).await?;
+        Ok(())
+    }
+
+    async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()> {
+        accounts::add_api_key(&mut self.client().await?, project, key).await
+    }
+
+    async fn revoke_api_key(&self, key: SecretHash) -> StoreResult<bool> {
+        let now = crate::clock::now_millis();
+        accounts::revoke_api_key(&self.client().await?, key, now).await
+    }
+
+    async fn has_projects(&self) -> StoreResult<bool> {
+        accounts::has_projects(&self.client().await?).await
+    }
+
+    async fn find_api_key(&self, key: SecretHash) -> StoreResult<Option<ApiKeyRecord>> {
+        accounts::find_api_key(&self.client().await?, key).await
+    }
+
+    async fn find_usage_token(&self, token: SecretHash) -> StoreResult<Option<UsageTokenRecord>> {
+        accounts::find_usage_token(&self.client().await?, token).await
+    }
+
+    async fn find_human(&self, project: ProjectId, name: &str) -> StoreResult<Option<Human>> {
+        accounts::find_human(&self.client().await?, project, name).await
+    }
+
+    async fn find_or_create_human(&self, project: ProjectId, name: &str) -> StoreResult<Human> {
+        let now = crate::clock::now_millis();
+        accounts::find_or_create_human(&self.client().await?, project, name, now).await
+    }
+
+    async fn mint_token(&self, request: MintRequest) -> StoreResult<Vec<Limit>> {
+        accounts::mint_token(&mut self.client().await?, request).await
+    }
+
+    async fn limits(&self, human: HumanId) -> StoreResult<Vec<Limit>> {
+        accounts::limits(&self.client().await?, human).await
+    }
+
+    async fn change_limits(
+        &self,
+        project: ProjectId,
+        human: &str,
+        changes: Vec<Limit>,
+        mode: ChangeMode,
+        now: UnixMillis,
+    ) -> StoreResult<Vec<Limit>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let found = accounts::find_or_create_human(&tx, project, human, now).await?;
+        accounts::apply_limits(&tx, found.id, &changes, mode, now).await?;
+        let after = accounts::limits(&tx, found.id).await?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    async fn revoke(
+        &self,
+        project: ProjectId,
+        human: &str,
+        now: UnixMillis,
+    ) -> StoreResult<Option<u64>> {
+        accounts::revoke(&mut self.client().await?, project, human, now).await
+    }
+
+    async fn newest_live_token(
+        &self,
+        project: ProjectId,
+        human: &str,
+        now: UnixMillis,
+    ) -> StoreResult<Option<UnixMillis>> {
+        accounts::newest_live_token(&self.client().await?, project, human, now).await
+    }
+
+    async fn set_token_expiry(
+        &self,
+        project: ProjectId,
+        human: &str,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<u64> {
+        let client = self.client().await?;
+        accounts::set_token_expiry(&client, project, human, now, expires_at).await
+    }
+
+    async fn open_session(&self, session: NewSession) -> StoreResult<Admission> {
+        usage::open_session(&mut self.client().await?, session).await
+    }
+
+    async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {
+        usage::record(&mut self.client().await?, batch, now).await
+    }
+
+    async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
+        usage::close_abandoned(&mut self.client().await?).await
+    }
+
+    async fn start_completion(
+        &self,
+        completion: NewCompletion,
+    ) -> StoreResult<CompletionAdmission> {
+        completions::start(&mut self.client().await?, completion).await
+    }
+
+    async fn end_completion(&self, end: CompletionEnd) -> StoreResult<Option<i64>> {
+        completions::end(&mut self.client().await?, end).await
+    }
+
+    async fn close_abandoned_completions(&self, now: UnixMillis) -> StoreResult<u64> {
+        completions::close_abandoned(&mut self.client().await?, now).await
+    }
+
+    async fn report_usage(&self, report: NewReport) -> StoreResult<ReportOutcome> {
+        reports::record(&mut self.client().await?, report).await
+    }
+
+    async fn set_webhook(&self, change: WebhookChange) -> StoreResult<(Webhook, bool)> {
+        webhooks::set(&mut self.client().await?, change).await
+    }
+
+    async fn webhook(&self, project: ProjectId) -> StoreResult<Option<Webhook>> {
+        webhooks::get(&self.client().await?, project).await
+    }
+
+    async fn delete_webhook(&self, project: ProjectId) -> StoreResult<bool> {
+        webhooks::delete(&mut self.client().await?, project).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        project: ProjectId,
+        secret: String,
+        previous_until: UnixMillis,
+        now: UnixMillis,
+    ) -> StoreResult<bool> {
+        let client = self.client().await?;
+        webhooks::rotate(&client, project, &secret, previous_until, now).await
+    }
+
+    async fn due_events(
+        &self,
+        now: UnixMillis,
+        busy: Vec<i64>,
+        per_project: u32,
+        limit: u32,
+    ) -> StoreResult<Vec<DueEvent>> {
+        webhooks::due(&self.client().await?, now, &busy, per_project, limit).await
+    }
+
+    async fn record_attempt(
+        &self,
+        seq: i64,
+        outcome: AttemptOutcome,
+        now: UnixMillis,
+    ) -> StoreResult<()> {
+        webhooks::record_attempt(&self.client().await?, seq, outcome, now).await
+    }
+
+    async fn deliveries(
+        &self,
+        project: ProjectId,
+        status: Option<DeliveryStatus>,
+        after: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<Delivery>> {
+        webhooks::list(&self.client().await?, project, status, after, limit).await
+    }
+
+    async fn retry_delivery(
+        &self,
+        project: ProjectId,
+        id: &str,
+        now: UnixMillis,
+    ) -> StoreResult<Option<Delivery>> {
+        webhooks::retry(&self.client().await?, project, id, now).await
+    }
+
+    async fn ledger(
+        &self,
+        filter: LedgerFilter,
+        page: Page<i64>,
+    ) -> StoreResult<Listing<LedgerRow>> {
+        listings::ledger(&self.client().await?, filter, page).await
+    }
+
+    async fn sessions(
+        &self,
+        filter: SessionFilter,
+        page: Page<String>,
+    ) -> StoreResult<Option<Listing<SessionRow>>> {
+        listings::sessions(&self.client().await?, filter, page).await
+    }
+}
