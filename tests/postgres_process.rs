@@ -1,0 +1,99 @@
+//! The `tollgate` binary on PostgreSQL, end to end: started with
+//! `--db postgres://...` on a fresh database, it mints over HTTP, meters a
+//! WebSocket session and debits it; `keys create` and `keys revoke` work
+//! on the URL; a second server on the same database is refused. Skipped,
+//! saying so, without `TOLLGATE_TEST_POSTGRES` (see tests/common/postgres.rs).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::Api;
+use common::binary::{self, Process};
+use common::postgres::{self, FreshDatabase};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+fn api_of(process: &Process, key: &str) -> Api {
+    Api::new(process.base.trim_start_matches("http://"), key.to_owned())
+}
+
+async fn wait_for_exit(process: Process) -> (std::process::ExitStatus, Vec<String>) {
+    let limit = Duration::from_secs(20);
+    tokio::task::spawn_blocking(move || process.wait(limit)).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_server_on_postgres_meters_a_session_and_debits_it() {
+    let Some(server) = postgres::server("a_server_on_postgres_meters_a_session") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let process = binary::spawn(Path::new(&db.url), &["--tick-ms", "100"], "info");
+    let api = api_of(&process, &process.api_key());
+
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut client = api.connect(&token).await;
+    client.send(Message::Binary(vec![0u8; 640].into())).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    client.close().await;
+
+    // The session's last charge is written when its end is; the limits
+    // then read what is left.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let remaining = loop {
+        let remaining = api.remaining("ada", "conversational_seconds").await;
+        let (_, sessions) =
+            api.backend(reqwest::Method::GET, "/v1/realtime/sessions?state=ended", json!({})).await;
+        if sessions["data"].as_array().is_some_and(|rows| rows.len() == 1) {
+            break remaining;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the session never ended: {sessions}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(remaining <= 30.0 - 1.2 && remaining > 25.0, "{remaining} seconds left");
+
+    process.signal("TERM");
+    let (status, stderr) = wait_for_exit(process).await;
+    assert!(status.success(), "{stderr:?}");
+    assert!(stderr.iter().any(|line| line.contains("using PostgreSQL")), "{stderr:?}");
+}
+
+#[tokio::test]
+async fn keys_are_created_and_revoked_on_a_postgres_url_and_a_second_server_is_refused() {
+    let Some(server) = postgres::server("keys_are_created_and_revoked_on_a_postgres_url") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let url = std::path::PathBuf::from(&db.url);
+    let (status, stdout, stderr) =
+        binary::run_binary(&["keys", "create", "--project", "acme"], &url);
+    assert!(status.success(), "{stderr}");
+    let key = stdout.trim().to_owned();
+    assert!(key.starts_with("tgk_"), "{stdout}");
+
+    // A database that already has a project gets no default key.
+    let process = binary::spawn(&url, &[], "info");
+    assert_eq!(process.printed_key(), None);
+    let api = api_of(&process, &key);
+    assert_eq!(api.post("/v1/usage/token", json!({ "human": "ada" })).await.0, 200);
+
+    let second = binary::run_binary(&["serve", "--listen", "127.0.0.1:0"], &url);
+    assert!(!second.0.success());
+    assert!(second.2.contains("another tollgate server"), "{}", second.2);
+
+    let env = [("TOLLGATE_API_KEY", key.as_str())];
+    let (status, _, stderr) = binary::run_binary_with_env(&["keys", "revoke"], &url, &env);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(api.post("/v1/usage/token", json!({ "human": "ada" })).await.0, 401);
+    drop(process);
+}
+
+#[tokio::test]
+async fn a_cap_on_the_database_is_refused_with_postgres() {
+    let url = std::path::PathBuf::from("postgres://nobody@127.0.0.1:1/none");
+    let (status, _, stderr) = binary::run_binary(&["serve", "--max-db-mb", "64"], &url);
+    assert!(!status.success());
+    assert!(stderr.contains("--max-db-mb") && stderr.contains("PostgreSQL"), "{stderr}");
+}

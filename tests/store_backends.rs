@@ -1,0 +1,444 @@
+//! The same scenarios against each storage backend, through the `Store`
+//! trait alone: SQLite always, and PostgreSQL in a fresh database per test
+//! when `TOLLGATE_TEST_POSTGRES` names a server (see tests/common/postgres.rs
+//! and .ci/postgres). Each scenario ends by checking the ledger identity:
+//! every pool's balance is the sum of its ledger rows.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::postgres::{self, FreshDatabase};
+use tollgate::close::EndReason;
+use tollgate::limits::{ChangeMode, Limit, LimitType, SessionKind};
+use tollgate::secret::{Secret, SecretKind};
+use tollgate::store::postgres::PostgresStore;
+use tollgate::store::sqlite::SqliteStore;
+use tollgate::store::{
+    Admission, AttemptOutcome, Charge, CompletionAdmission, CompletionEnd, CompletionOutcome,
+    DeliveryStatus, HumanId, LedgerFilter, MintRequest, NewCompletion, NewReport, NewSession, Page,
+    ProjectId, ReportOutcome, SessionEnd, SessionFilter, SessionKey, Store, StoreError, UsageBatch,
+    UsageSource, WebhookChange,
+};
+
+const CONVERSATIONAL: LimitType = LimitType::ConversationalSeconds;
+const NOW: i64 = 1_800_000_000_000;
+const HOUR: i64 = 3_600_000;
+
+/// One backend's store and where its rows can be read directly.
+struct Backend {
+    name: &'static str,
+    store: Arc<dyn Store>,
+    rows: Rows,
+}
+
+enum Rows {
+    Sqlite { path: PathBuf, _dir: tempfile::TempDir },
+    Postgres { db: FreshDatabase },
+}
+
+/// A store of each backend there is, each on an empty database.
+async fn backends(case: &str) -> Vec<Backend> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let (sqlite, _threads) = SqliteStore::open(&path).unwrap();
+    let mut backends = vec![Backend {
+        name: "sqlite",
+        store: Arc::new(sqlite),
+        rows: Rows::Sqlite { path, _dir: dir },
+    }];
+    if let Some(server) = postgres::server(case) {
+        let db = FreshDatabase::create(&server).await;
+        let store = PostgresStore::open(&db.url).await.unwrap();
+        backends.push(Backend {
+            name: "postgres",
+            store: Arc::new(store),
+            rows: Rows::Postgres { db },
+        });
+    }
+    backends
+}
+
+/// Pools whose balance differs from the sum of their ledger rows:
+/// (human, type, balance, sum).
+const UNBALANCED: &str = "
+    SELECT l.human_id, l.limit_type, l.balance,
+           CAST((SELECT COALESCE(SUM(amount), 0) FROM ledger g
+                 WHERE g.human_id = l.human_id AND g.limit_type = l.limit_type) AS BIGINT)
+    FROM limits l";
+
+impl Backend {
+    async fn assert_ledger_identity(&self) {
+        let pools: Vec<(i64, String, i64, i64)> = match &self.rows {
+            Rows::Sqlite { path, .. } => {
+                let conn = common::open_db(path);
+                let mut stmt = conn.prepare(UNBALANCED).unwrap();
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)));
+                rows.unwrap().map(Result::unwrap).collect()
+            }
+            Rows::Postgres { db } => {
+                let (client, connection) =
+                    tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(connection);
+                let rows = client.query(UNBALANCED, &[]).await.unwrap();
+                rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect()
+            }
+        };
+        let broken: Vec<_> = pools.iter().filter(|(_, _, balance, sum)| balance != sum).collect();
+        assert!(broken.is_empty(), "{}: balance differs from the ledger: {broken:?}", self.name);
+    }
+
+    /// A new project, by name.
+    async fn project(&self, name: &str) -> ProjectId {
+        let key = Secret::generate(SecretKind::ApiKey);
+        self.store.add_api_key(name, key.hash()).await.unwrap();
+        self.store.find_api_key(key.hash()).await.unwrap().unwrap().project
+    }
+
+    /// Mints a token for `human` with these limits; returns the human and
+    /// the token's id.
+    async fn mint(&self, project: ProjectId, human: &str, limits: &[Limit]) -> (HumanId, i64) {
+        let token = Secret::generate(SecretKind::UsageToken);
+        let request = MintRequest {
+            project,
+            human: human.into(),
+            token_hash: token.hash(),
+            now: NOW,
+            expires_at: NOW + HOUR,
+            limits: Some(limits.to_vec()),
+        };
+        self.store.mint_token(request).await.unwrap();
+        let record = self.store.find_usage_token(token.hash()).await.unwrap().unwrap();
+        (record.human.id, record.id)
+    }
+
+    async fn open(&self, human: HumanId, token: i64, id: &str, cap: Option<u32>) -> Admission {
+        let session = NewSession {
+            human,
+            kind: SessionKind::Conversational,
+            public_id: id.into(),
+            token: Some(token),
+            max_sessions_per_human: cap,
+            now: NOW,
+        };
+        self.store.open_session(session).await.unwrap()
+    }
+
+    async fn admitted(&self, human: HumanId, token: i64, id: &str) -> SessionKey {
+        match self.open(human, token, id, None).await {
+            Admission::Admitted { key, .. } => key,
+            other => panic!("{}: session {id} refused: {other:?}", self.name),
+        }
+    }
+
+    async fn charge(&self, human: HumanId, session: SessionKey, amount: i64) -> Option<i64> {
+        let charge = Charge { session, human, limit_type: CONVERSATIONAL, amount };
+        let batch = UsageBatch { charges: vec![charge], ends: vec![] };
+        let recorded = self.store.record_usage(batch, NOW + 1000).await.unwrap();
+        recorded.pools[0].remaining
+    }
+}
+
+fn seconds(value: i64) -> Limit {
+    Limit { limit_type: CONVERSATIONAL, value: value * 1000 }
+}
+
+fn tokens(value: i64) -> Limit {
+    Limit { limit_type: LimitType::TokenCnt, value }
+}
+
+#[tokio::test]
+async fn minting_sets_limits_and_a_change_sets_or_adds_with_a_grant_each() {
+    for b in backends("minting_sets_limits").await {
+        let project = b.project("acme").await;
+        let (human, _) = b.mint(project, "ada", &[seconds(10)]).await;
+        assert_eq!(b.store.limits(human).await.unwrap(), vec![seconds(10)], "{}", b.name);
+
+        let added = b.store.change_limits(project, "ada", vec![seconds(5)], ChangeMode::Add, NOW);
+        assert_eq!(added.await.unwrap(), vec![seconds(15)], "{}", b.name);
+        let set = b.store.change_limits(project, "ada", vec![tokens(100)], ChangeMode::Set, NOW);
+        assert_eq!(set.await.unwrap(), vec![seconds(15), tokens(100)], "{}", b.name);
+
+        let huge = Limit { limit_type: CONVERSATIONAL, value: CONVERSATIONAL.max_base() };
+        let over = b.store.change_limits(project, "ada", vec![huge], ChangeMode::Add, NOW).await;
+        assert!(matches!(over, Err(StoreError::LimitOverflow(_))), "{}: {over:?}", b.name);
+        assert_eq!(b.store.limits(human).await.unwrap(), vec![seconds(15), tokens(100)]);
+
+        let filter = LedgerFilter { project, human: Some("ada".into()), limit_type: None };
+        let ledger = b.store.ledger(filter, Page { after: None, limit: 10 }).await.unwrap();
+        let amounts: Vec<i64> = ledger.rows.iter().map(|row| row.amount).collect();
+        assert_eq!(amounts, vec![10_000, 5_000, 100], "{}", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
+async fn a_session_is_refused_past_the_cap_when_the_limit_is_spent_or_the_token_is_dead() {
+    for b in backends("a_session_is_refused").await {
+        let project = b.project("acme").await;
+        let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+        for id in ["s1", "s2"] {
+            let admitted = b.open(human, token, id, Some(2)).await;
+            let expected_remaining = Some(10_000);
+            assert!(
+                matches!(admitted, Admission::Admitted { remaining, .. }
+                         if remaining == expected_remaining),
+                "{}: {admitted:?}",
+                b.name
+            );
+        }
+        assert_eq!(b.open(human, token, "s3", Some(2)).await, Admission::TooManySessions);
+
+        let (spent, spent_token) = b.mint(project, "bob", &[seconds(0)]).await;
+        assert_eq!(b.open(spent, spent_token, "s4", None).await, Admission::LimitExhausted);
+
+        b.store.revoke(project, "ada", NOW).await.unwrap();
+        assert_eq!(b.open(human, token, "s5", None).await, Admission::TokenRevoked, "{}", b.name);
+
+        let (_, late_token) = b.mint(project, "cy", &[seconds(10)]).await;
+        let cy = b.store.find_human(project, "cy").await.unwrap().unwrap().id;
+        let late = NewSession {
+            human: cy,
+            kind: SessionKind::Conversational,
+            public_id: "s6".into(),
+            token: Some(late_token),
+            max_sessions_per_human: None,
+            now: NOW + 2 * HOUR,
+        };
+        assert_eq!(b.store.open_session(late).await.unwrap(), Admission::TokenExpired);
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
+async fn usage_is_debited_cut_at_zero_and_the_end_records_what_the_session_was_charged() {
+    for b in backends("usage_is_debited").await {
+        let project = b.project("acme").await;
+        let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+        let session = b.admitted(human, token, "s1").await;
+
+        assert_eq!(b.charge(human, session, 3_000).await, Some(7_000), "{}", b.name);
+        assert_eq!(b.charge(human, session, 9_000).await, Some(0), "{}", b.name);
+        let end = SessionEnd { session, reason: EndReason::UsageLimitExceeded };
+        let batch = UsageBatch { charges: vec![], ends: vec![end] };
+        let recorded = b.store.record_usage(batch, NOW + 2000).await.unwrap();
+        assert_eq!(recorded.ended, vec![(session, 10_000)], "{}", b.name);
+
+        let filter = SessionFilter { project, human: None, state: None };
+        let listed = b.store.sessions(filter, Page { after: None, limit: 10 }).await.unwrap();
+        let row = &listed.unwrap().rows[0];
+        assert_eq!(
+            (row.charged, row.end_reason.as_deref()),
+            (10_000, Some("usage_limit_exceeded"))
+        );
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
+async fn a_refund_gives_back_no_more_than_was_charged_since_the_limit_was_set() {
+    for b in backends("a_refund_gives_back").await {
+        let project = b.project("acme").await;
+        let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+        let session = b.admitted(human, token, "s1").await;
+        assert_eq!(b.charge(human, session, 4_000).await, Some(6_000));
+        b.store
+            .change_limits(project, "ada", vec![seconds(20)], ChangeMode::Set, NOW)
+            .await
+            .unwrap();
+        assert_eq!(b.charge(human, session, 1_000).await, Some(19_000));
+        assert_eq!(b.charge(human, session, -3_000).await, Some(20_000), "{}", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_debits_of_one_human_never_lose_an_update() {
+    const ROUNDS: i64 = 25;
+    for b in backends("concurrent_debits").await {
+        let project = b.project("acme").await;
+        let (human, token) = b.mint(project, "ada", &[seconds(1_000)]).await;
+        let first = b.admitted(human, token, "s1").await;
+        let second = b.admitted(human, token, "s2").await;
+        let debit = |session, amount| {
+            let store = b.store.clone();
+            tokio::spawn(async move {
+                for _ in 0..ROUNDS {
+                    let charge = Charge { session, human, limit_type: CONVERSATIONAL, amount };
+                    let batch = UsageBatch { charges: vec![charge], ends: vec![] };
+                    store.record_usage(batch, NOW + 1000).await.unwrap();
+                }
+            })
+        };
+        let reports = {
+            let store = b.store.clone();
+            tokio::spawn(async move {
+                for n in 0..ROUNDS {
+                    let report = NewReport {
+                        project,
+                        human: "ada".into(),
+                        limit_type: CONVERSATIONAL,
+                        amount: 100,
+                        idempotency_key: format!("job-{n}"),
+                        metadata: None,
+                        now: NOW,
+                    };
+                    store.report_usage(report).await.unwrap();
+                }
+            })
+        };
+        let joined = tokio::join!(debit(first, 1_000), debit(second, 3_000), reports);
+        for task in [joined.0, joined.1, joined.2] {
+            task.unwrap();
+        }
+
+        let spent = ROUNDS * (1_000 + 3_000 + 100);
+        let expected = vec![Limit { limit_type: CONVERSATIONAL, value: 1_000_000 - spent }];
+        assert_eq!(b.store.limits(human).await.unwrap(), expected, "{}", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
+async fn a_report_is_recorded_once_under_its_key() {
+    for b in backends("a_report_is_recorded_once").await {
+        let project = b.project("acme").await;
+        b.mint(project, "ada", &[tokens(500)]).await;
+        let report = |amount| NewReport {
+            project,
+            human: "ada".into(),
+            limit_type: LimitType::TokenCnt,
+            amount,
+            idempotency_key: "job-1".into(),
+            metadata: Some(r#"{"job":1}"#.into()),
+            now: NOW,
+        };
+        let first = b.store.report_usage(report(200)).await.unwrap();
+        assert!(matches!(&first, ReportOutcome::Recorded(r) if r.remaining == Some(300)));
+        let again = b.store.report_usage(report(200)).await.unwrap();
+        assert!(matches!(again, ReportOutcome::Repeated(_)), "{}: {again:?}", b.name);
+        let other = b.store.report_usage(report(300)).await.unwrap();
+        assert!(matches!(other, ReportOutcome::KeyReused(_)), "{}: {other:?}", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
+async fn a_completion_holds_tokens_while_it_runs_and_is_debited_what_it_used() {
+    for b in backends("a_completion_holds_tokens").await {
+        let project = b.project("acme").await;
+        let (human, token) = b.mint(project, "ada", &[tokens(1_000)]).await;
+        let start = |id: &str| NewCompletion {
+            human,
+            token: Some(token),
+            public_id: id.into(),
+            model: "echo".into(),
+            prompt_estimate: 100,
+            wanted: 700,
+            choices: 1,
+            now: NOW,
+        };
+        let CompletionAdmission::Admitted { key, allowance } =
+            b.store.start_completion(start("c1")).await.unwrap()
+        else {
+            panic!("{}: the first completion was refused", b.name);
+        };
+        assert_eq!(allowance, Some(700));
+        let second = b.store.start_completion(start("c2")).await.unwrap();
+        assert!(
+            matches!(second, CompletionAdmission::Admitted { allowance: Some(100), .. }),
+            "{}: {second:?}",
+            b.name
+        );
+        let end = CompletionEnd {
+            key,
+            human,
+            prompt_tokens: 90,
+            completion_tokens: 10,
+            source: UsageSource::Upstream,
+            outcome: CompletionOutcome::Completed,
+            now: NOW,
+        };
+        assert_eq!(b.store.end_completion(end).await.unwrap(), Some(900), "{}", b.name);
+        assert_eq!(b.store.close_abandoned_completions(NOW).await.unwrap(), 1);
+        assert_eq!(b.store.limits(human).await.unwrap(), vec![tokens(800)], "{}", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
+async fn sessions_a_dead_run_left_open_are_charged_to_its_last_tick_and_ended() {
+    for b in backends("sessions_a_dead_run_left_open").await {
+        let project = b.project("acme").await;
+        let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+        let session = b.admitted(human, token, "s1").await;
+        b.charge(human, session, 1_000).await;
+        assert_eq!(b.store.close_abandoned_sessions().await.unwrap(), 1, "{}", b.name);
+        let filter = SessionFilter { project, human: None, state: None };
+        let listed = b.store.sessions(filter, Page { after: None, limit: 10 }).await.unwrap();
+        let row = &listed.unwrap().rows[0];
+        assert_eq!(row.end_reason.as_deref(), Some("server_restart"), "{}", b.name);
+        assert_eq!(row.ended_at, Some(NOW + 1000), "{}", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
+async fn the_outbox_hands_out_due_events_and_records_each_attempt() {
+    for b in backends("the_outbox_hands_out_due_events").await {
+        let project = b.project("acme").await;
+        let change = WebhookChange {
+            project,
+            url: "http://127.0.0.1:9/hook".into(),
+            events: None,
+            thresholds: vec![seconds(5)],
+            secret: "whsec_test".into(),
+            now: NOW,
+        };
+        let (_, created) = b.store.set_webhook(change).await.unwrap();
+        assert!(created);
+        let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+        let session = b.admitted(human, token, "s1").await;
+        // Below the 5-second line, then at zero: two limit events.
+        b.charge(human, session, 6_000).await;
+        b.charge(human, session, 6_000).await;
+
+        let due = b.store.due_events(NOW + 5000, vec![], 10, 10).await.unwrap();
+        let kinds: Vec<String> = due
+            .iter()
+            .map(|event| serde_json::from_str::<serde_json::Value>(&event.body).unwrap())
+            .map(|body| body["type"].as_str().unwrap().to_owned())
+            .collect();
+        let expected =
+            ["realtime_session.state_changed", "usage.limit_low", "usage.limit_exhausted"];
+        assert!(
+            expected.iter().all(|kind| kinds.iter().any(|k| k == kind)),
+            "{}: {kinds:?}",
+            b.name
+        );
+        assert!(due.iter().all(|event| event.url.as_deref() == Some("http://127.0.0.1:9/hook")));
+        assert_eq!(due[0].secrets, vec!["whsec_test".to_owned()]);
+
+        let busy = vec![due[0].seq];
+        let rest = b.store.due_events(NOW + 5000, busy, 10, 10).await.unwrap();
+        assert_eq!(rest.len(), due.len() - 1, "{}", b.name);
+
+        b.store.record_attempt(due[0].seq, AttemptOutcome::Delivered, NOW + 6000).await.unwrap();
+        let retry = AttemptOutcome::Failed { error: "503".into(), retry_at: Some(NOW + 60_000) };
+        b.store.record_attempt(due[1].seq, retry, NOW + 6000).await.unwrap();
+        let give_up = AttemptOutcome::Failed { error: "gone".into(), retry_at: None };
+        b.store.record_attempt(due[2].seq, give_up, NOW + 6000).await.unwrap();
+
+        let still_due = b.store.due_events(NOW + 7000, vec![], 10, 10).await.unwrap();
+        assert!(still_due.iter().all(|event| event.seq > due[2].seq), "{}", b.name);
+        let delivered = b.store.deliveries(project, Some(DeliveryStatus::Delivered), None, 10);
+        assert_eq!(delivered.await.unwrap().len(), 1, "{}", b.name);
+        let failed = b.store.deliveries(project, Some(DeliveryStatus::Failed), None, 10).await;
+        let failed = failed.unwrap();
+        assert_eq!((failed.len(), failed[0].attempts), (1, 1), "{}", b.name);
+        let again = b.store.retry_delivery(project, &failed[0].id, NOW + 8000).await.unwrap();
+        assert_eq!(again.unwrap().status, DeliveryStatus::Pending, "{}", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
