@@ -97,3 +97,44 @@ async fn a_cap_on_the_database_is_refused_with_postgres() {
     assert!(!status.success());
     assert!(stderr.contains("--max-db-mb") && stderr.contains("PostgreSQL"), "{stderr}");
 }
+
+#[tokio::test]
+async fn sessions_are_closed_and_refused_while_postgres_refuses_connections() {
+    let Some(server) = postgres::server("sessions_are_closed_and_refused_while_postgres") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let process = binary::spawn(Path::new(&db.url), &["--tick-ms", "100"], "info");
+    let api = api_of(&process, &process.api_key());
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut client = api.connect(&token).await;
+
+    let (admin, connection) =
+        tokio_postgres::connect(&server, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let allow = |allowed: bool| format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allowed}");
+    admin.batch_execute(&allow(false)).await.unwrap();
+    let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1";
+    admin.execute(terminate, &[&name]).await.unwrap();
+
+    let closed = client.until_closed().await;
+    assert_eq!(closed.code, Some(1011), "{closed:?}");
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    assert_eq!(api.refused(&path).await.0, 503);
+
+    admin.batch_execute(&allow(true)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let request = format!("{}{path}", api.ws_base);
+        let request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(request)
+                .unwrap();
+        if api.connect_request(request).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "sessions were never admitted again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(process);
+}

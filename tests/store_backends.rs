@@ -442,3 +442,64 @@ async fn the_outbox_hands_out_due_events_and_records_each_attempt() {
         b.assert_ledger_identity().await;
     }
 }
+
+#[tokio::test]
+async fn on_postgres_a_dropped_connection_is_replaced_and_a_refusing_database_is_unavailable() {
+    let Some(server) = postgres::server("on_postgres_a_dropped_connection") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let store = PostgresStore::open(&db.url).await.unwrap();
+    store.ping().await.unwrap();
+
+    let (admin, connection) =
+        tokio_postgres::connect(&server, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1";
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    admin.execute(terminate, &[&name]).await.unwrap();
+
+    // A call that finds its connection gone fails as unavailable; once the
+    // pool has seen the close, it makes a new connection.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match store.ping().await {
+            Ok(()) => break,
+            Err(StoreError::Unavailable(_)) => assert!(std::time::Instant::now() < deadline),
+            Err(other) => panic!("{other:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let refuse = format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false");
+    admin.batch_execute(&refuse).await.unwrap();
+    admin.execute(terminate, &[&name]).await.unwrap();
+    for _ in 0..2 {
+        let refused = store.has_projects().await;
+        assert!(matches!(refused, Err(StoreError::Unavailable(_))), "{refused:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_two_servers_starting_at_once_apply_the_schema_once() {
+    let Some(server) = postgres::server("on_postgres_two_servers_starting_at_once") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let (first, second) = tokio::join!(PostgresStore::open(&db.url), PostgresStore::open(&db.url));
+    first.unwrap();
+    second.unwrap();
+
+    let (client, connection) =
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let versions = client.query("SELECT version FROM schema_version", &[]).await.unwrap();
+    let versions: Vec<i64> = versions.iter().map(|row| row.get(0)).collect();
+    assert_eq!(versions, vec![tollgate::store::sqlite::SCHEMA_VERSION]);
+
+    let newer = tollgate::store::sqlite::SCHEMA_VERSION + 1;
+    let sql = "INSERT INTO schema_version (version, applied_at) VALUES ($1, 0)";
+    client.execute(sql, &[&newer]).await.unwrap();
+    let refused = PostgresStore::open(&db.url).await.err().expect("a newer schema is refused");
+    assert!(refused.to_string().contains(&format!("schema version {newer}")), "{refused}");
+}

@@ -13,6 +13,12 @@
 //! statements that return the new value, with the amount cut to what
 //! remains by the database where a cut applies.
 //!
+//! A connection the server drops (a restart of PostgreSQL, a terminated
+//! backend) fails the calls that were using it, and any that take it from
+//! the pool before the pool has seen it close, as unavailable: the meter
+//! then closes its sessions with 1011, as it does when SQLite is locked.
+//! Nothing retries them on a new connection yet.
+//!
 //! Only one server at a time may use a database for now: see
 //! [`InstanceLock`].
 
@@ -217,10 +223,17 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
+/// No connection could be had: the pool's wait ran out, or a new
+/// connection failed, whatever the server answered (refused, unknown
+/// database, not accepting connections, bad credentials). Each of these may
+/// pass, and none lets anything be written meanwhile.
 impl From<PoolError> for StoreError {
     fn from(error: PoolError) -> StoreError {
         match error {
-            PoolError::Backend(error) => error.into(),
+            PoolError::Backend(error) => match error.as_db_error() {
+                Some(db) => StoreError::Unavailable(db.message().to_owned()),
+                None => StoreError::Unavailable(error.to_string()),
+            },
             other => StoreError::Unavailable(other.to_string()),
         }
     }
