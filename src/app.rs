@@ -69,7 +69,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     let listener = listener::bind(settings.listen)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let local_addr = listener.local_addr()?;
-    let (store, store_threads) = open_store(&settings).await?;
+    let max_db_bytes = settings.max_db_mb.map(|mb| mb * 1024 * 1024);
+    let (store, store_threads) = open_store(&settings.db, max_db_bytes).await?;
+    if let Database::Postgres(url) = &settings.db {
+        info!(database = %url, "using PostgreSQL");
+    }
     let abandoned = store.close_abandoned_sessions().await?;
     if abandoned > 0 {
         info!(sessions = abandoned, "closed sessions the previous run left open");
@@ -220,12 +224,14 @@ impl DatabaseLock {
     }
 }
 
-/// Opens the server's store: SQLite, capped as the settings say, or
-/// PostgreSQL.
-async fn open_store(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Option<StoreThreads>)> {
-    match &settings.db {
+/// Opens the store on the database: SQLite, capped at `max_db_bytes` if
+/// given, with the threads to join once it is dropped; or PostgreSQL.
+async fn open_store(
+    db: &Database,
+    max_db_bytes: Option<u64>,
+) -> anyhow::Result<(Arc<dyn Store>, Option<StoreThreads>)> {
+    match db {
         Database::Sqlite(path) => {
-            let max_db_bytes = settings.max_db_mb.map(|mb| mb * 1024 * 1024);
             let (store, threads) = SqliteStore::open_capped(path, max_db_bytes)?;
             Ok((Arc::new(store), Some(threads)))
         }
@@ -233,7 +239,6 @@ async fn open_store(settings: &Settings) -> anyhow::Result<(Arc<dyn Store>, Opti
             let store = PostgresStore::open(url.expose())
                 .await
                 .with_context(|| format!("cannot open the database {url}"))?;
-            info!(database = %url, "using PostgreSQL");
             Ok((Arc::new(store), None))
         }
     }
@@ -314,18 +319,7 @@ pub async fn revoke_api_key(db: &Path, key: &str) -> anyhow::Result<()> {
 /// The store a command of the command line works on, beside a server that
 /// may be running on it.
 async fn open_for_command(db: &Path) -> anyhow::Result<(Arc<dyn Store>, Option<StoreThreads>)> {
-    match Database::parse(db).map_err(anyhow::Error::msg)? {
-        Database::Sqlite(path) => {
-            let (store, threads) = SqliteStore::open(&path)?;
-            Ok((Arc::new(store), Some(threads)))
-        }
-        Database::Postgres(url) => {
-            let store = PostgresStore::open(url.expose())
-                .await
-                .with_context(|| format!("cannot open the database {url}"))?;
-            Ok((Arc::new(store), None))
-        }
-    }
+    open_store(&Database::parse(db).map_err(anyhow::Error::msg)?, None).await
 }
 
 /// Closes what [`open_for_command`] opened, waiting for SQLite's threads.

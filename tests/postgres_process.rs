@@ -30,7 +30,10 @@ async fn a_server_on_postgres_meters_a_session_and_debits_it() {
         return;
     };
     let db = FreshDatabase::create(&server).await;
-    let process = binary::spawn(Path::new(&db.url), &["--tick-ms", "100"], "info");
+    // The test server trusts local connections and ignores the password;
+    // it is there to be looked for in the logs.
+    let url = with_password(&db.url, PASSWORD);
+    let process = binary::spawn(Path::new(&url), &["--tick-ms", "100"], "debug");
     let api = api_of(&process, &process.api_key());
 
     let token = api.mint_seconds("ada", 30.0).await;
@@ -58,6 +61,20 @@ async fn a_server_on_postgres_meters_a_session_and_debits_it() {
     let (status, stderr) = wait_for_exit(process).await;
     assert!(status.success(), "{stderr:?}");
     assert!(stderr.iter().any(|line| line.contains("using PostgreSQL")), "{stderr:?}");
+    assert!(stderr.iter().all(|line| !line.contains(PASSWORD)), "the password was logged");
+}
+
+const PASSWORD: &str = "not-in-the-logs";
+
+/// `url` with `password` given to its user, if it names one without.
+fn with_password(url: &str, password: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((user, host)) if !user.contains(':') => format!("{scheme}://{user}:{password}@{host}"),
+        _ => url.to_owned(),
+    }
 }
 
 #[tokio::test]

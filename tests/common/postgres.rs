@@ -3,6 +3,7 @@
 //! Without the variable the PostgreSQL cases are skipped, saying so, unless
 //! `TOLLGATE_REQUIRE_POSTGRES` is set (as CI sets it), which fails them.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio_postgres::NoTls;
@@ -19,10 +20,10 @@ pub fn server(case: &str) -> Option<String> {
                 std::env::var_os("TOLLGATE_REQUIRE_POSTGRES").is_none(),
                 "{SERVER_VARIABLE} is not set and TOLLGATE_REQUIRE_POSTGRES is"
             );
-            eprintln!(
+            say(&format!(
                 "skipped the PostgreSQL case of {case}: {SERVER_VARIABLE} is not set \
                  (run the tests under .ci/postgres for them)"
-            );
+            ));
             None
         }
     }
@@ -63,7 +64,7 @@ impl Drop for FreshDatabase {
             runtime.unwrap().block_on(execute(&server, &sql));
         });
         if dropped.join().is_err() {
-            eprintln!("could not drop the test database {}", self.name);
+            say(&format!("could not drop the test database {}", self.name));
         }
     }
 }
@@ -86,4 +87,9 @@ fn with_database(server: &str, name: &str) -> String {
     let scheme_end = base.find("://").map_or(0, |at| at + 3);
     let host_end = base[scheme_end..].find('/').map_or(base.len(), |at| scheme_end + at);
     format!("{}/{name}{query}", &base[..host_end])
+}
+
+/// Writes to the real standard error, past the test harness's capture.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
