@@ -503,3 +503,68 @@ async fn on_postgres_two_servers_starting_at_once_apply_the_schema_once() {
     let refused = PostgresStore::open(&db.url).await.err().expect("a newer schema is refused");
     assert!(refused.to_string().contains(&format!("schema version {newer}")), "{refused}");
 }
+
+#[tokio::test]
+async fn keys_tokens_webhooks_and_listings_read_back_what_was_written() {
+    for b in backends("keys_tokens_webhooks_and_listings").await {
+        assert!(!b.store.has_projects().await.unwrap(), "{}", b.name);
+        let key = Secret::generate(SecretKind::ApiKey);
+        b.store.add_api_key("acme", key.hash()).await.unwrap();
+        let project = b.store.find_api_key(key.hash()).await.unwrap().unwrap().project;
+        assert!(b.store.revoke_api_key(key.hash()).await.unwrap());
+        assert!(!b.store.revoke_api_key(key.hash()).await.unwrap(), "{}", b.name);
+        assert!(b.store.find_api_key(key.hash()).await.unwrap().unwrap().revoked);
+
+        let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+        assert_eq!(b.store.find_human(project, "ada").await.unwrap().unwrap().id, human);
+        assert_eq!(b.store.find_human(project, "nobody").await.unwrap(), None);
+        assert_eq!(b.store.newest_live_token(project, "ada", NOW).await.unwrap(), Some(NOW + HOUR));
+        let moved = b.store.set_token_expiry(project, "ada", NOW, NOW + 2 * HOUR).await.unwrap();
+        assert_eq!(moved, 1, "{}", b.name);
+        assert_eq!(
+            b.store.newest_live_token(project, "ada", NOW).await.unwrap(),
+            Some(NOW + 2 * HOUR)
+        );
+
+        for id in ["s1", "s2", "s3"] {
+            let session = b.admitted(human, token, id).await;
+            b.charge(human, session, 1_000).await;
+        }
+        let filter = || SessionFilter { project, human: Some("ada".into()), state: None };
+        let first = b.store.sessions(filter(), Page { after: None, limit: 2 }).await.unwrap();
+        let first = first.unwrap();
+        let ids: Vec<&str> = first.rows.iter().map(|row| row.public_id.as_str()).collect();
+        assert_eq!((ids, first.has_more), (vec!["s1", "s2"], true), "{}", b.name);
+        let rest = b.store.sessions(filter(), Page { after: Some("s2".into()), limit: 2 }).await;
+        let rest = rest.unwrap().unwrap();
+        assert_eq!((rest.rows.len(), rest.has_more, rest.rows[0].charged), (1, false, 1_000));
+        let unknown = b.store.sessions(filter(), Page { after: Some("s9".into()), limit: 2 });
+        assert!(unknown.await.unwrap().is_none(), "{}", b.name);
+
+        let debits = LedgerFilter { project, human: None, limit_type: Some(CONVERSATIONAL) };
+        let page = b.store.ledger(debits, Page { after: None, limit: 3 }).await.unwrap();
+        let sessions: Vec<Option<&str>> = page.rows.iter().map(|r| r.session.as_deref()).collect();
+        assert_eq!(sessions, vec![None, Some("s1"), Some("s2")], "{}", b.name);
+        assert!(page.has_more);
+
+        let change = WebhookChange {
+            project,
+            url: "http://127.0.0.1:9/hook".into(),
+            events: Some(vec!["usage.limit_low".into()]),
+            thresholds: vec![seconds(5)],
+            secret: "whsec_one".into(),
+            now: NOW,
+        };
+        b.store.set_webhook(change.clone()).await.unwrap();
+        let changed = WebhookChange { url: "http://127.0.0.1:9/other".into(), ..change };
+        let (webhook, created) = b.store.set_webhook(changed).await.unwrap();
+        assert!(!created, "{}", b.name);
+        assert_eq!(b.store.webhook(project).await.unwrap(), Some(webhook.clone()));
+        assert_eq!(webhook.thresholds, vec![seconds(5)]);
+        let rotated = b.store.rotate_webhook_secret(project, "whsec_two".into(), NOW + HOUR, NOW);
+        assert!(rotated.await.unwrap(), "{}", b.name);
+        assert!(b.store.delete_webhook(project).await.unwrap());
+        assert_eq!(b.store.webhook(project).await.unwrap(), None, "{}", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
