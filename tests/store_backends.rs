@@ -568,3 +568,30 @@ async fn keys_tokens_webhooks_and_listings_read_back_what_was_written() {
         b.assert_ledger_identity().await;
     }
 }
+
+#[tokio::test]
+async fn one_batch_charges_many_pools_each_cut_at_its_own_zero() {
+    for b in backends("one_batch_charges_many_pools").await {
+        let project = b.project("acme").await;
+        let mut charges = Vec::new();
+        let mut humans = Vec::new();
+        for n in 0..20 {
+            let (human, token) = b.mint(project, &format!("h{n}"), &[seconds(n + 1)]).await;
+            for id in ["a", "b"] {
+                let session = b.admitted(human, token, &format!("s{n}{id}")).await;
+                charges.push(Charge { session, human, limit_type: CONVERSATIONAL, amount: 4_000 });
+            }
+            humans.push(human);
+        }
+        charges.reverse();
+        let batch = UsageBatch { charges, ends: vec![] };
+        let recorded = b.store.record_usage(batch, NOW + 1000).await.unwrap();
+        assert_eq!(recorded.pools.len(), 20, "{}", b.name);
+        for (n, human) in humans.into_iter().enumerate() {
+            let pool = recorded.pools.iter().find(|pool| pool.human == human).unwrap();
+            let left = ((n as i64 + 1) * 1000 - 8_000).max(0);
+            assert_eq!(pool.remaining, Some(left), "{}: pool of h{n}", b.name);
+        }
+        b.assert_ledger_identity().await;
+    }
+}

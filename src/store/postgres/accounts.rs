@@ -160,7 +160,7 @@ pub fn limit_type(name: &str) -> StoreResult<LimitType> {
 
 /// Sets or raises each pool named in `changes`, with a grant in the ledger
 /// for the difference, inside the caller's transaction. Pools are locked
-/// in the order of their type (see the module's lock order).
+/// in the order of their type's name, as a batch of usage locks them.
 pub async fn apply_limits(
     tx: &impl GenericClient,
     human: HumanId,
@@ -169,7 +169,7 @@ pub async fn apply_limits(
     now: UnixMillis,
 ) -> StoreResult<()> {
     let mut changes = changes.to_vec();
-    changes.sort_by_key(|change| change.limit_type);
+    changes.sort_by_key(|change| change.limit_type.as_str());
     for change in changes {
         apply_limit(tx, human, change, mode, now).await?;
     }

@@ -7,11 +7,11 @@
 //! take row locks where two of them could otherwise both act on what they
 //! read: a pool's row is locked (`FOR NO KEY UPDATE`) before it is charged,
 //! granted or held against, and a human's row before a session of theirs
-//! is admitted. Pools are locked in the order of human and limit type, so
-//! that two batches charging the same pools wait for each other rather
-//! than deadlock. Balances change only by `balance = balance - $n`
-//! statements that return the new value, with the amount cut to what
-//! remains by the database where a cut applies.
+//! is admitted. Pools are locked in the order of human and limit type's
+//! name, so that two transactions locking the same pools wait for each
+//! other rather than deadlock. Balances change only by statements such as
+//! `balance = balance - $n` that return the new value, with the amount cut
+//! to what remains by the database where a cut applies.
 //!
 //! A connection the server drops (a restart of PostgreSQL, a terminated
 //! backend) fails the calls that were using it, and any that take it from

@@ -7,7 +7,7 @@
 
 use deadpool_postgres::GenericClient;
 
-use super::query::{one, opt, run};
+use super::query::{all, one, opt, run};
 use crate::limits::LimitType;
 use crate::store::hooks::{self, Hook, Notified};
 use crate::store::{HumanId, StoreError, StoreResult, UnixMillis};
@@ -46,13 +46,52 @@ pub async fn lock_pool(
         &[&human.0, &limit_type.as_str()],
     )
     .await?;
-    let Some(row) = row else {
-        let missing = format!("no {} pool for human {}", limit_type.as_str(), human.0);
-        return Err(StoreError::Other(missing));
+    match row {
+        Some(row) => Ok(pool_of(human, limit_type, &row)),
+        None => Err(missing_pool(human, limit_type)),
+    }
+}
+
+/// Locks several pools, as [`lock_pool`] does one, in one statement that
+/// takes their locks in the order of human and limit type. Returns them in
+/// the order of `keys`; every one must exist.
+pub async fn lock_pools(
+    tx: &impl GenericClient,
+    keys: &[(HumanId, LimitType)],
+) -> StoreResult<Vec<Pool>> {
+    let humans: Vec<i64> = keys.iter().map(|(human, _)| human.0).collect();
+    let types: Vec<&str> = keys.iter().map(|(_, limit_type)| limit_type.as_str()).collect();
+    let rows = all(
+        tx,
+        "SELECT l.balance, l.limited, l.low_notified, l.exhausted_notified,
+                h.revocation_epoch, w.project_id IS NOT NULL, w.events, w.thresholds,
+                l.human_id, l.limit_type
+         FROM limits l
+         JOIN humans h ON h.id = l.human_id
+         LEFT JOIN webhooks w ON w.project_id = h.project_id
+         WHERE (l.human_id, l.limit_type) IN
+               (SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[]))
+         ORDER BY l.human_id, l.limit_type
+         FOR NO KEY UPDATE OF l",
+        &[&humans, &types],
+    )
+    .await?;
+    let mut found = std::collections::HashMap::new();
+    for row in &rows {
+        let key = (HumanId(row.get(8)), super::accounts::limit_type(row.get(9))?);
+        found.insert(key, pool_of(key.0, key.1, row));
+    }
+    let pool = |&(human, limit_type)| {
+        found.remove(&(human, limit_type)).ok_or_else(|| missing_pool(human, limit_type))
     };
+    keys.iter().map(pool).collect()
+}
+
+/// A pool from a row of the statements above.
+fn pool_of(human: HumanId, limit_type: LimitType, row: &tokio_postgres::Row) -> Pool {
     let hooked: bool = row.get(5);
     let hook = hooked.then(|| Hook::from_columns(row.get(6), row.get(7)));
-    Ok(Pool {
+    Pool {
         human,
         limit_type,
         balance: row.get(0),
@@ -60,7 +99,11 @@ pub async fn lock_pool(
         notified: Notified { low: row.get(2), exhausted: row.get(3) },
         revocation_epoch: row.get(4),
         hook,
-    })
+    }
+}
+
+fn missing_pool(human: HumanId, limit_type: LimitType) -> StoreError {
+    StoreError::Other(format!("no {} pool for human {}", limit_type.as_str(), human.0))
 }
 
 /// Writes `event` about `human` to the outbox, if the human's project has a
