@@ -20,10 +20,20 @@ impl Database {
         let Some(text) = value.to_str().filter(|text| is_postgres_url(text)) else {
             return Ok(Database::Sqlite(value.to_owned()));
         };
-        if let Err(error) = text.parse::<tokio_postgres::Config>() {
-            return Err(format!("db (--db): not a valid PostgreSQL URL: {error}"));
+        let config = match text.parse::<tokio_postgres::Config>() {
+            Ok(config) => config,
+            Err(error) => return Err(format!("db (--db): not a valid PostgreSQL URL: {error}")),
+        };
+        // The user's part ends at the first '@': a second one was meant
+        // to be in the password, and the rest of it would be shown as a
+        // host.
+        let at_in_host = config.get_hosts().iter().any(
+            |host| matches!(host, tokio_postgres::config::Host::Tcp(name) if name.contains('@')),
+        );
+        if at_in_host {
+            return Err("db (--db): a '@' in the URL's password must be written %40".into());
         }
-        Ok(Database::Postgres(PostgresUrl(text.to_owned())))
+        Ok(Database::Postgres(PostgresUrl::new(text, &config)))
     }
 }
 
@@ -37,32 +47,66 @@ fn is_postgres_url(text: &str) -> bool {
     text.starts_with("postgres://") || text.starts_with("postgresql://")
 }
 
-/// A PostgreSQL URL. Shown (`Display`, `Debug`) with its password and
-/// query left out: `postgres://user@host:5432/dbname`.
+/// A PostgreSQL URL. Shown (`Display`, `Debug`) with only its user, hosts,
+/// ports and database name, taken from the parsed connection settings:
+/// `postgres://user@host:5432/dbname`. The password and the query are
+/// never shown, whatever characters the password holds (tokio-postgres
+/// ends the user's part at the first `@`, so a password may hold `/`, `?`
+/// or `#`, which cutting the text would show).
 #[derive(Clone, PartialEq, Eq)]
-pub struct PostgresUrl(String);
+pub struct PostgresUrl {
+    url: String,
+    shown: String,
+}
 
 impl PostgresUrl {
+    fn new(url: &str, config: &tokio_postgres::Config) -> PostgresUrl {
+        PostgresUrl { url: url.to_owned(), shown: shown(config) }
+    }
+
     /// The whole URL, password included, for connecting.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.url
     }
+}
+
+/// The parts of `config` that may be shown, as a URL.
+fn shown(config: &tokio_postgres::Config) -> String {
+    let mut text = String::from("postgres://");
+    if let Some(user) = config.get_user() {
+        text.push_str(user);
+        text.push('@');
+    }
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(if ports.len() == 1 { ports.first() } else { None });
+            let host = match host {
+                tokio_postgres::config::Host::Tcp(name) if name.contains(':') => {
+                    format!("[{name}]")
+                }
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            match port {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
+        })
+        .collect();
+    text.push_str(&hosts.join(","));
+    text.push('/');
+    text.push_str(config.get_dbname().unwrap_or(""));
+    text
 }
 
 impl fmt::Display for PostgresUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (scheme, rest) = self.0.split_once("://").unwrap_or(("postgres", &self.0));
-        let rest = rest.split_once('?').map_or(rest, |(before, _)| before);
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (user, host) = match authority.rsplit_once('@') {
-            Some((user_info, host)) => (user_info.split(':').next(), host),
-            None => (None, authority),
-        };
-        write!(f, "{scheme}://")?;
-        if let Some(user) = user {
-            write!(f, "{user}@")?;
-        }
-        write!(f, "{host}/{path}")
+        f.write_str(&self.shown)
     }
 }
 
@@ -98,6 +142,30 @@ mod tests {
         };
         assert_eq!(url.to_string(), "postgres://ada@db:5432/tollgate");
         assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_password_with_any_of_the_urls_separators_is_never_shown() {
+        for password in ["s3/cret", "s3?cret", "s3%40cret", "s3#cret", "s3:cret", "s3/?#:%40"] {
+            let text = format!("postgres://ada:{password}@127.0.0.1:1/x");
+            let Ok(Database::Postgres(url)) = parse(&text) else {
+                panic!("{password}: not a PostgreSQL URL");
+            };
+            let (shown, debug) = (url.to_string(), format!("{url:?}"));
+            assert_eq!(shown, "postgres://ada@127.0.0.1:1/x", "{password}");
+            assert!(!debug.contains("s3"), "{password}: {debug}");
+            assert_eq!(url.expose(), text);
+        }
+        let error = parse("postgres://ada:s3@cret@127.0.0.1:1/x").unwrap_err();
+        assert!(error.contains("%40") && !error.contains("cret"), "{error}");
+    }
+
+    #[test]
+    fn a_url_shows_each_of_its_hosts_with_its_port() {
+        let Ok(Database::Postgres(url)) = parse("postgres://ada:pw@a:1,[::1]:2/db") else {
+            panic!("not a PostgreSQL URL");
+        };
+        assert_eq!(url.to_string(), "postgres://ada@a:1,[::1]:2/db");
     }
 
     #[test]
