@@ -481,6 +481,46 @@ async fn on_postgres_a_dropped_connection_is_replaced_and_a_refusing_database_is
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_an_admission_waiting_on_a_revocation_sees_the_token_revoked() {
+    let Some(server) = postgres::server("on_postgres_an_admission_waiting_on_a_revocation") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let store = Arc::new(PostgresStore::open(&db.url).await.unwrap());
+    let b = Backend { name: "postgres", store: store.clone(), rows: Rows::Postgres { db } };
+    let project = b.project("acme").await;
+    let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+
+    // A revocation on a connection of its own, its statements those of
+    // `revoke`, held open while a session of the human is admitted.
+    let Rows::Postgres { db } = &b.rows else { unreachable!() };
+    let (mut admin, connection) =
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let revoking = admin.transaction().await.unwrap();
+    let sql = "UPDATE usage_tokens SET revoked_at = $2 WHERE human_id = $1";
+    revoking.execute(sql, &[&human.0, &NOW]).await.unwrap();
+    let sql = "UPDATE humans SET revocation_epoch = revocation_epoch + 1 WHERE id = $1";
+    revoking.execute(sql, &[&human.0]).await.unwrap();
+
+    let session = NewSession {
+        human,
+        kind: SessionKind::Conversational,
+        public_id: "s1".into(),
+        token: Some(token),
+        max_sessions_per_human: None,
+        now: NOW,
+    };
+    let admitting = tokio::spawn(async move { store.open_session(session).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!admitting.is_finished(), "the admission did not wait for the human's row");
+    revoking.commit().await.unwrap();
+
+    let admission = admitting.await.unwrap().unwrap();
+    assert_eq!(admission, Admission::TokenRevoked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_two_servers_starting_at_once_apply_the_schema_once() {
     let Some(server) = postgres::server("on_postgres_two_servers_starting_at_once") else {
         return;

@@ -25,13 +25,17 @@ const SEGMENT_MILLIS: i64 = 60_000;
 
 pub async fn open_session(client: &mut Client, session: NewSession) -> StoreResult<Admission> {
     let tx = client.transaction().await?;
+    // The human's row is locked first: admissions of one human then run
+    // one after another, on every server, and the cap counts them all. A
+    // revocation changes that row too, so the token is read after the
+    // lock: either the revocation committed before it, and the token is
+    // seen revoked, or it waits for this admission and then changes the
+    // epoch the meter closes the new session on.
+    let sql = "SELECT revocation_epoch FROM humans WHERE id = $1 FOR NO KEY UPDATE";
+    let revocation_epoch: i64 = one(&tx, sql, &[&session.human.0]).await?.get(0);
     if let Some(refusal) = check_token(&tx, session.token, session.now).await? {
         return Ok(refusal);
     }
-    // The human's row is locked first: admissions of one human then run
-    // one after another, on every server, and the cap counts them all.
-    let sql = "SELECT revocation_epoch FROM humans WHERE id = $1 FOR NO KEY UPDATE";
-    let revocation_epoch: i64 = one(&tx, sql, &[&session.human.0]).await?.get(0);
 
     let limit_type = session.kind.limit_type();
     let (balance, limited) =
