@@ -1,8 +1,9 @@
 //! The `tollgate` binary on PostgreSQL, end to end: started with
 //! `--db postgres://...` on a fresh database, it mints over HTTP, meters a
 //! WebSocket session and debits it; `keys create` and `keys revoke` work
-//! on the URL; a second server on the same database is refused. Skipped,
-//! saying so, without `TOLLGATE_TEST_POSTGRES` (see tests/common/postgres.rs).
+//! on the URL; a second server on the same database is refused; a frozen
+//! database fails its calls in bounded time. Skipped, saying so, without
+//! `TOLLGATE_TEST_POSTGRES` (see tests/common/postgres.rs).
 
 mod common;
 
@@ -14,6 +15,11 @@ use common::binary::{self, Process};
 use common::postgres::{self, FreshDatabase};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
+
+/// Held for reading by every test here that uses the cluster, and for
+/// writing by the one that freezes it, so that no other test's connection
+/// waits on a stopped server meanwhile.
+static CLUSTER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 fn api_of(process: &Process, key: &str) -> Api {
     Api::new(process.base.trim_start_matches("http://"), key.to_owned())
@@ -29,6 +35,7 @@ async fn a_server_on_postgres_meters_a_session_and_debits_it() {
     let Some(server) = postgres::server("a_server_on_postgres_meters_a_session") else {
         return;
     };
+    let _cluster = CLUSTER.read().await;
     let db = FreshDatabase::create(&server).await;
     // The test server trusts local connections and ignores the password;
     // it is there to be looked for in the logs.
@@ -82,6 +89,7 @@ async fn keys_are_created_and_revoked_on_a_postgres_url_and_a_second_server_is_r
     let Some(server) = postgres::server("keys_are_created_and_revoked_on_a_postgres_url") else {
         return;
     };
+    let _cluster = CLUSTER.read().await;
     let db = FreshDatabase::create(&server).await;
     let url = std::path::PathBuf::from(&db.url);
     let (status, stdout, stderr) =
@@ -120,6 +128,7 @@ async fn sessions_are_closed_and_refused_while_postgres_refuses_connections() {
     let Some(server) = postgres::server("sessions_are_closed_and_refused_while_postgres") else {
         return;
     };
+    let _cluster = CLUSTER.read().await;
     let db = FreshDatabase::create(&server).await;
     let process = binary::spawn(Path::new(&db.url), &["--tick-ms", "100"], "info");
     let api = api_of(&process, &process.api_key());
@@ -153,5 +162,101 @@ async fn sessions_are_closed_and_refused_while_postgres_refuses_connections() {
         assert!(tokio::time::Instant::now() < deadline, "sessions were never admitted again");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    drop(process);
+}
+
+/// Processes stopped with SIGSTOP, continued when this is dropped, even
+/// after a failed assertion, so that no test leaves the cluster stopped.
+struct Frozen(Vec<i32>);
+
+impl Frozen {
+    /// Stops `pids`, or returns `None` if they cannot be signalled (the
+    /// tests do not run as root or as the cluster's owner).
+    fn freeze(pids: Vec<i32>) -> Option<Frozen> {
+        let frozen = Frozen(pids);
+        frozen.signal("STOP").then_some(frozen)
+    }
+
+    fn signal(&self, name: &str) -> bool {
+        let pids: Vec<String> = self.0.iter().map(i32::to_string).collect();
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .args(&pids)
+            .stderr(std::process::Stdio::null())
+            .status();
+        status.is_ok_and(|status| status.success())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.signal("CONT");
+    }
+}
+
+/// The PostgreSQL server's postmaster and the backends of database `name`.
+async fn postmaster_and_backends(admin: &tokio_postgres::Client, name: &str) -> Vec<i32> {
+    let data: String = admin.query_one("SHOW data_directory", &[]).await.unwrap().get(0);
+    let pid_file = std::fs::read_to_string(Path::new(&data).join("postmaster.pid")).unwrap();
+    let mut pids = vec![pid_file.lines().next().unwrap().trim().parse::<i32>().unwrap()];
+    let sql = "SELECT pid FROM pg_stat_activity WHERE datname = $1";
+    let rows = admin.query(sql, &[&name]).await.unwrap();
+    pids.extend(rows.iter().map(|row| row.get::<_, i32>(0)));
+    pids
+}
+
+async fn healthz(api: &Api) -> u16 {
+    let request = reqwest::Client::new().get(api.url("/healthz")).timeout(Duration::from_secs(30));
+    request.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn a_frozen_postgres_closes_sessions_and_fails_healthz_in_bounded_time() {
+    let Some(server) = postgres::server("a_frozen_postgres_closes_sessions") else {
+        return;
+    };
+    let _cluster = CLUSTER.write().await;
+    let db = FreshDatabase::create(&server).await;
+    let process = binary::spawn(Path::new(&db.url), &["--tick-ms", "100"], "info");
+    let api = api_of(&process, &process.api_key());
+    let token = api.mint_seconds("ada", 60.0).await;
+    let mut client = api.connect(&token).await;
+    assert_eq!(healthz(&api).await, 200);
+
+    let (admin, connection) =
+        tokio_postgres::connect(&server, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let pids = postmaster_and_backends(&admin, &name).await;
+    let Some(frozen) = Frozen::freeze(pids) else {
+        postgres::say("skipped a_frozen_postgres_closes_sessions: cannot stop PostgreSQL");
+        return;
+    };
+
+    // The limit of a call (six seconds) and some slack.
+    let bound = Duration::from_secs(12);
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(bound, client.until_closed()).await;
+    let closed = closed.expect("the session stayed open while PostgreSQL was stopped");
+    assert_eq!(closed.code, Some(1011), "{closed:?}");
+    let status = tokio::time::timeout(bound, healthz(&api)).await;
+    assert_eq!(status.expect("/healthz did not answer"), 503);
+    assert!(started.elapsed() < bound, "took {:?}", started.elapsed());
+    drop(frozen);
+
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let request = format!("{}{path}", api.ws_base);
+        let request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(request)
+                .unwrap();
+        if api.connect_request(request).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "sessions were never admitted again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(healthz(&api).await, 200);
     drop(process);
 }

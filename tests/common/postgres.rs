@@ -90,6 +90,6 @@ fn with_database(server: &str, name: &str) -> String {
 }
 
 /// Writes to the real standard error, past the test harness's capture.
-fn say(line: &str) {
+pub fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }

@@ -19,6 +19,11 @@
 //! then closes its sessions with 1011, as it does when SQLite is locked.
 //! Nothing retries them on a new connection yet.
 //!
+//! Every call is bounded on this side too ([`CALL_LIMIT`]), since a server
+//! that does not run at all (stopped, or out of reach) never cancels its
+//! own statements: the call fails as unavailable and its connection is
+//! closed, not given back to the pool.
+//!
 //! Only one server at a time may use a database for now: see
 //! [`InstanceLock`].
 
@@ -67,6 +72,14 @@ const POOL_WAIT: Duration = Duration::from_secs(2);
 /// holding the meter's commit for ever.
 const STATEMENT_TIMEOUT_MS: u64 = 5000;
 
+/// How long one call of the store may take, from its first statement to
+/// its commit, before it fails as unavailable on this side whatever the
+/// server does: a statement's own timeout and a second more. PostgreSQL's
+/// statement timeout does nothing for a server that does not run at all
+/// (stopped, or cut off by the network), and the meter, the admissions
+/// and `/healthz` would otherwise wait on it for ever.
+const CALL_LIMIT: Duration = Duration::from_millis(STATEMENT_TIMEOUT_MS + 1000);
+
 /// The advisory lock key that serialises schema changes between servers
 /// starting at once: the text "tollgate" read as a number.
 const SCHEMA_LOCK: i64 = 0x746f_6c6c_6761_7465;
@@ -100,13 +113,39 @@ impl PostgresStore {
             .build()
             .context("cannot set up the PostgreSQL connection pool")?;
         let store = PostgresStore { pool };
-        let mut client = store.client().await.context("cannot connect to PostgreSQL")?;
-        migrate(&mut client).await?;
+        let mut client = store.pool.get().await.context("cannot connect to PostgreSQL")?;
+        let migrating = tokio::time::timeout(CALL_LIMIT * 4, migrate(&mut client));
+        migrating.await.context("PostgreSQL did not answer while the schema was checked")??;
         Ok(store)
     }
+}
 
-    async fn client(&self) -> StoreResult<deadpool_postgres::Client> {
-        Ok(self.pool.get().await?)
+/// Runs `$body` with `$client`, a connection from `$pool`, for at most
+/// [`CALL_LIMIT`]. A call that runs out fails as unavailable, and its
+/// connection is closed rather than given back to the pool: whatever the
+/// connection was waiting for (a frozen server, a lost network) the next
+/// caller would wait for too.
+macro_rules! bounded {
+    ($pool:expr, |$client:ident| $body:expr) => {{
+        #[allow(unused_mut)]
+        let mut $client = $pool.get().await?;
+        let outcome = tokio::time::timeout(CALL_LIMIT, async { $body }).await;
+        settle($client, outcome)
+    }};
+}
+
+/// What a bounded call gives its caller; see [`bounded`].
+fn settle<T>(
+    client: deadpool_postgres::Client,
+    outcome: Result<StoreResult<T>, tokio::time::error::Elapsed>,
+) -> StoreResult<T> {
+    match outcome {
+        Ok(result) => result,
+        Err(_) => {
+            drop(deadpool_postgres::Object::take(client));
+            let limit = CALL_LIMIT.as_millis();
+            Err(StoreError::Unavailable(format!("PostgreSQL did not answer within {limit} ms")))
+        }
     }
 }
 
@@ -117,8 +156,13 @@ fn connection_config(url: &str) -> anyhow::Result<Config> {
     let mut config: Config =
         url.parse().context("the PostgreSQL URL is not a valid connection string")?;
     config.connect_timeout(POOL_WAIT);
+    // A connection whose peer stops answering at the TCP level (a lost
+    // network, a host gone) is closed by the kernel instead of lingering.
     config.keepalives(true);
     config.keepalives_idle(Duration::from_secs(30));
+    config.keepalives_interval(Duration::from_secs(5));
+    config.keepalives_retries(3);
+    config.tcp_user_timeout(CALL_LIMIT);
     config.application_name("tollgate");
     config.options(format!(
         "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS}"
@@ -242,46 +286,46 @@ impl From<PoolError> for StoreError {
 #[async_trait]
 impl Store for PostgresStore {
     async fn ping(&self) -> StoreResult<()> {
-        self.client().await?.query_one("SELECT 1", &[]).await?;
-        Ok(())
+        bounded!(&self.pool, |client| Ok(client.query_one("SELECT 1", &[]).await.map(drop)?))
     }
 
     async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()> {
-        accounts::add_api_key(&mut self.client().await?, project, key).await
+        bounded!(&self.pool, |client| accounts::add_api_key(&mut client, project, key).await)
     }
 
     async fn revoke_api_key(&self, key: SecretHash) -> StoreResult<bool> {
         let now = crate::clock::now_millis();
-        accounts::revoke_api_key(&self.client().await?, key, now).await
+        bounded!(&self.pool, |client| accounts::revoke_api_key(&client, key, now).await)
     }
 
     async fn has_projects(&self) -> StoreResult<bool> {
-        accounts::has_projects(&self.client().await?).await
+        bounded!(&self.pool, |client| accounts::has_projects(&client).await)
     }
 
     async fn find_api_key(&self, key: SecretHash) -> StoreResult<Option<ApiKeyRecord>> {
-        accounts::find_api_key(&self.client().await?, key).await
+        bounded!(&self.pool, |client| accounts::find_api_key(&client, key).await)
     }
 
     async fn find_usage_token(&self, token: SecretHash) -> StoreResult<Option<UsageTokenRecord>> {
-        accounts::find_usage_token(&self.client().await?, token).await
+        bounded!(&self.pool, |client| accounts::find_usage_token(&client, token).await)
     }
 
     async fn find_human(&self, project: ProjectId, name: &str) -> StoreResult<Option<Human>> {
-        accounts::find_human(&self.client().await?, project, name).await
+        bounded!(&self.pool, |client| accounts::find_human(&client, project, name).await)
     }
 
     async fn find_or_create_human(&self, project: ProjectId, name: &str) -> StoreResult<Human> {
         let now = crate::clock::now_millis();
-        accounts::find_or_create_human(&self.client().await?, project, name, now).await
+        bounded!(&self.pool, |client| accounts::find_or_create_human(&client, project, name, now)
+            .await)
     }
 
     async fn mint_token(&self, request: MintRequest) -> StoreResult<Vec<Limit>> {
-        accounts::mint_token(&mut self.client().await?, request).await
+        bounded!(&self.pool, |client| accounts::mint_token(&mut client, request).await)
     }
 
     async fn limits(&self, human: HumanId) -> StoreResult<Vec<Limit>> {
-        accounts::limits(&self.client().await?, human).await
+        bounded!(&self.pool, |client| accounts::limits(&client, human).await)
     }
 
     async fn change_limits(
@@ -292,13 +336,14 @@ impl Store for PostgresStore {
         mode: ChangeMode,
         now: UnixMillis,
     ) -> StoreResult<Vec<Limit>> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let found = accounts::find_or_create_human(&tx, project, human, now).await?;
-        accounts::apply_limits(&tx, found.id, &changes, mode, now).await?;
-        let after = accounts::limits(&tx, found.id).await?;
-        tx.commit().await?;
-        Ok(after)
+        bounded!(&self.pool, |client| {
+            let tx = client.transaction().await?;
+            let found = accounts::find_or_create_human(&tx, project, human, now).await?;
+            accounts::apply_limits(&tx, found.id, &changes, mode, now).await?;
+            let after = accounts::limits(&tx, found.id).await?;
+            tx.commit().await?;
+            Ok(after)
+        })
     }
 
     async fn revoke(
@@ -307,7 +352,7 @@ impl Store for PostgresStore {
         human: &str,
         now: UnixMillis,
     ) -> StoreResult<Option<u64>> {
-        accounts::revoke(&mut self.client().await?, project, human, now).await
+        bounded!(&self.pool, |client| accounts::revoke(&mut client, project, human, now).await)
     }
 
     async fn newest_live_token(
@@ -316,7 +361,8 @@ impl Store for PostgresStore {
         human: &str,
         now: UnixMillis,
     ) -> StoreResult<Option<UnixMillis>> {
-        accounts::newest_live_token(&self.client().await?, project, human, now).await
+        bounded!(&self.pool, |client| accounts::newest_live_token(&client, project, human, now)
+            .await)
     }
 
     async fn set_token_expiry(
@@ -326,51 +372,52 @@ impl Store for PostgresStore {
         now: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<u64> {
-        let client = self.client().await?;
-        accounts::set_token_expiry(&client, project, human, now, expires_at).await
+        bounded!(&self.pool, |client| {
+            accounts::set_token_expiry(&client, project, human, now, expires_at).await
+        })
     }
 
     async fn open_session(&self, session: NewSession) -> StoreResult<Admission> {
-        usage::open_session(&mut self.client().await?, session).await
+        bounded!(&self.pool, |client| usage::open_session(&mut client, session).await)
     }
 
     async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {
-        usage::record(&mut self.client().await?, batch, now).await
+        bounded!(&self.pool, |client| usage::record(&mut client, batch, now).await)
     }
 
     async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
-        usage::close_abandoned(&mut self.client().await?).await
+        bounded!(&self.pool, |client| usage::close_abandoned(&mut client).await)
     }
 
     async fn start_completion(
         &self,
         completion: NewCompletion,
     ) -> StoreResult<CompletionAdmission> {
-        completions::start(&mut self.client().await?, completion).await
+        bounded!(&self.pool, |client| completions::start(&mut client, completion).await)
     }
 
     async fn end_completion(&self, end: CompletionEnd) -> StoreResult<Option<i64>> {
-        completions::end(&mut self.client().await?, end).await
+        bounded!(&self.pool, |client| completions::end(&mut client, end).await)
     }
 
     async fn close_abandoned_completions(&self, now: UnixMillis) -> StoreResult<u64> {
-        completions::close_abandoned(&mut self.client().await?, now).await
+        bounded!(&self.pool, |client| completions::close_abandoned(&mut client, now).await)
     }
 
     async fn report_usage(&self, report: NewReport) -> StoreResult<ReportOutcome> {
-        reports::record(&mut self.client().await?, report).await
+        bounded!(&self.pool, |client| reports::record(&mut client, report).await)
     }
 
     async fn set_webhook(&self, change: WebhookChange) -> StoreResult<(Webhook, bool)> {
-        webhooks::set(&mut self.client().await?, change).await
+        bounded!(&self.pool, |client| webhooks::set(&mut client, change).await)
     }
 
     async fn webhook(&self, project: ProjectId) -> StoreResult<Option<Webhook>> {
-        webhooks::get(&self.client().await?, project).await
+        bounded!(&self.pool, |client| webhooks::get(&client, project).await)
     }
 
     async fn delete_webhook(&self, project: ProjectId) -> StoreResult<bool> {
-        webhooks::delete(&mut self.client().await?, project).await
+        bounded!(&self.pool, |client| webhooks::delete(&mut client, project).await)
     }
 
     async fn rotate_webhook_secret(
@@ -380,8 +427,9 @@ impl Store for PostgresStore {
         previous_until: UnixMillis,
         now: UnixMillis,
     ) -> StoreResult<bool> {
-        let client = self.client().await?;
-        webhooks::rotate(&client, project, &secret, previous_until, now).await
+        bounded!(&self.pool, |client| {
+            webhooks::rotate(&client, project, &secret, previous_until, now).await
+        })
     }
 
     async fn due_events(
@@ -391,7 +439,7 @@ impl Store for PostgresStore {
         per_project: u32,
         limit: u32,
     ) -> StoreResult<Vec<DueEvent>> {
-        webhooks::due(&self.client().await?, now, &busy, per_project, limit).await
+        bounded!(&self.pool, |client| webhooks::due(&client, now, &busy, per_project, limit).await)
     }
 
     async fn record_attempt(
@@ -400,7 +448,7 @@ impl Store for PostgresStore {
         outcome: AttemptOutcome,
         now: UnixMillis,
     ) -> StoreResult<()> {
-        webhooks::record_attempt(&self.client().await?, seq, outcome, now).await
+        bounded!(&self.pool, |client| webhooks::record_attempt(&client, seq, outcome, now).await)
     }
 
     async fn deliveries(
@@ -410,7 +458,7 @@ impl Store for PostgresStore {
         after: Option<i64>,
         limit: u32,
     ) -> StoreResult<Vec<Delivery>> {
-        webhooks::list(&self.client().await?, project, status, after, limit).await
+        bounded!(&self.pool, |client| webhooks::list(&client, project, status, after, limit).await)
     }
 
     async fn retry_delivery(
@@ -419,7 +467,7 @@ impl Store for PostgresStore {
         id: &str,
         now: UnixMillis,
     ) -> StoreResult<Option<Delivery>> {
-        webhooks::retry(&self.client().await?, project, id, now).await
+        bounded!(&self.pool, |client| webhooks::retry(&client, project, id, now).await)
     }
 
     async fn ledger(
@@ -427,7 +475,7 @@ impl Store for PostgresStore {
         filter: LedgerFilter,
         page: Page<i64>,
     ) -> StoreResult<Listing<LedgerRow>> {
-        listings::ledger(&self.client().await?, filter, page).await
+        bounded!(&self.pool, |client| listings::ledger(&client, filter, page).await)
     }
 
     async fn sessions(
@@ -435,6 +483,6 @@ impl Store for PostgresStore {
         filter: SessionFilter,
         page: Page<String>,
     ) -> StoreResult<Option<Listing<SessionRow>>> {
-        listings::sessions(&self.client().await?, filter, page).await
+        bounded!(&self.pool, |client| listings::sessions(&client, filter, page).await)
     }
 }
