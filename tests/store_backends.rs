@@ -237,6 +237,27 @@ async fn usage_is_debited_cut_at_zero_and_the_end_records_what_the_session_was_c
 }
 
 #[tokio::test]
+async fn the_ends_of_a_batch_are_answered_in_the_batchs_order() {
+    for b in backends("the_ends_of_a_batch_are_answered").await {
+        let project = b.project("acme").await;
+        let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+        let first = b.admitted(human, token, "s1").await;
+        let second = b.admitted(human, token, "s2").await;
+        assert!(first.0 < second.0, "{}", b.name);
+        b.charge(human, first, 1_000).await;
+        b.charge(human, second, 2_000).await;
+
+        let reason = EndReason::ClientClosed;
+        let ends =
+            vec![SessionEnd { session: second, reason }, SessionEnd { session: first, reason }];
+        let batch = UsageBatch { charges: vec![], ends };
+        let recorded = b.store.record_usage(batch, NOW + 2000).await.unwrap();
+        assert_eq!(recorded.ended, vec![(second, 2_000), (first, 1_000)], "{}", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
 async fn a_refund_gives_back_no_more_than_was_charged_since_the_limit_was_set() {
     for b in backends("a_refund_gives_back").await {
         let project = b.project("acme").await;

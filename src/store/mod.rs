@@ -132,7 +132,8 @@ pub struct UsageRecorded {
     /// The state of every pool the batch charged.
     pub pools: Vec<PoolState>,
     /// Each session the batch ended, with all it was charged in the end
-    /// (which a pool that ran dry may have cut below the time it ran).
+    /// (which a pool that ran dry may have cut below the time it ran), in
+    /// the order of the batch's `ends`.
     pub ended: Vec<(SessionKey, i64)>,
 }
 

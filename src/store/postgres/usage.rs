@@ -115,12 +115,16 @@ pub async fn record(
     let locked = outbox::lock_pools(&tx, &keys).await?;
     let charging = groups.into_iter().zip(locked).map(|(c, pool)| charge_pool(&tx, pool, c, now));
     recorded.pools = futures::future::try_join_all(charging).await?;
+    // Sessions are ended in the order of their keys, as rows are locked
+    // elsewhere, and reported in the batch's order, which the meter pairs
+    // with its own list.
     let mut ends = batch.ends.clone();
     ends.sort_by_key(|end| end.session.0);
+    let mut charged = std::collections::HashMap::with_capacity(ends.len());
     for end in &ends {
-        let charged = end_session(&tx, end.session, end.reason, now).await?;
-        recorded.ended.push((end.session, charged));
+        charged.insert(end.session, end_session(&tx, end.session, end.reason, now).await?);
     }
+    recorded.ended = batch.ends.iter().map(|end| (end.session, charged[&end.session])).collect();
     advance_clock(&tx, now).await?;
     tx.commit().await?;
     Ok(recorded)
