@@ -542,6 +542,58 @@ async fn on_postgres_an_admission_waiting_on_a_revocation_sees_the_token_revoked
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_the_meter_commits_while_every_handler_connection_is_busy() {
+    let Some(server) = postgres::server("on_postgres_the_meter_commits_while") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let store = Arc::new(PostgresStore::open(&db.url).await.unwrap());
+    let b = Backend { name: "postgres", store: store.clone(), rows: Rows::Postgres { db } };
+    let project = b.project("acme").await;
+    let (ada, ada_token) = b.mint(project, "ada", &[seconds(10)]).await;
+    let (bob, bob_token) = b.mint(project, "bob", &[seconds(10)]).await;
+    let session = b.admitted(bob, bob_token, "s1").await;
+
+    // Admissions of ada wait on her row, locked here, each holding one of
+    // the handlers' connections, more of them than there are.
+    let Rows::Postgres { db } = &b.rows else { unreachable!() };
+    let (mut admin, connection) =
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let holding = admin.transaction().await.unwrap();
+    let sql = "SELECT 1 FROM humans WHERE id = $1 FOR UPDATE";
+    holding.execute(sql, &[&ada.0]).await.unwrap();
+    let waiting: Vec<_> = (0..24)
+        .map(|i| {
+            let store = store.clone();
+            let session = NewSession {
+                human: ada,
+                kind: SessionKind::Conversational,
+                public_id: format!("a{i}"),
+                token: Some(ada_token),
+                max_sessions_per_human: None,
+                now: NOW,
+            };
+            tokio::spawn(async move { store.open_session(session).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(store.ping().await.is_err(), "the handlers' connections were not all busy");
+
+    let charge = Charge { session, human: bob, limit_type: CONVERSATIONAL, amount: 1000 };
+    let batch = UsageBatch { charges: vec![charge], ends: vec![] };
+    let limit = std::time::Duration::from_secs(1);
+    let recorded = tokio::time::timeout(limit, store.record_usage(batch, NOW + 1000)).await;
+    let recorded = recorded.expect("the meter waited for a handler's connection").unwrap();
+    assert_eq!(recorded.pools[0].remaining, Some(9_000));
+
+    holding.rollback().await.unwrap();
+    for task in waiting {
+        let _ = task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_two_servers_starting_at_once_apply_the_schema_once() {
     let Some(server) = postgres::server("on_postgres_two_servers_starting_at_once") else {
         return;

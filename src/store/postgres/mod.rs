@@ -1,7 +1,8 @@
 //! The PostgreSQL backend: a pool of connections (deadpool) on which every
 //! method runs its statements, a transaction where it changes more than one
-//! row. The schema (`schema.postgres.sql`) is applied here when the store is
-//! opened, and database errors become [`StoreError`]s here, in one place.
+//! row, and a small pool of the meter's own. The schema
+//! (`schema.postgres.sql`) is applied here when the store is opened, and
+//! database errors become [`StoreError`]s here, in one place.
 //!
 //! Transactions run at PostgreSQL's default isolation, read committed, and
 //! take row locks where two of them could otherwise both act on what they
@@ -57,10 +58,18 @@ use crate::secret::SecretHash;
 
 const SCHEMA: &str = include_str!("../../../schema.postgres.sql");
 
-/// Connections the pool keeps at most. The meter commits one transaction
-/// at a time; the rest serve HTTP handlers and the webhook dispatcher.
-/// Callers past this wait up to [`POOL_WAIT`] for a connection.
+/// Connections the pool keeps at most, for HTTP handlers, admissions and
+/// the webhook dispatcher. Callers past this wait up to [`POOL_WAIT`] for a
+/// connection.
 const POOL_SIZE: usize = 16;
+
+/// Connections the meter's own pool keeps at most. The meter commits one
+/// transaction at a time; the second serves the clean-up at start-up. A
+/// pool of its own means a burst of handlers never keeps the meter from a
+/// connection, which would close every session after [`POOL_WAIT`] (on
+/// SQLite the meter's commits have a queue of their own for the same
+/// reason).
+const METER_POOL_SIZE: usize = 2;
 
 /// How long a caller waits for a free connection, or for a new one to be
 /// made, before the store counts as unavailable. Failing makes the meter
@@ -87,10 +96,12 @@ const SCHEMA_LOCK: i64 = 0x746f_6c6c_6761_7465;
 /// The advisory lock key held by the one server using the database.
 const INSTANCE_LOCK: i64 = SCHEMA_LOCK + 1;
 
-/// A handle on the pool; cheap to clone.
+/// A handle on the pools; cheap to clone.
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// The meter's: see [`METER_POOL_SIZE`].
+    meter_pool: Pool,
 }
 
 impl PostgresStore {
@@ -99,25 +110,31 @@ impl PostgresStore {
     /// a password.
     pub async fn open(url: &str) -> anyhow::Result<PostgresStore> {
         let config = connection_config(url)?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(POOL_WAIT))
-            .recycle_timeout(Some(POOL_WAIT))
-            .build()
-            .context("cannot set up the PostgreSQL connection pool")?;
-        let store = PostgresStore { pool };
+        let pool = pool_of(config.clone(), POOL_SIZE)?;
+        let meter_pool = pool_of(config, METER_POOL_SIZE)?;
+        let store = PostgresStore { pool, meter_pool };
         let mut client = store.pool.get().await.context("cannot connect to PostgreSQL")?;
         let migrating = tokio::time::timeout(CALL_LIMIT * 4, migrate(&mut client));
         migrating.await.context("PostgreSQL did not answer while the schema was checked")??;
         Ok(store)
     }
+}
+
+/// A pool of at most `size` connections made with `config`.
+fn pool_of(config: Config, size: usize) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT))
+        .create_timeout(Some(POOL_WAIT))
+        .recycle_timeout(Some(POOL_WAIT))
+        .build()
+        .context("cannot set up the PostgreSQL connection pool")
 }
 
 /// Runs `$body` with `$client`, a connection from `$pool`, for at most
@@ -382,11 +399,11 @@ impl Store for PostgresStore {
     }
 
     async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {
-        bounded!(&self.pool, |client| usage::record(&mut client, batch, now).await)
+        bounded!(&self.meter_pool, |client| usage::record(&mut client, batch, now).await)
     }
 
     async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
-        bounded!(&self.pool, |client| usage::close_abandoned(&mut client).await)
+        bounded!(&self.meter_pool, |client| usage::close_abandoned(&mut client).await)
     }
 
     async fn start_completion(
@@ -401,7 +418,7 @@ impl Store for PostgresStore {
     }
 
     async fn close_abandoned_completions(&self, now: UnixMillis) -> StoreResult<u64> {
-        bounded!(&self.pool, |client| completions::close_abandoned(&mut client, now).await)
+        bounded!(&self.meter_pool, |client| completions::close_abandoned(&mut client, now).await)
     }
 
     async fn report_usage(&self, report: NewReport) -> StoreResult<ReportOutcome> {
