@@ -258,6 +258,24 @@ async fn the_ends_of_a_batch_are_answered_in_the_batchs_order() {
 }
 
 #[tokio::test]
+async fn a_charge_for_a_session_never_admitted_fails_and_not_as_unavailable() {
+    for b in backends("a_charge_for_a_session_never_admitted").await {
+        let project = b.project("acme").await;
+        let (human, _) = b.mint(project, "ada", &[seconds(10)]).await;
+        let charge = Charge {
+            session: SessionKey(999_999),
+            human,
+            limit_type: CONVERSATIONAL,
+            amount: -1000,
+        };
+        let batch = UsageBatch { charges: vec![charge], ends: vec![] };
+        let failed = b.store.record_usage(batch, NOW + 1000).await;
+        assert!(matches!(failed, Err(StoreError::Other(_))), "{}: {failed:?}", b.name);
+        b.store.ping().await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn a_refund_gives_back_no_more_than_was_charged_since_the_limit_was_set() {
     for b in backends("a_refund_gives_back").await {
         let project = b.project("acme").await;

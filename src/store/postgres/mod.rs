@@ -254,9 +254,18 @@ impl InstanceLock {
 impl From<tokio_postgres::Error> for StoreError {
     fn from(error: tokio_postgres::Error) -> StoreError {
         let Some(code) = error.code() else {
-            // No SQLSTATE: the connection failed or closed.
-            return StoreError::Unavailable(error.to_string());
+            // No SQLSTATE: the connection failed or closed, or else this
+            // side found the answer wrong (no row where one was expected, a
+            // value of another type), which waiting will not mend.
+            return if connection_lost(&error) {
+                StoreError::Unavailable(error.to_string())
+            } else {
+                StoreError::Other(error.to_string())
+            };
         };
+        if *code == SqlState::IN_FAILED_SQL_TRANSACTION {
+            return StoreError::Other(ABORTED.to_owned());
+        }
         let text = match error.as_db_error() {
             Some(db) => db.message().to_owned(),
             None => error.to_string(),
@@ -282,6 +291,26 @@ impl From<tokio_postgres::Error> for StoreError {
         }
         StoreError::Other(text)
     }
+}
+
+/// What a statement fails with when an earlier one of its transaction
+/// failed (SQLSTATE 25P02): of statements pipelined together, the error to
+/// report is another one (see [`first_cause`]).
+const ABORTED: &str = "an earlier statement of the transaction failed";
+
+/// Of the errors of statements pipelined in one transaction, the one that
+/// caused the others, rather than one that only says the transaction had
+/// already failed.
+pub(super) fn first_cause(errors: Vec<StoreError>) -> Option<StoreError> {
+    let aborted = |error: &StoreError| matches!(error, StoreError::Other(text) if text == ABORTED);
+    let (mut aborted, mut causes): (Vec<_>, Vec<_>) = errors.into_iter().partition(aborted);
+    (!causes.is_empty()).then(|| causes.remove(0)).or_else(|| aborted.pop())
+}
+
+/// Whether `error` is the connection's: closed, or an I/O error on it.
+fn connection_lost(error: &tokio_postgres::Error) -> bool {
+    let io = std::error::Error::source(error).is_some_and(|cause| cause.is::<std::io::Error>());
+    error.is_closed() || io
 }
 
 /// No connection could be had: the pool's wait ran out, or a new
@@ -501,5 +530,21 @@ impl Store for PostgresStore {
         page: Page<String>,
     ) -> StoreResult<Option<Listing<SessionRow>>> {
         bounded!(&self.pool, |client| listings::sessions(&client, filter, page).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn of_pipelined_errors_the_cause_is_reported_not_an_aborted_transaction() {
+        let aborted = || StoreError::Other(ABORTED.to_owned());
+        let errors = vec![aborted(), StoreError::Unavailable("gone".into()), aborted()];
+        let cause = first_cause(errors);
+        assert!(matches!(&cause, Some(StoreError::Unavailable(text)) if text == "gone"));
+        let only_aborted = first_cause(vec![aborted(), aborted()]);
+        assert!(matches!(&only_aborted, Some(StoreError::Other(text)) if text == ABORTED));
+        assert!(first_cause(Vec::new()).is_none());
     }
 }

@@ -114,7 +114,12 @@ pub async fn record(
         groups.iter().map(|charges| (charges[0].human, charges[0].limit_type)).collect();
     let locked = outbox::lock_pools(&tx, &keys).await?;
     let charging = groups.into_iter().zip(locked).map(|(c, pool)| charge_pool(&tx, pool, c, now));
-    recorded.pools = futures::future::try_join_all(charging).await?;
+    let charged = futures::future::join_all(charging).await;
+    let (pools, errors): (Vec<_>, Vec<_>) = charged.into_iter().partition(Result::is_ok);
+    if let Some(error) = super::first_cause(errors.into_iter().filter_map(Result::err).collect()) {
+        return Err(error);
+    }
+    recorded.pools = pools.into_iter().filter_map(Result::ok).collect();
     // Sessions are ended in the order of their keys, as rows are locked
     // elsewhere, and reported in the batch's order, which the meter pairs
     // with its own list.
