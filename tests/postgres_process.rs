@@ -124,6 +124,20 @@ async fn a_cap_on_the_database_is_refused_with_postgres() {
 }
 
 #[tokio::test]
+async fn a_password_holding_a_slash_or_a_question_mark_is_never_printed() {
+    for password in ["s3/cr3t", "s3?cr3t", "s3#cr3t", "s3:cr3t"] {
+        let url = format!("postgres://ada:{password}@127.0.0.1:1/x");
+        let url = std::path::PathBuf::from(url);
+        for args in [&["keys", "create", "--project", "acme"][..], &["serve"][..]] {
+            let (status, stdout, stderr) = binary::run_binary(args, &url);
+            assert!(!status.success(), "{args:?}: {stderr}");
+            assert!(stderr.contains("ada@127.0.0.1:1/x"), "{args:?}: {stderr}");
+            assert!(!(stdout + &stderr).contains("cr3t"), "{password} printed: {stderr}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn sessions_are_closed_and_refused_while_postgres_refuses_connections() {
     let Some(server) = postgres::server("sessions_are_closed_and_refused_while_postgres") else {
         return;
