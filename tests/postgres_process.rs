@@ -250,12 +250,22 @@ async fn a_frozen_postgres_closes_sessions_and_fails_healthz_in_bounded_time() {
     // The limit of a call (six seconds) and some slack.
     let bound = Duration::from_secs(12);
     let started = std::time::Instant::now();
+    let second_url = std::path::PathBuf::from(&db.url);
+    let second = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let (status, _, stderr) =
+            binary::run_binary(&["serve", "--listen", "127.0.0.1:0"], &second_url);
+        (status, stderr, started.elapsed())
+    });
     let closed = tokio::time::timeout(bound, client.until_closed()).await;
     let closed = closed.expect("the session stayed open while PostgreSQL was stopped");
     assert_eq!(closed.code, Some(1011), "{closed:?}");
     let status = tokio::time::timeout(bound, healthz(&api)).await;
     assert_eq!(status.expect("/healthz did not answer"), 503);
     assert!(started.elapsed() < bound, "took {:?}", started.elapsed());
+    let (status, stderr, took) = second.await.unwrap();
+    assert!(!status.success() && took < bound, "a server starting took {took:?}: {stderr}");
+    assert!(stderr.contains("did not answer"), "{stderr}");
     drop(frozen);
 
     let path = format!("/v1/realtime/session?kind=conversational&token={token}");

@@ -234,6 +234,11 @@ pub struct InstanceLock {
 impl InstanceLock {
     /// Takes the lock, or fails at once if another server holds it.
     pub async fn take(url: &str) -> anyhow::Result<InstanceLock> {
+        let taking = tokio::time::timeout(CALL_LIMIT, InstanceLock::take_unbounded(url));
+        taking.await.context("PostgreSQL did not answer while its lock was taken")?
+    }
+
+    async fn take_unbounded(url: &str) -> anyhow::Result<InstanceLock> {
         let config = connection_config(url)?;
         let (client, connection) =
             config.connect(NoTls).await.context("cannot connect to PostgreSQL")?;
