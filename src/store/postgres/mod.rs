@@ -89,6 +89,11 @@ const STATEMENT_TIMEOUT_MS: u64 = 5000;
 /// and `/healthz` would otherwise wait on it for ever.
 const CALL_LIMIT: Duration = Duration::from_millis(STATEMENT_TIMEOUT_MS + 1000);
 
+/// How long the clean-up at start-up of what a crashed run left open may
+/// take: one transaction over every such session or completion, which may
+/// be many, and a server that cannot finish it does not start.
+const CLEANUP_LIMIT: Duration = Duration::from_secs(120);
+
 /// The advisory lock key that serialises schema changes between servers
 /// starting at once: the text "tollgate" read as a number.
 const SCHEMA_LOCK: i64 = 0x746f_6c6c_6761_7465;
@@ -143,11 +148,14 @@ fn pool_of(config: Config, size: usize) -> anyhow::Result<Pool> {
 /// connection was waiting for (a frozen server, a lost network) the next
 /// caller would wait for too.
 macro_rules! bounded {
-    ($pool:expr, |$client:ident| $body:expr) => {{
+    ($pool:expr, |$client:ident| $body:expr) => {
+        bounded!($pool, CALL_LIMIT, |$client| $body)
+    };
+    ($pool:expr, $limit:expr, |$client:ident| $body:expr) => {{
         #[allow(unused_mut)]
         let mut $client = $pool.get().await?;
-        let outcome = tokio::time::timeout(CALL_LIMIT, async { $body }).await;
-        settle($client, outcome)
+        let outcome = tokio::time::timeout($limit, async { $body }).await;
+        settle($client, outcome, $limit)
     }};
 }
 
@@ -155,12 +163,13 @@ macro_rules! bounded {
 fn settle<T>(
     client: deadpool_postgres::Client,
     outcome: Result<StoreResult<T>, tokio::time::error::Elapsed>,
+    limit: Duration,
 ) -> StoreResult<T> {
     match outcome {
         Ok(result) => result,
         Err(_) => {
             drop(deadpool_postgres::Object::take(client));
-            let limit = CALL_LIMIT.as_millis();
+            let limit = limit.as_millis();
             Err(StoreError::Unavailable(format!("PostgreSQL did not answer within {limit} ms")))
         }
     }
@@ -437,7 +446,8 @@ impl Store for PostgresStore {
     }
 
     async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
-        bounded!(&self.meter_pool, |client| usage::close_abandoned(&mut client).await)
+        bounded!(&self.meter_pool, CLEANUP_LIMIT, |client| usage::close_abandoned(&mut client)
+            .await)
     }
 
     async fn start_completion(
@@ -452,7 +462,11 @@ impl Store for PostgresStore {
     }
 
     async fn close_abandoned_completions(&self, now: UnixMillis) -> StoreResult<u64> {
-        bounded!(&self.meter_pool, |client| completions::close_abandoned(&mut client, now).await)
+        bounded!(&self.meter_pool, CLEANUP_LIMIT, |client| completions::close_abandoned(
+            &mut client,
+            now
+        )
+        .await)
     }
 
     async fn report_usage(&self, report: NewReport) -> StoreResult<ReportOutcome> {
