@@ -22,13 +22,21 @@ pub const AUTH_RATE_LIMITED: &str = "tollgate_auth_rate_limited_total";
 pub const TICK_SECONDS: &str = "tollgate_tick_seconds";
 /// Ledger rows written (rows of a transaction that then failed included).
 pub const LEDGER_ROWS: &str = "tollgate_ledger_rows_written_total";
-/// Jobs waiting for the store's threads, by `thread` (`writer`, `reader`).
+/// Jobs waiting for the store's threads, by queue: `meter`, `admissions`,
+/// `writer` (the other writes) and `reader`.
 pub const STORE_QUEUE: &str = "tollgate_store_queue_depth";
+/// Sessions admitted, or refused, by each of the store's admission
+/// transactions: many to one commit under a burst of upgrades, one when
+/// they come one at a time.
+pub const ADMISSIONS_PER_COMMIT: &str = "tollgate_store_admissions_per_commit";
 
 /// From a millisecond to ten seconds: a tick's transaction should take a
 /// few milliseconds, and one past a second means the store is in trouble.
 const TICK_BUCKETS: [f64; 12] =
     [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Up to the store's largest batch of admissions.
+const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -45,6 +53,10 @@ pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(TICK_SECONDS.into()), &TICK_BUCKETS)
+            .and_then(|builder| {
+                let batches = Matcher::Full(ADMISSIONS_PER_COMMIT.into());
+                builder.set_buckets_for_metric(batches, &BATCH_BUCKETS)
+            })
             .expect("the buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();

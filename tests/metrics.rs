@@ -37,6 +37,10 @@ async fn sessions_upgrades_ticks_ledger_rows_and_the_store_queue_are_exported() 
     assert!(text.contains(r#"tollgate_tick_seconds_bucket{le="0.025"}"#), "{text}");
     assert!(value(&text, "tollgate_ledger_rows_written_total") >= Some(1.0), "{text}");
     assert!(text.contains(r#"tollgate_store_queue_depth{thread="writer"}"#), "{text}");
+    assert!(text.contains(r#"tollgate_store_queue_depth{thread="admissions"}"#), "{text}");
+    let batches = "tollgate_store_admissions_per_commit";
+    assert!(value(&text, &format!("{batches}_count")) >= Some(1.0), "{text}");
+    assert!(text.contains(&format!(r#"{batches}_bucket{{le="128"}}"#)), "{text}");
 
     client.close().await;
     common::rows_once_all_ended(&server).await;

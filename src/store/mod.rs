@@ -501,7 +501,7 @@ pub struct SessionRow {
     pub end_reason: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database is locked, read-only or gone: writes may work again
     /// later.

@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,6 +106,9 @@ pub struct SoakReport {
     /// Open files before the load and once the server has settled after.
     pub fds_before: u64,
     pub fds_after: u64,
+    /// The largest the database's write-ahead log was seen during the run,
+    /// read once a second: a log that is never emptied grows with the load.
+    pub wal_largest_bytes: u64,
 }
 
 impl SoakReport {
@@ -137,7 +140,8 @@ pub async fn run(config: &Config) -> Result<SoakReport> {
         anyhow::Ok((warm, server.rss_kib()?))
     };
     let run = load(server.addr, server.api.fresh()?, config, config.duration);
-    let (ends, memory) = tokio::join!(run, memory);
+    let wal = largest_wal(&config.db, started + config.duration);
+    let (ends, memory, wal_largest_bytes) = tokio::join!(run, memory, wal);
     let (rss_warm_kib, rss_end_kib) = memory?;
 
     let fds_after = settled_fds(&server, fds_before).await?;
@@ -152,7 +156,21 @@ pub async fn run(config: &Config) -> Result<SoakReport> {
         rss_end_kib,
         fds_before,
         fds_after,
+        wal_largest_bytes,
     })
+}
+
+/// The largest size of the write-ahead log beside `db`, read every second
+/// until `until`.
+async fn largest_wal(db: &Path, until: Instant) -> u64 {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let mut largest = 0;
+    while Instant::now() < until {
+        largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        sleep(Duration::from_secs(1)).await;
+    }
+    largest
 }
 
 /// The server's open files once they are back to what they were before
@@ -280,10 +298,12 @@ impl fmt::Display for SoakReport {
             thousands(self.rss_end_kib),
             100.0 * self.rss_growth()
         )?;
-        write!(
+        writeln!(
             f,
             "  files     {} open before the load, {} once it settled",
             self.fds_before, self.fds_after
-        )
+        )?;
+        let mib = self.wal_largest_bytes as f64 / (1024.0 * 1024.0);
+        write!(f, "  log       the database's write-ahead log at most {mib:.1} MiB")
     }
 }

@@ -2,11 +2,14 @@
 //! bounded channels of jobs, so that SQLite never blocks the async runtime
 //! and every transaction is serialised without locks of our own; the
 //! meter's commits have a channel of their own that the writer empties
-//! first. Lookups go to a second, read-only connection on a thread of its
-//! own, and the write-ahead log is copied back by a third. Pragmas and the
-//! schema are applied here when the database is opened.
+//! first, and sessions to be admitted a channel of theirs, whose waiting
+//! admissions are committed together (see `admissions`). Lookups go to
+//! a second, read-only connection on a thread of its own, and the
+//! write-ahead log is copied back by a third (see `checkpoint`). Pragmas
+//! and the schema are applied here when the database is opened.
 
 mod accounts;
+mod admissions;
 mod checkpoint;
 mod completions;
 mod listings;
@@ -83,6 +86,8 @@ pub struct SqliteStore {
     /// of admissions or mints a tick's commit waited hundreds of
     /// milliseconds, and what a `kill -9` loses grows by what it waits.
     meter_tx: mpsc::Sender<Job<Writer>>,
+    /// Sessions to admit, taken in turns with the other writes.
+    admissions_tx: mpsc::Sender<admissions::Admit>,
     /// Lookups run on a read-only connection of their own, so that a flood
     /// of them (every well-formed credential costs one) never queues ahead
     /// of the meter's writes.
@@ -135,11 +140,14 @@ impl SqliteStore {
         let writer = Writer { conn, cap, segments: HashMap::new(), hooks };
         let (meter_tx, meter_rx) = mpsc::channel(JOB_QUEUE);
         let (writes_tx, writes_rx) = mpsc::channel(JOB_QUEUE);
-        let write_thread = spawn_writer(writer, meter_rx, writes_rx)?;
+        let (admissions_tx, admissions_rx) = mpsc::channel(JOB_QUEUE);
+        let queues = WriterQueues { meter_rx, admissions_rx, writes_rx };
+        let write_thread = spawn_writer(writer, queues)?;
         let (reads_tx, read_thread) = spawn_thread("tollgate-store-reader", reader)?;
-        let (_checkpoints, checkpoint_thread) = checkpoint::spawn(path)?;
+        let (_checkpoints, checkpoint_thread) = checkpoint::spawn(path, writes_tx.downgrade())?;
         let threads = StoreThreads(vec![write_thread, read_thread, checkpoint_thread]);
-        Ok((SqliteStore { writes_tx, meter_tx, reads_tx, cap, _checkpoints }, threads))
+        let store = SqliteStore { writes_tx, meter_tx, admissions_tx, reads_tx, cap, _checkpoints };
+        Ok((store, threads))
     }
 
     /// Runs `f` on the writer thread and waits for its answer.
@@ -212,34 +220,73 @@ where
     }
 }
 
-/// The writer thread: runs the meter's jobs as soon as one is waiting and
-/// the other writes in between, until every sender of both is gone.
+/// What the writer thread is fed.
+struct WriterQueues {
+    meter_rx: mpsc::Receiver<Job<Writer>>,
+    admissions_rx: mpsc::Receiver<admissions::Admit>,
+    writes_rx: mpsc::Receiver<Job<Writer>>,
+}
+
+/// The writer's next piece of work, by the queue it came from.
+enum WriterWork {
+    Meter(Job<Writer>),
+    Admissions(admissions::Admit),
+    Write(Job<Writer>),
+}
+
+/// The writer thread: runs the meter's jobs as soon as one is waiting, and
+/// in between, in turns, the waiting admissions (together) and the other
+/// writes (one at a time), until every sender is gone.
 fn spawn_writer(
     mut writer: Writer,
-    mut meter_rx: mpsc::Receiver<Job<Writer>>,
-    mut writes_rx: mpsc::Receiver<Job<Writer>>,
+    mut queues: WriterQueues,
 ) -> anyhow::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("tollgate-store-writer".into())
         .spawn(move || {
-            let mut next = || futures::executor::block_on(next_job(&mut meter_rx, &mut writes_rx));
-            while let Some(job) = next() {
-                job(&mut writer);
+            let mut admissions_first = true;
+            loop {
+                let next = next_work(&mut queues, admissions_first);
+                match futures::executor::block_on(next) {
+                    Some(WriterWork::Meter(job)) => job(&mut writer),
+                    Some(WriterWork::Admissions(first)) => {
+                        let batch = admissions::gather(first, &mut queues.admissions_rx);
+                        let Writer { conn, hooks, cap, .. } = &mut writer;
+                        admissions::admit_all(conn, hooks, *cap, batch);
+                        admissions_first = false;
+                    }
+                    Some(WriterWork::Write(job)) => {
+                        job(&mut writer);
+                        admissions_first = true;
+                    }
+                    None => break,
+                }
             }
         })
         .context("cannot start the thread tollgate-store-writer")
 }
 
-/// The meter's next job if one is waiting, else the next other write.
-async fn next_job<S>(
-    first_rx: &mut mpsc::Receiver<Job<S>>,
-    then_rx: &mut mpsc::Receiver<Job<S>>,
-) -> Option<Job<S>> {
-    tokio::select! {
-        biased;
-        Some(job) = first_rx.recv() => Some(job),
-        Some(job) = then_rx.recv() => Some(job),
-        else => None,
+/// The meter's next job if one is waiting; else the next admission or
+/// other write, when both are waiting the kind not served last, so that
+/// neither a flood of upgrades nor one of mints shuts the other out.
+async fn next_work(queues: &mut WriterQueues, admissions_first: bool) -> Option<WriterWork> {
+    let WriterQueues { meter_rx, admissions_rx, writes_rx } = queues;
+    if admissions_first {
+        tokio::select! {
+            biased;
+            Some(job) = meter_rx.recv() => Some(WriterWork::Meter(job)),
+            Some(admit) = admissions_rx.recv() => Some(WriterWork::Admissions(admit)),
+            Some(job) = writes_rx.recv() => Some(WriterWork::Write(job)),
+            else => None,
+        }
+    } else {
+        tokio::select! {
+            biased;
+            Some(job) = meter_rx.recv() => Some(WriterWork::Meter(job)),
+            Some(job) = writes_rx.recv() => Some(WriterWork::Write(job)),
+            Some(admit) = admissions_rx.recv() => Some(WriterWork::Admissions(admit)),
+            else => None,
+        }
     }
 }
 
@@ -451,7 +498,13 @@ impl Store for SqliteStore {
     }
 
     async fn open_session(&self, session: NewSession) -> StoreResult<Admission> {
-        self.write(move |w| usage::open_session(&mut w.conn, &w.hooks, session)).await
+        let (reply, answer) = oneshot::channel();
+        let admit = admissions::Admit { session, reply };
+        self.admissions_tx.send(admit).await.map_err(|_| StoreError::Closed)?;
+        let tx = &self.admissions_tx;
+        let waiting = (tx.max_capacity() - tx.capacity()) as f64;
+        metrics::gauge!(crate::metrics::STORE_QUEUE, "thread" => "admissions").set(waiting);
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {

@@ -29,28 +29,26 @@ pub struct Segment {
     started_at: UnixMillis,
 }
 
-pub fn open_session(
-    conn: &mut Connection,
-    hooks: &Hooks,
-    session: NewSession,
-) -> StoreResult<Admission> {
-    let tx = super::write_transaction(conn)?;
-    if let Some(refusal) = check_token(&tx, session.token, session.now)? {
+/// Checks and records one session in the caller's transaction; on a
+/// refusal it has written only what the caller then rolls back (see
+/// `admissions`, which commits many of these together).
+pub fn admit(conn: &Connection, hooks: &Hooks, session: &NewSession) -> StoreResult<Admission> {
+    if let Some(refusal) = check_token(conn, session.token, session.now)? {
         return Ok(refusal);
     }
 
     let limit_type = session.kind.limit_type();
-    let (balance, limited) = accounts::ensure_pool(&tx, session.human, limit_type, session.now)?;
+    let (balance, limited) = accounts::ensure_pool(conn, session.human, limit_type, session.now)?;
     if limited && balance <= 0 {
         return Ok(Admission::LimitExhausted);
     }
     if let Some(cap) = session.max_sessions_per_human
-        && open_sessions(&tx, session.human)? >= u64::from(cap)
+        && open_sessions(conn, session.human)? >= u64::from(cap)
     {
         return Ok(Admission::TooManySessions);
     }
 
-    tx.prepare_cached(
+    conn.prepare_cached(
         "INSERT INTO sessions (public_id, human_id, kind, token_id, started_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
@@ -61,13 +59,12 @@ pub fn open_session(
         session.token,
         session.now
     ])?;
-    let key = SessionKey(tx.last_insert_rowid());
-    let revocation_epoch: i64 = tx
+    let key = SessionKey(conn.last_insert_rowid());
+    let revocation_epoch: i64 = conn
         .prepare_cached("SELECT revocation_epoch FROM humans WHERE id = ?1")?
         .query_row([session.human.0], |row| row.get(0))?;
     let started = Event::SessionStarted { session: &session.public_id, kind: session.kind };
-    outbox::emit(&tx, hooks, session.human, &started, session.now)?;
-    tx.commit()?;
+    outbox::emit(conn, hooks, session.human, &started, session.now)?;
     Ok(Admission::Admitted { key, remaining: limited.then_some(balance), revocation_epoch })
 }
 
