@@ -1,10 +1,10 @@
 -- Tollgate's PostgreSQL schema, whole. It has the same tables, columns and
 -- meaning as schema.sql (whose comments say what each holds) and records the
 -- same version (SCHEMA_VERSION in src/store/sqlite/mod.rs); it differs only
--- where the two databases do: BIGINT and BOOLEAN columns, BYTEA hashes, and
--- identity columns for the ids. It is applied to an empty database at
--- start-up, in one transaction. There are no upgrade scripts yet: the
--- first PostgreSQL schema is version 4.
+-- where the two databases do: BIGINT and BOOLEAN columns, BYTEA hashes,
+-- identity columns for the ids, and meter_clock's last_batch (see there).
+-- It is applied to an empty database at start-up, in one transaction. There
+-- are no upgrade scripts yet: the first PostgreSQL schema is version 4.
 
 CREATE TABLE schema_version (
     version    BIGINT NOT NULL,
@@ -149,9 +149,15 @@ CREATE TABLE webhook_events (
 CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX webhook_events_by_project ON webhook_events (project_id, status, id);
 
+-- Beside schema.sql's columns, meter_clock holds the id of the last usage
+-- batch committed (last_batch), written in that batch's transaction: a
+-- COMMIT whose answer is lost leaves the meter unsure whether it counted,
+-- and the batch it then sends again is recognised and not applied twice.
+-- SQLite's commits are never lost that way, and it keeps the id in memory.
 CREATE TABLE meter_clock (
-    id       BIGINT PRIMARY KEY CHECK (id = 1),
-    alive_at BIGINT NOT NULL
+    id         BIGINT PRIMARY KEY CHECK (id = 1),
+    alive_at   BIGINT NOT NULL,
+    last_batch BIGINT
 );
 
 INSERT INTO meter_clock (id, alive_at) VALUES (1, 0);

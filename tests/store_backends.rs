@@ -16,10 +16,10 @@ use tollgate::secret::{Secret, SecretKind};
 use tollgate::store::postgres::PostgresStore;
 use tollgate::store::sqlite::SqliteStore;
 use tollgate::store::{
-    Admission, AttemptOutcome, Charge, CompletionAdmission, CompletionEnd, CompletionOutcome,
-    DeliveryStatus, HumanId, LedgerFilter, MintRequest, NewCompletion, NewReport, NewSession, Page,
-    ProjectId, ReportOutcome, SessionEnd, SessionFilter, SessionKey, Store, StoreError, UsageBatch,
-    UsageSource, WebhookChange,
+    Admission, AttemptOutcome, BatchId, Charge, CompletionAdmission, CompletionEnd,
+    CompletionOutcome, DeliveryStatus, HumanId, LedgerFilter, MintRequest, NewCompletion,
+    NewReport, NewSession, Page, ProjectId, ReportOutcome, SessionEnd, SessionFilter, SessionKey,
+    Store, StoreError, UsageBatch, UsageSource, WebhookChange,
 };
 
 const CONVERSATIONAL: LimitType = LimitType::ConversationalSeconds;
@@ -134,7 +134,7 @@ impl Backend {
 
     async fn charge(&self, human: HumanId, session: SessionKey, amount: i64) -> Option<i64> {
         let charge = Charge { session, human, limit_type: CONVERSATIONAL, amount };
-        let batch = UsageBatch { charges: vec![charge], ends: vec![] };
+        let batch = UsageBatch { id: None, charges: vec![charge], ends: vec![] };
         let recorded = self.store.record_usage(batch, NOW + 1000).await.unwrap();
         recorded.pools[0].remaining
     }
@@ -221,7 +221,7 @@ async fn usage_is_debited_cut_at_zero_and_the_end_records_what_the_session_was_c
         assert_eq!(b.charge(human, session, 3_000).await, Some(7_000), "{}", b.name);
         assert_eq!(b.charge(human, session, 9_000).await, Some(0), "{}", b.name);
         let end = SessionEnd { session, reason: EndReason::UsageLimitExceeded };
-        let batch = UsageBatch { charges: vec![], ends: vec![end] };
+        let batch = UsageBatch { id: None, charges: vec![], ends: vec![end] };
         let recorded = b.store.record_usage(batch, NOW + 2000).await.unwrap();
         assert_eq!(recorded.ended, vec![(session, 10_000)], "{}", b.name);
 
@@ -232,6 +232,40 @@ async fn usage_is_debited_cut_at_zero_and_the_end_records_what_the_session_was_c
             (row.charged, row.end_reason.as_deref()),
             (10_000, Some("usage_limit_exceeded"))
         );
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
+async fn a_batch_sent_again_under_its_id_is_answered_as_committed_and_not_charged_twice() {
+    for b in backends("a_batch_sent_again").await {
+        let project = b.project("acme").await;
+        let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+        let (ended, open) =
+            (b.admitted(human, token, "s1").await, b.admitted(human, token, "s2").await);
+        let charge =
+            |session, amount| Charge { session, human, limit_type: CONVERSATIONAL, amount };
+        let batch = UsageBatch {
+            id: Some(BatchId::random()),
+            charges: vec![charge(ended, 2_000), charge(open, 3_000)],
+            ends: vec![SessionEnd { session: ended, reason: EndReason::ClientClosed }],
+        };
+        let first = b.store.record_usage(batch.clone(), NOW + 1000).await.unwrap();
+        let again = b.store.record_usage(batch, NOW + 1000).await.unwrap();
+
+        assert_eq!(first.pools[0].remaining, Some(5_000), "{}", b.name);
+        assert_eq!(again.pools, first.pools, "{}", b.name);
+        assert_eq!(again.ended, vec![(ended, 2_000)], "{}", b.name);
+        assert_eq!(b.store.limits(human).await.unwrap(), vec![seconds(5)], "{}", b.name);
+        let filter = LedgerFilter { project, human: None, limit_type: None };
+        let ledger = b.store.ledger(filter, Page { after: None, limit: 10 }).await.unwrap();
+        let amounts: Vec<i64> = ledger.rows.iter().map(|row| row.amount).collect();
+        assert_eq!(amounts, vec![10_000, -2_000, -3_000], "{}", b.name);
+
+        let next = UsageBatch { id: Some(BatchId::random()), ..UsageBatch::default() };
+        let next = UsageBatch { charges: vec![charge(open, 1_000)], ..next };
+        let recorded = b.store.record_usage(next, NOW + 2000).await.unwrap();
+        assert_eq!(recorded.pools[0].remaining, Some(4_000), "{}", b.name);
         b.assert_ledger_identity().await;
     }
 }
@@ -250,7 +284,7 @@ async fn the_ends_of_a_batch_are_answered_in_the_batchs_order() {
         let reason = EndReason::ClientClosed;
         let ends =
             vec![SessionEnd { session: second, reason }, SessionEnd { session: first, reason }];
-        let batch = UsageBatch { charges: vec![], ends };
+        let batch = UsageBatch { id: None, charges: vec![], ends };
         let recorded = b.store.record_usage(batch, NOW + 2000).await.unwrap();
         assert_eq!(recorded.ended, vec![(second, 2_000), (first, 1_000)], "{}", b.name);
         b.assert_ledger_identity().await;
@@ -268,7 +302,7 @@ async fn a_charge_for_a_session_never_admitted_fails_and_not_as_unavailable() {
             limit_type: CONVERSATIONAL,
             amount: -1000,
         };
-        let batch = UsageBatch { charges: vec![charge], ends: vec![] };
+        let batch = UsageBatch { id: None, charges: vec![charge], ends: vec![] };
         let failed = b.store.record_usage(batch, NOW + 1000).await;
         assert!(matches!(failed, Err(StoreError::Other(_))), "{}: {failed:?}", b.name);
         b.store.ping().await.unwrap();
@@ -305,7 +339,7 @@ async fn concurrent_debits_of_one_human_never_lose_an_update() {
             tokio::spawn(async move {
                 for _ in 0..ROUNDS {
                     let charge = Charge { session, human, limit_type: CONVERSATIONAL, amount };
-                    let batch = UsageBatch { charges: vec![charge], ends: vec![] };
+                    let batch = UsageBatch { id: None, charges: vec![charge], ends: vec![] };
                     store.record_usage(batch, NOW + 1000).await.unwrap();
                 }
             })
@@ -599,7 +633,7 @@ async fn on_postgres_the_meter_commits_while_every_handler_connection_is_busy() 
     assert!(store.ping().await.is_err(), "the handlers' connections were not all busy");
 
     let charge = Charge { session, human: bob, limit_type: CONVERSATIONAL, amount: 1000 };
-    let batch = UsageBatch { charges: vec![charge], ends: vec![] };
+    let batch = UsageBatch { id: None, charges: vec![charge], ends: vec![] };
     // Under the two seconds a caller waits for one of the handlers'.
     let limit = std::time::Duration::from_millis(1900);
     let recorded = tokio::time::timeout(limit, store.record_usage(batch, NOW + 1000)).await;
@@ -716,7 +750,7 @@ async fn one_batch_charges_many_pools_each_cut_at_its_own_zero() {
             humans.push(human);
         }
         charges.reverse();
-        let batch = UsageBatch { charges, ends: vec![] };
+        let batch = UsageBatch { id: None, charges, ends: vec![] };
         let recorded = b.store.record_usage(batch, NOW + 1000).await.unwrap();
         assert_eq!(recorded.pools.len(), 20, "{}", b.name);
         for (n, human) in humans.into_iter().enumerate() {

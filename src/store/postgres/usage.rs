@@ -13,8 +13,8 @@ use super::query::{all, one, run};
 use crate::close::EndReason;
 use crate::limits::SessionKind;
 use crate::store::{
-    Admission, Charge, HumanId, NewSession, PoolState, SessionKey, StoreError, StoreResult,
-    UnixMillis, UsageBatch, UsageRecorded,
+    Admission, BatchId, Charge, HumanId, NewSession, PoolState, SessionKey, StoreError,
+    StoreResult, UnixMillis, UsageBatch, UsageRecorded,
 };
 use crate::webhooks::events::{Event, UsageSource};
 
@@ -88,22 +88,43 @@ async fn open_sessions(db: &impl GenericClient, human: HumanId) -> StoreResult<i
     Ok(one(db, sql, &[&human.0]).await?.get(0))
 }
 
-/// Sets the meter's clock (see `meter_clock` in schema.sql) to `now`. It
-/// is the last statement of a batch, since its row is the one every
-/// batch locks.
-async fn advance_clock(db: &impl GenericClient, now: UnixMillis) -> StoreResult<()> {
-    let sql = "UPDATE meter_clock SET alive_at = GREATEST(alive_at, $1) WHERE id = 1";
-    run(db, sql, &[&now]).await?;
+/// Sets the meter's clock (see `meter_clock` in schema.sql) to `now`, and
+/// records the batch's id there, in the batch's own transaction. It is the
+/// last statement of a batch, since its row is the one every batch locks.
+async fn advance_clock(
+    db: &impl GenericClient,
+    batch: Option<BatchId>,
+    now: UnixMillis,
+) -> StoreResult<()> {
+    let sql = "UPDATE meter_clock
+               SET alive_at = GREATEST(alive_at, $1), last_batch = COALESCE($2, last_batch)
+               WHERE id = 1";
+    run(db, sql, &[&now, &batch.map(|id| id.0)]).await?;
     Ok(())
 }
 
-/// Applies one batch in one transaction, its pools locked in lock order.
+/// Whether `batch` is the last one committed, sent again because its
+/// commit's answer was lost. Read without a lock: only the one meter of the
+/// one server the database's lock admits writes it.
+async fn is_repeat(db: &impl GenericClient, batch: Option<BatchId>) -> StoreResult<bool> {
+    let Some(id) = batch else {
+        return Ok(false);
+    };
+    let sql = "SELECT last_batch FROM meter_clock WHERE id = 1";
+    let last: Option<i64> = one(db, sql, &[]).await?.get(0);
+    Ok(last == Some(id.0))
+}
+
+/// Applies one batch in one transaction, its pools locked in lock order,
+/// or answers a repeat of the last one committed without applying it again
+/// (see [`UsageBatch::id`]).
 pub async fn record(
     client: &mut Client,
     batch: UsageBatch,
     now: UnixMillis,
 ) -> StoreResult<UsageRecorded> {
     let tx = client.transaction().await?;
+    let batch = if is_repeat(&tx, batch.id).await? { batch.as_repeated() } else { batch };
     let mut recorded = UsageRecorded::default();
     // Every pool is locked first, in lock order, by one statement; then the
     // pools are charged at once, their statements pipelined on the
@@ -130,7 +151,7 @@ pub async fn record(
         charged.insert(end.session, end_session(&tx, end.session, end.reason, now).await?);
     }
     recorded.ended = batch.ends.iter().map(|end| (end.session, charged[&end.session])).collect();
-    advance_clock(&tx, now).await?;
+    advance_clock(&tx, batch.id, now).await?;
     tx.commit().await?;
     Ok(recorded)
 }
