@@ -646,6 +646,27 @@ async fn on_postgres_the_meter_commits_while_every_handler_connection_is_busy() 
     }
 }
 
+#[tokio::test]
+async fn on_postgres_the_ping_fails_while_the_database_takes_no_writes() {
+    let Some(server) = postgres::server("on_postgres_the_ping_fails_while") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    PostgresStore::open(&db.url).await.unwrap().ping().await.unwrap();
+
+    let (client, connection) =
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let read_only = "DO $$ BEGIN EXECUTE format(
+        'ALTER DATABASE %I SET default_transaction_read_only = on', current_database()); END $$";
+    client.batch_execute(read_only).await.unwrap();
+
+    // The setting holds for connections made from now on.
+    let store = PostgresStore::open(&db.url).await.unwrap();
+    let ping = store.ping().await;
+    assert!(matches!(&ping, Err(StoreError::Unavailable(text)) if text.contains("read-only")));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_two_servers_starting_at_once_apply_the_schema_once() {
     let Some(server) = postgres::server("on_postgres_two_servers_starting_at_once") else {

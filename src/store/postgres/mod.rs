@@ -327,6 +327,19 @@ fn connection_lost(error: &tokio_postgres::Error) -> bool {
     error.is_closed() || io
 }
 
+/// Answers when the database the connection is on takes writes: not when
+/// every transaction there is read-only (a hot standby, or
+/// `default_transaction_read_only`), where each write of the meter would
+/// fail. As SQLite's ping fails on a read-only file.
+async fn writable(client: &deadpool_postgres::Client) -> StoreResult<()> {
+    let sql = "SELECT current_setting('transaction_read_only') = 'on'";
+    let read_only: bool = client.query_one(sql, &[]).await?.get(0);
+    if read_only {
+        return Err(StoreError::Unavailable("the database is read-only".into()));
+    }
+    Ok(())
+}
+
 /// No connection could be had: the pool's wait ran out, or a new
 /// connection failed, whatever the server answered (refused, unknown
 /// database, not accepting connections, bad credentials). Each of these may
@@ -346,7 +359,7 @@ impl From<PoolError> for StoreError {
 #[async_trait]
 impl Store for PostgresStore {
     async fn ping(&self) -> StoreResult<()> {
-        bounded!(&self.pool, |client| Ok(client.query_one("SELECT 1", &[]).await.map(drop)?))
+        bounded!(&self.pool, |client| writable(&client).await)
     }
 
     async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()> {
