@@ -237,6 +237,41 @@ async fn usage_is_debited_cut_at_zero_and_the_end_records_what_the_session_was_c
 }
 
 #[tokio::test]
+async fn a_grant_or_a_debit_too_large_for_a_balance_is_refused_and_changes_nothing() {
+    for b in backends("a_grant_or_a_debit_too_large").await {
+        let project = b.project("acme").await;
+        let (human, _) = b.mint(project, "ada", &[seconds(10)]).await;
+        let report = |amount, key: &str| NewReport {
+            project,
+            human: "ada".into(),
+            limit_type: CONVERSATIONAL,
+            amount,
+            idempotency_key: key.into(),
+            metadata: None,
+            now: NOW,
+        };
+        let huge = Limit { limit_type: CONVERSATIONAL, value: i64::MAX };
+        let grant = b.store.change_limits(project, "ada", vec![huge], ChangeMode::Add, NOW).await;
+        assert!(matches!(grant, Err(StoreError::LimitOverflow(_))), "{}: {grant:?}", b.name);
+
+        // Below zero, where a debit of the largest number passes the
+        // smallest one.
+        b.store.report_usage(report(20_000, "first")).await.unwrap();
+        let debit = b.store.report_usage(report(i64::MAX, "huge")).await;
+        assert!(matches!(debit, Err(StoreError::BalanceFloor(_))), "{}: {debit:?}", b.name);
+
+        assert_eq!(b.store.limits(human).await.unwrap(), vec![seconds(-10)], "{}", b.name);
+        let filter = LedgerFilter { project, human: None, limit_type: None };
+        let ledger = b.store.ledger(filter, Page { after: None, limit: 10 }).await.unwrap();
+        let amounts: Vec<i64> = ledger.rows.iter().map(|row| row.amount).collect();
+        assert_eq!(amounts, vec![10_000, -20_000], "{}", b.name);
+        let again = b.store.report_usage(report(1, "huge")).await.unwrap();
+        assert!(matches!(again, ReportOutcome::Recorded(_)), "{}: {again:?}", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
 async fn a_batch_sent_again_under_its_id_is_answered_as_committed_and_not_charged_twice() {
     for b in backends("a_batch_sent_again").await {
         let project = b.project("acme").await;

@@ -188,13 +188,16 @@ async fn apply_limit(
     let pool = outbox::lock_pool(tx, human, limit_type).await?;
     let add = mode == ChangeMode::Add;
     // The new balance is worked out by the database from the locked row;
-    // no row comes back when it would pass the largest limit.
+    // no row comes back when it would pass the largest limit. The check is
+    // made in NUMERIC, so that a change too large for a BIGINT is refused
+    // as too large, not failed as out of range.
     let changed = opt(
         tx,
         "UPDATE limits SET limited = TRUE, updated_at = $5,
              balance = CASE WHEN $3 AND limited THEN balance + $4 ELSE $4 END
          WHERE human_id = $1 AND limit_type = $2
-           AND CASE WHEN $3 AND limited THEN balance + $4 ELSE $4 END <= $6
+           AND CASE WHEN $3 AND limited THEN balance::NUMERIC + $4::BIGINT ELSE $4 END
+               <= $6::BIGINT
          RETURNING balance",
         &[&human.0, &limit_type.as_str(), &add, &change.value, &now, &limit_type.max_base()],
     )
@@ -313,10 +316,13 @@ pub async fn debit(
     now: UnixMillis,
 ) -> StoreResult<i64> {
     let floor = -limit_type.max_base();
+    // Checked in NUMERIC: a debit too large for a BIGINT is refused at the
+    // floor, not failed as out of range.
     let debited = opt(
         tx,
         "UPDATE limits SET balance = balance - $3, updated_at = $4
-         WHERE human_id = $1 AND limit_type = $2 AND balance - $3 >= $5
+         WHERE human_id = $1 AND limit_type = $2
+           AND balance::NUMERIC - $3::BIGINT >= $5::BIGINT
          RETURNING balance",
         &[&human.0, &limit_type.as_str(), &amount, &now, &floor],
     )
