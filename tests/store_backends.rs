@@ -702,6 +702,25 @@ async fn on_postgres_the_ping_fails_while_the_database_takes_no_writes() {
     assert!(matches!(&ping, Err(StoreError::Unavailable(text)) if text.contains("read-only")));
 }
 
+#[tokio::test]
+async fn on_postgres_the_urls_own_options_reach_the_server() {
+    let Some(server) = postgres::server("on_postgres_the_urls_own_options") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let (client, connection) =
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client.batch_execute("CREATE SCHEMA metering").await.unwrap();
+
+    let separator = if db.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{separator}options=-c%20search_path%3Dmetering", db.url);
+    PostgresStore::open(&url).await.unwrap().ping().await.unwrap();
+    let sql = "SELECT to_regclass('metering.ledger')::TEXT";
+    let ledger: Option<String> = client.query_one(sql, &[]).await.unwrap().get(0);
+    assert!(ledger.is_some(), "the schema was not applied where search_path says");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_two_servers_starting_at_once_apply_the_schema_once() {
     let Some(server) = postgres::server("on_postgres_two_servers_starting_at_once") else {

@@ -190,10 +190,23 @@ fn connection_config(url: &str) -> anyhow::Result<Config> {
     config.keepalives_retries(3);
     config.tcp_user_timeout(CALL_LIMIT);
     config.application_name("tollgate");
-    config.options(format!(
-        "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS}"
-    ));
+    let options = with_timeouts(config.get_options());
+    config.options(options);
     Ok(config)
+}
+
+/// The URL's own `options` (settings the server is to take, `-c name=value`
+/// each), with the timeouts above after them. Where the URL sets one of
+/// the two timeouts too, ours is the one PostgreSQL takes: [`CALL_LIMIT`]
+/// is worked out from it.
+fn with_timeouts(options: Option<&str>) -> String {
+    let ours = format!(
+        "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS}"
+    );
+    match options.map(str::trim).filter(|options| !options.is_empty()) {
+        Some(theirs) => format!("{theirs} {ours}"),
+        None => ours,
+    }
 }
 
 /// Applies the schema to an empty database, in one transaction that holds
@@ -568,6 +581,20 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_urls_own_options_are_kept_beside_the_timeouts() {
+        let url = "postgres://ada@db/tollgate?options=-c%20search_path%3Dmetering";
+        let config = connection_config(url).unwrap();
+        let options = config.get_options().unwrap();
+        let expected = format!(
+            "-c search_path=metering -c statement_timeout={STATEMENT_TIMEOUT_MS} \
+             -c lock_timeout={STATEMENT_TIMEOUT_MS}"
+        );
+        assert_eq!(options, expected);
+        let plain = connection_config("postgres://ada@db/tollgate").unwrap();
+        assert!(plain.get_options().unwrap().starts_with("-c statement_timeout="));
+    }
 
     #[test]
     fn of_pipelined_errors_the_cause_is_reported_not_an_aborted_transaction() {
