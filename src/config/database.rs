@@ -17,6 +17,9 @@ impl Database {
     /// Reads a `--db` value: a PostgreSQL URL if it starts with one's
     /// scheme, a SQLite path otherwise.
     pub fn parse(value: &Path) -> Result<Database, String> {
+        if value.to_str().is_some_and(is_key_value_string) {
+            return Err(KEY_VALUE_REFUSED.into());
+        }
         let Some(text) = value.to_str().filter(|text| is_postgres_url(text)) else {
             return Ok(Database::Sqlite(value.to_owned()));
         };
@@ -45,6 +48,40 @@ impl From<PathBuf> for Database {
 
 fn is_postgres_url(text: &str) -> bool {
     text.starts_with("postgres://") || text.starts_with("postgresql://")
+}
+
+const KEY_VALUE_REFUSED: &str = "db (--db): a PostgreSQL connection string of key=value \
+    pairs is not read; write it as a URL, postgres://user:password@host:port/dbname \
+    (a SQLite file whose name starts so can be given as ./name)";
+
+/// The connection settings libpq reads from `key=value` pairs.
+const LIBPQ_KEYWORDS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "passfile",
+    "options",
+    "application_name",
+    "connect_timeout",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "target_session_attrs",
+    "service",
+];
+
+/// Whether `text` starts as a libpq connection string does
+/// (`host=db dbname=tollgate`): with one of its keywords and `=`. Taken as
+/// a SQLite path, it would quietly become a file of that name.
+fn is_key_value_string(text: &str) -> bool {
+    let Some((key, _)) = text.trim_start().split_once('=') else {
+        return false;
+    };
+    LIBPQ_KEYWORDS.contains(&key.trim_end().to_ascii_lowercase().as_str())
 }
 
 /// A PostgreSQL URL. Shown (`Display`, `Debug`) with only its user, hosts,
@@ -131,6 +168,18 @@ mod tests {
         assert!(matches!(parse("postgresql://h/db"), Ok(Database::Postgres(_))));
         let path = "./postgres.db";
         assert_eq!(parse(path), Ok(Database::Sqlite(PathBuf::from(path))));
+    }
+
+    #[test]
+    fn a_libpq_key_value_string_is_refused_and_a_url_asked_for() {
+        for text in ["host=db dbname=tollgate", "dbname=tollgate", " user = ada host=db"] {
+            let error = parse(text).unwrap_err();
+            assert!(error.starts_with("db (--db)"), "{text}: {error}");
+            assert!(error.contains("postgres://"), "{text}: {error}");
+        }
+        for path in ["./host=db", "hostname=db.sqlite", "data/host=x.db", "tollgate.db"] {
+            assert!(matches!(parse(path), Ok(Database::Sqlite(_))), "{path}");
+        }
     }
 
     #[test]
