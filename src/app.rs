@@ -12,7 +12,7 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::{self, AppState, AuthFailures};
 use crate::config::{Database, LLM_API_KEY_VARIABLE, Settings};
@@ -22,7 +22,7 @@ use crate::meter::{self, Health, MeterSettings};
 use crate::outbound;
 use crate::secret::{Secret, SecretKind};
 use crate::store::Store;
-use crate::store::postgres::{InstanceLock, PostgresStore};
+use crate::store::postgres::{InstanceLock, PostgresStore, Retaken};
 use crate::store::sqlite::{SqliteStore, StoreThreads};
 use crate::upstream::{self, UpstreamClient};
 use crate::webhooks;
@@ -34,6 +34,10 @@ pub const DEFAULT_PROJECT: &str = "default";
 /// to finish their closing handshake once their usage is recorded. A client
 /// that never answers cannot hold the process up longer than this.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a server that has lost the database's lock waits between two
+/// attempts to take it again: sessions are refused meanwhile, so not long.
+const RETAKE_EVERY: Duration = Duration::from_secs(1);
 
 /// A server that is listening.
 pub struct RunningServer {
@@ -53,8 +57,16 @@ impl RunningServer {
         self.first_api_key.as_ref()
     }
 
+    /// Resolves once the server is stopping: asked to, or on its own (it
+    /// lost the database to another server); [`RunningServer::shutdown`]
+    /// then says why.
+    pub async fn stopping(&self) {
+        self.shutdown.cancelled().await;
+    }
+
     /// Closes every session with 1001, records their final usage and
-    /// stops. Fails if that usage could not be recorded.
+    /// stops. Fails if that usage could not be recorded, or if the server
+    /// stopped because another one took its database.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.done.await.context("the server task failed")?
@@ -89,6 +101,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
 
     let upstream_client = upstream_client(&settings)?;
     let health = Health::new();
+    let health_of_lock = health.clone();
     let meter_settings =
         MeterSettings { tick: settings.tick, warn_millis: settings.warn.as_millis() as i64 };
     let (meter, meter_task) = meter::spawn(store.clone(), meter_settings, health.clone());
@@ -120,8 +133,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     info!(max_connections = listening.max_connections, "connections capped");
     let router = api::router(state);
     let http = tokio::spawn(listener::serve(listener, router, listening, shutdown.clone()));
-    let parts = Parts { http, meter, meter_task, dispatcher, store_threads, _lock: lock };
-    let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts));
+    let parts = Parts { http, meter, meter_task, dispatcher, store_threads };
+    let lock = tokio::spawn(lock.guard(health_of_lock, shutdown.clone()));
+    let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts, lock));
     Ok(RunningServer { local_addr, first_api_key, shutdown, done })
 }
 
@@ -171,15 +185,29 @@ struct Parts {
     dispatcher: JoinHandle<()>,
     /// SQLite's threads; PostgreSQL has none.
     store_threads: Option<StoreThreads>,
-    /// Held until the end: see [`DatabaseLock`].
-    _lock: DatabaseLock,
 }
 
-/// Waits for the shutdown signal, then stops in order: the meter ends and
-/// records every session, the listener drains, the sessions finish their
-/// close, and the store's threads close the database.
-async fn stop_when_asked(shutdown: CancellationToken, parts: Parts) -> anyhow::Result<()> {
+/// Waits for the shutdown signal, then stops in order (see
+/// [`stop_in_order`]), the database's lock held to the end: the task
+/// keeping it (see [`DatabaseLock::guard`]) hands it back at the signal, or
+/// fails, having lost the database to another server, which is then the
+/// error to report.
+async fn stop_when_asked(
+    shutdown: CancellationToken,
+    parts: Parts,
+    lock: JoinHandle<anyhow::Result<DatabaseLock>>,
+) -> anyhow::Result<()> {
     shutdown.cancelled().await;
+    let stopped = stop_in_order(parts).await;
+    let lock = lock.await.context("the task keeping the database's lock failed")?;
+    drop(lock?);
+    stopped
+}
+
+/// Stops in order: the meter ends and records every session, the listener
+/// drains, the sessions finish their close, and the store's threads close
+/// the database.
+async fn stop_in_order(parts: Parts) -> anyhow::Result<()> {
     info!("shutting down");
     let recorded = parts.meter.shutdown().await;
     drop(parts.meter);
@@ -207,10 +235,56 @@ enum DatabaseLock {
     /// `<db>.lock`, beside the SQLite file.
     File { _file: File },
     /// An advisory lock in PostgreSQL.
-    Postgres { _lock: InstanceLock },
+    Postgres { lock: Box<InstanceLock> },
 }
 
 impl DatabaseLock {
+    /// Keeps the lock until `shutdown`, then hands it back to be dropped
+    /// once everything else has stopped.
+    ///
+    /// A PostgreSQL lock is lost if its connection ends (a restart of
+    /// PostgreSQL, a terminated backend, a lost network). The server then
+    /// fails closed, as it does when the store cannot record: `health`
+    /// says so, so that admission refuses new sessions and `/healthz`
+    /// answers 503, and the meter closes the open ones with 1011. It tries
+    /// to take the lock again every [`RETAKE_EVERY`] and serves again once
+    /// it has it, as it does once the store records again. If another
+    /// server holds it by then, that one may already have closed this
+    /// one's sessions as abandoned, and the two would meter the same
+    /// database: this one stops instead (the shutdown is cancelled, and
+    /// the error returned is what the process exits with). Stopping at
+    /// once, rather than waiting, would take down every server on any
+    /// restart of PostgreSQL.
+    async fn guard(
+        mut self,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<DatabaseLock> {
+        let DatabaseLock::Postgres { lock } = &mut self else {
+            shutdown.cancelled().await;
+            return Ok(self);
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = lock.lost() => {}
+            }
+            error!("the database's lock was lost with its connection; refusing sessions");
+            health.set_exclusive(false);
+            match take_again(lock, &shutdown).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(error) => {
+                    shutdown.cancel();
+                    return Err(error);
+                }
+            }
+            health.set_exclusive(true);
+            info!("the database's lock is held again; sessions are admitted");
+        }
+        Ok(self)
+    }
+
     async fn take(db: &Database) -> anyhow::Result<DatabaseLock> {
         Ok(match db {
             Database::Sqlite(path) => DatabaseLock::File { _file: lock_database(path)? },
@@ -218,9 +292,29 @@ impl DatabaseLock {
                 let lock = InstanceLock::take(url.expose())
                     .await
                     .with_context(|| format!("cannot use the database {url}"))?;
-                DatabaseLock::Postgres { _lock: lock }
+                DatabaseLock::Postgres { lock: Box::new(lock) }
             }
         })
+    }
+}
+
+/// Tries every [`RETAKE_EVERY`] to take a lost lock again, until it is
+/// held (`true`) or the shutdown comes (`false`). Fails if another server
+/// holds it.
+async fn take_again(lock: &mut InstanceLock, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(RETAKE_EVERY) => {}
+        }
+        match lock.take_again().await {
+            Ok(Retaken::Held) => return Ok(true),
+            Ok(Retaken::Refused) => anyhow::bail!(
+                "another tollgate server took the PostgreSQL database while this one had lost \
+                 its lock; this one stopped"
+            ),
+            Err(error) => debug!(error = format!("{error:#}"), "cannot take the lock again yet"),
+        }
     }
 }
 

@@ -2,8 +2,10 @@
 //! `--db postgres://...` on a fresh database, it mints over HTTP, meters a
 //! WebSocket session and debits it; `keys create` and `keys revoke` work
 //! on the URL; a second server on the same database is refused; a frozen
-//! database fails its calls in bounded time. Skipped, saying so, without
-//! `TOLLGATE_TEST_POSTGRES` (see tests/common/postgres.rs).
+//! database fails its calls in bounded time; a server that loses its lock
+//! closes its sessions until it has it again, or stops if another took it.
+//! Skipped, saying so, without `TOLLGATE_TEST_POSTGRES` (see
+//! tests/common/postgres.rs).
 
 mod common;
 
@@ -283,4 +285,89 @@ async fn a_frozen_postgres_closes_sessions_and_fails_healthz_in_bounded_time() {
     }
     assert_eq!(healthz(&api).await, 200);
     drop(process);
+}
+
+/// The backend holding the server's lock on the database `admin` is
+/// connected to, and the lock's key.
+async fn lock_holder(admin: &tokio_postgres::Client) -> (i32, i64) {
+    let sql = "SELECT pid, (classid::BIGINT << 32) | objid::BIGINT FROM pg_locks
+               WHERE locktype = 'advisory' AND granted
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let row = admin.query_one(sql, &[]).await.unwrap();
+    (row.get(0), row.get(1))
+}
+
+async fn admin_of(db: &FreshDatabase) -> tokio_postgres::Client {
+    let (admin, connection) =
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    admin
+}
+
+#[tokio::test]
+async fn a_server_whose_lock_breaks_closes_its_sessions_and_serves_once_it_has_it_again() {
+    let Some(server) = postgres::server("a_server_whose_lock_breaks") else {
+        return;
+    };
+    let _cluster = CLUSTER.read().await;
+    let db = FreshDatabase::create(&server).await;
+    let process = binary::spawn(Path::new(&db.url), &["--tick-ms", "100"], "info");
+    let api = api_of(&process, &process.api_key());
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut client = api.connect(&token).await;
+
+    let admin = admin_of(&db).await;
+    let (pid, _) = lock_holder(&admin).await;
+    admin.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), client.until_closed()).await;
+    assert_eq!(closed.expect("the session stayed open").code, Some(1011));
+
+    let path = format!("/v1/realtime/session?kind=conversational&token={token}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let request = format!("{}{path}", api.ws_base);
+        let request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(request)
+                .unwrap();
+        if api.connect_request(request).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "sessions were never admitted again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(lock_holder(&admin).await.0, pid, "the lock was not taken again");
+    assert_eq!(healthz(&api).await, 200);
+    drop(process);
+}
+
+#[tokio::test]
+async fn a_server_whose_lock_another_takes_meanwhile_closes_its_sessions_and_stops() {
+    let Some(server) = postgres::server("a_server_whose_lock_another_takes") else {
+        return;
+    };
+    let _cluster = CLUSTER.read().await;
+    let db = FreshDatabase::create(&server).await;
+    let process = binary::spawn(Path::new(&db.url), &["--tick-ms", "100"], "info");
+    let api = api_of(&process, &process.api_key());
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut client = api.connect(&token).await;
+
+    // The lock is taken here, as a second server starting would, as soon
+    // as the terminated backend has let it go.
+    let admin = admin_of(&db).await;
+    let (pid, key) = lock_holder(&admin).await;
+    admin.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let sql = "SELECT pg_try_advisory_lock($1)";
+    while !admin.query_one(sql, &[&key]).await.unwrap().get::<_, bool>(0) {
+        assert!(tokio::time::Instant::now() < deadline, "the lock was never let go");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let closed = tokio::time::timeout(Duration::from_secs(10), client.until_closed()).await;
+    assert_eq!(closed.expect("the session stayed open").code, Some(1011));
+    let (status, stderr) = wait_for_exit(process).await;
+    assert!(!status.success(), "{stderr:?}");
+    let said = stderr.iter().any(|line| line.contains("another tollgate server took"));
+    assert!(said, "{stderr:?}");
 }

@@ -187,8 +187,7 @@ impl Meter {
         turns.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut turn = 0;
         while !(self.handles_gone && self.held.is_empty()) {
-            let idle =
-                (self.ending.is_empty() && self.fresh.is_empty()) || !self.health.is_recording();
+            let idle = (self.ending.is_empty() && self.fresh.is_empty()) || !self.health.commits();
             tokio::select! {
                 biased;
                 _ = tick.tick() => self.tick().await,
@@ -440,9 +439,17 @@ impl Meter {
         }
     }
 
-    /// Records the sessions that are due and the meter's clock.
+    /// Records the sessions that are due and the meter's clock; first
+    /// closes every session if the server no longer holds the database's
+    /// lock.
     async fn tick(&mut self) {
         self.fresh.clear();
+        if !self.health.is_exclusive() && !self.sessions.is_empty() {
+            let now = Instant::now();
+            for key in self.open_keys() {
+                self.end_and_close(key, now, EndReason::Internal);
+            }
+        }
         if self.sessions.is_empty() && !self.has_unrecorded() {
             return;
         }
@@ -630,7 +637,7 @@ impl Meter {
         recorded: UsageRecorded,
         dry: Dry,
     ) {
-        if !self.health.is_recording() {
+        if !self.health.commits() {
             info!("usage is being recorded again");
             self.health.set_recording(true);
         }
@@ -724,7 +731,7 @@ impl Meter {
     /// time stays in `ending`, and the failed batch in `unsettled`, both
     /// tried again every tick until the store takes them.
     fn fail_closed(&mut self, err: StoreError) {
-        if self.health.is_recording() {
+        if self.health.commits() {
             error!(error = %err, "cannot record usage; closing every session until it works again");
             self.health.set_recording(false);
         }

@@ -246,35 +246,67 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> anyhow::Result<()> {
 /// A server cleans up at start what a crashed run left open (sessions,
 /// completions), and it cannot yet tell another live server's sessions
 /// from a dead one's; so a second server on the same database is refused,
-/// as a second one on the same SQLite file is. If this connection breaks,
-/// the lock goes with it and a second server could start; nothing watches
-/// for that yet.
+/// as a second one on the same SQLite file is. If the connection breaks,
+/// the lock goes with it: [`InstanceLock::lost`] says so, and
+/// [`InstanceLock::take_again`] tries to get it back.
 pub struct InstanceLock {
+    config: Config,
     _client: tokio_postgres::Client,
+    /// The task driving the connection; `None` once it has ended.
+    connection: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// What trying to take the lock again found.
+pub enum Retaken {
+    Held,
+    /// Another server holds it now.
+    Refused,
 }
 
 impl InstanceLock {
     /// Takes the lock, or fails at once if another server holds it.
     pub async fn take(url: &str) -> anyhow::Result<InstanceLock> {
-        let taking = tokio::time::timeout(CALL_LIMIT, InstanceLock::take_unbounded(url));
-        taking.await.context("PostgreSQL did not answer while its lock was taken")?
+        let config = connection_config(url)?;
+        let taking = tokio::time::timeout(CALL_LIMIT, InstanceLock::try_take(config));
+        let taken = taking.await.context("PostgreSQL did not answer while its lock was taken")?;
+        taken?.context("another tollgate server is already using this PostgreSQL database")
     }
 
-    async fn take_unbounded(url: &str) -> anyhow::Result<InstanceLock> {
-        let config = connection_config(url)?;
+    /// Resolves once the connection holding the lock has ended, and the
+    /// lock with it; at once if it already had.
+    pub async fn lost(&mut self) {
+        if let Some(connection) = self.connection.as_mut() {
+            let _ = connection.await;
+            self.connection = None;
+        }
+    }
+
+    /// Tries once, on a new connection, to take the lost lock again.
+    /// Fails when the database cannot be reached.
+    pub async fn take_again(&mut self) -> anyhow::Result<Retaken> {
+        let taking = tokio::time::timeout(CALL_LIMIT, InstanceLock::try_take(self.config.clone()));
+        let taken = taking.await.context("PostgreSQL did not answer while its lock was taken")?;
+        match taken? {
+            Some(lock) => {
+                *self = lock;
+                Ok(Retaken::Held)
+            }
+            None => Ok(Retaken::Refused),
+        }
+    }
+
+    /// The lock, or `None` if another server holds it.
+    async fn try_take(config: Config) -> anyhow::Result<Option<InstanceLock>> {
         let (client, connection) =
             config.connect(NoTls).await.context("cannot connect to PostgreSQL")?;
-        tokio::spawn(async move {
+        let connection = tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::error!(%error, "the connection holding the database's lock broke");
+                tracing::warn!(%error, "the connection holding the database's lock broke");
             }
         });
         let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&INSTANCE_LOCK]).await?;
-        anyhow::ensure!(
-            row.get::<_, bool>(0),
-            "another tollgate server is already using this PostgreSQL database"
-        );
-        Ok(InstanceLock { _client: client })
+        let taken = row.get::<_, bool>(0);
+        Ok(taken.then(|| InstanceLock { config, _client: client, connection: Some(connection) }))
     }
 }
 
