@@ -721,6 +721,65 @@ async fn on_postgres_the_urls_own_options_reach_the_server() {
     assert!(ledger.is_some(), "the schema was not applied where search_path says");
 }
 
+/// `db`'s URL with its host `host` and `query` added.
+fn url_with(db: &FreshDatabase, host: &str, query: &str) -> String {
+    let url = db.url.replacen("127.0.0.1", host, 1);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{query}")
+}
+
+/// Opens a store on a fresh database with `query` added to its URL and
+/// says, for each of its connections, whether it uses TLS.
+async fn tls_of_connections(server: &str, host: &str, query: &str) -> anyhow::Result<Vec<bool>> {
+    let db = FreshDatabase::create(server).await;
+    let store = PostgresStore::open(&url_with(&db, host, query)).await?;
+    store.ping().await?;
+    let (admin, connection) =
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let sql = "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+               WHERE a.application_name = 'tollgate' AND a.datname = current_database()";
+    let rows = admin.query(sql, &[]).await.unwrap();
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+#[tokio::test]
+async fn on_postgres_each_sslmode_connects_as_libpq_would() {
+    let Some(server) = postgres::server("on_postgres_each_sslmode") else {
+        return;
+    };
+    let Some(ca) = postgres::ca_file() else {
+        postgres::say("skipped on_postgres_each_sslmode: the server has no CA of the tests'");
+        return;
+    };
+    let ca = format!("sslrootcert={ca}");
+    let verify_ca = format!("sslmode=verify-ca&{ca}");
+    let verify_full = format!("sslmode=verify-full&{ca}");
+    let cases = [
+        ("127.0.0.1", "sslmode=disable", false),
+        ("127.0.0.1", "sslmode=prefer", true),
+        ("127.0.0.1", "sslmode=require", true),
+        ("127.0.0.1", verify_ca.as_str(), true),
+        ("localhost", verify_full.as_str(), true),
+    ];
+    for (host, query, tls) in cases {
+        let used = tls_of_connections(&server, host, query).await.unwrap();
+        assert!(!used.is_empty() && used.iter().all(|used| *used == tls), "{query}: {used:?}");
+    }
+
+    // The certificate names localhost, not 127.0.0.1; the system's roots
+    // never signed it; and a CA file that is not there is said to be so.
+    let refused = [
+        ("127.0.0.1", verify_full.clone(), "certificate"),
+        ("localhost", "sslmode=verify-ca&sslrootcert=system".into(), ""),
+        ("localhost", "sslmode=verify-full&sslrootcert=/nowhere.pem".into(), "/nowhere.pem"),
+    ];
+    for (host, query, said) in refused {
+        let error = tls_of_connections(&server, host, &query).await.unwrap_err();
+        assert!(format!("{error:#}").contains(said), "{query}: {error:#}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_two_servers_starting_at_once_apply_the_schema_once() {
     let Some(server) = postgres::server("on_postgres_two_servers_starting_at_once") else {

@@ -23,7 +23,9 @@ impl Database {
         let Some(text) = value.to_str().filter(|text| is_postgres_url(text)) else {
             return Ok(Database::Sqlite(value.to_owned()));
         };
-        let config = match text.parse::<tokio_postgres::Config>() {
+        let (rest, _) = crate::store::postgres::tls::split(text)
+            .map_err(|error| format!("db (--db): {error}"))?;
+        let config = match rest.parse::<tokio_postgres::Config>() {
             Ok(config) => config,
             Err(error) => return Err(format!("db (--db): not a valid PostgreSQL URL: {error}")),
         };
@@ -222,5 +224,15 @@ mod tests {
         let error = parse("postgres://ada:s3cret@db:notaport/x").unwrap_err();
         assert!(error.starts_with("db (--db)"), "{error}");
         assert!(!error.contains("s3cret"), "{error}");
+    }
+
+    #[test]
+    fn every_sslmode_of_libpq_but_allow_is_taken_and_another_refused() {
+        for mode in ["disable", "prefer", "require", "verify-ca", "verify-full"] {
+            let url = format!("postgres://ada@db/x?sslmode={mode}&sslrootcert=%2Fca.pem");
+            assert!(matches!(parse(&url), Ok(Database::Postgres(_))), "{mode}");
+        }
+        let error = parse("postgres://ada@db/x?sslmode=allow").unwrap_err();
+        assert!(error.starts_with("db (--db): sslmode"), "{error}");
     }
 }

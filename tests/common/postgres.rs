@@ -29,6 +29,13 @@ pub fn server(case: &str) -> Option<String> {
     }
 }
 
+/// The PEM file of the CA that signed the test server's certificate (for
+/// `localhost`), when `.ci/postgres` made one (`TOLLGATE_TEST_POSTGRES_CA`).
+#[allow(dead_code)]
+pub fn ca_file() -> Option<String> {
+    std::env::var("TOLLGATE_TEST_POSTGRES_CA").ok().filter(|path| !path.is_empty())
+}
+
 /// A database made for one test, dropped (with any connection still open
 /// to it) when this is dropped, even after a failed assertion.
 pub struct FreshDatabase {

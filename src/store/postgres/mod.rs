@@ -1,6 +1,7 @@
 //! The PostgreSQL backend: a pool of connections (deadpool) on which every
 //! method runs its statements, a transaction where it changes more than one
-//! row, and a small pool of the meter's own. The schema
+//! row, and a small pool of the meter's own, over TLS as the URL's
+//! `sslmode` asks for it ([`tls`]). The schema
 //! (`schema.postgres.sql`) is applied here when the store is opened, and
 //! database errors become [`StoreError`]s here, in one place.
 //!
@@ -34,6 +35,7 @@ mod listings;
 mod outbox;
 mod query;
 mod reports;
+pub mod tls;
 mod usage;
 mod webhooks;
 
@@ -42,8 +44,9 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::Config;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Config, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::sqlite::SCHEMA_VERSION;
 use super::{
@@ -114,9 +117,9 @@ impl PostgresStore {
     /// empty one. The URL is never logged or put in an error: it may hold
     /// a password.
     pub async fn open(url: &str) -> anyhow::Result<PostgresStore> {
-        let config = connection_config(url)?;
-        let pool = pool_of(config.clone(), POOL_SIZE)?;
-        let meter_pool = pool_of(config, METER_POOL_SIZE)?;
+        let (config, tls) = connection_config(url)?;
+        let pool = pool_of(config.clone(), tls.clone(), POOL_SIZE)?;
+        let meter_pool = pool_of(config, tls, METER_POOL_SIZE)?;
         let store = PostgresStore { pool, meter_pool };
         let mut client = store.pool.get().await.context("cannot connect to PostgreSQL")?;
         let migrating = tokio::time::timeout(CALL_LIMIT * 4, migrate(&mut client));
@@ -125,11 +128,11 @@ impl PostgresStore {
     }
 }
 
-/// A pool of at most `size` connections made with `config`.
-fn pool_of(config: Config, size: usize) -> anyhow::Result<Pool> {
+/// A pool of at most `size` connections made with `config` and `tls`.
+fn pool_of(config: Config, tls: MakeRustlsConnect, size: usize) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls,
         ManagerConfig { recycling_method: RecyclingMethod::Fast },
     );
     Pool::builder(manager)
@@ -175,12 +178,13 @@ fn settle<T>(
     }
 }
 
-/// The connection settings of `url`, with the timeouts above. TLS is not
-/// supported yet: a URL that asks for it (`sslmode=require`) fails to
-/// connect, and one that prefers it connects without.
-fn connection_config(url: &str) -> anyhow::Result<Config> {
+/// The connection settings of `url`, with the timeouts above, and the TLS
+/// its `sslmode` asks for (see [`tls`]).
+fn connection_config(url: &str) -> anyhow::Result<(Config, MakeRustlsConnect)> {
+    let (rest, tls) = tls::split(url).map_err(anyhow::Error::msg)?;
     let mut config: Config =
-        url.parse().context("the PostgreSQL URL is not a valid connection string")?;
+        rest.parse().context("the PostgreSQL URL is not a valid connection string")?;
+    config.ssl_mode(tls.negotiation());
     config.connect_timeout(POOL_WAIT);
     // A connection whose peer stops answering at the TCP level (a lost
     // network, a host gone) is closed by the kernel instead of lingering.
@@ -192,7 +196,7 @@ fn connection_config(url: &str) -> anyhow::Result<Config> {
     config.application_name("tollgate");
     let options = with_timeouts(config.get_options());
     config.options(options);
-    Ok(config)
+    Ok((config, tls.connector()?))
 }
 
 /// The URL's own `options` (settings the server is to take, `-c name=value`
@@ -251,6 +255,7 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> anyhow::Result<()> {
 /// [`InstanceLock::take_again`] tries to get it back.
 pub struct InstanceLock {
     config: Config,
+    tls: MakeRustlsConnect,
     _client: tokio_postgres::Client,
     /// The task driving the connection; `None` once it has ended.
     connection: Option<tokio::task::JoinHandle<()>>,
@@ -266,8 +271,8 @@ pub enum Retaken {
 impl InstanceLock {
     /// Takes the lock, or fails at once if another server holds it.
     pub async fn take(url: &str) -> anyhow::Result<InstanceLock> {
-        let config = connection_config(url)?;
-        let taking = tokio::time::timeout(CALL_LIMIT, InstanceLock::try_take(config));
+        let (config, tls) = connection_config(url)?;
+        let taking = tokio::time::timeout(CALL_LIMIT, InstanceLock::try_take(config, tls));
         let taken = taking.await.context("PostgreSQL did not answer while its lock was taken")?;
         taken?.context("another tollgate server is already using this PostgreSQL database")
     }
@@ -284,7 +289,8 @@ impl InstanceLock {
     /// Tries once, on a new connection, to take the lost lock again.
     /// Fails when the database cannot be reached.
     pub async fn take_again(&mut self) -> anyhow::Result<Retaken> {
-        let taking = tokio::time::timeout(CALL_LIMIT, InstanceLock::try_take(self.config.clone()));
+        let again = InstanceLock::try_take(self.config.clone(), self.tls.clone());
+        let taking = tokio::time::timeout(CALL_LIMIT, again);
         let taken = taking.await.context("PostgreSQL did not answer while its lock was taken")?;
         match taken? {
             Some(lock) => {
@@ -296,9 +302,12 @@ impl InstanceLock {
     }
 
     /// The lock, or `None` if another server holds it.
-    async fn try_take(config: Config) -> anyhow::Result<Option<InstanceLock>> {
+    async fn try_take(
+        config: Config,
+        tls: MakeRustlsConnect,
+    ) -> anyhow::Result<Option<InstanceLock>> {
         let (client, connection) =
-            config.connect(NoTls).await.context("cannot connect to PostgreSQL")?;
+            config.connect(tls.clone()).await.context("cannot connect to PostgreSQL")?;
         let connection = tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::warn!(%error, "the connection holding the database's lock broke");
@@ -306,7 +315,8 @@ impl InstanceLock {
         });
         let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&INSTANCE_LOCK]).await?;
         let taken = row.get::<_, bool>(0);
-        Ok(taken.then(|| InstanceLock { config, _client: client, connection: Some(connection) }))
+        let connection = Some(connection);
+        Ok(taken.then(|| InstanceLock { config, tls, _client: client, connection }))
     }
 }
 
@@ -617,14 +627,14 @@ mod tests {
     #[test]
     fn the_urls_own_options_are_kept_beside_the_timeouts() {
         let url = "postgres://ada@db/tollgate?options=-c%20search_path%3Dmetering";
-        let config = connection_config(url).unwrap();
+        let (config, _) = connection_config(url).unwrap();
         let options = config.get_options().unwrap();
         let expected = format!(
             "-c search_path=metering -c statement_timeout={STATEMENT_TIMEOUT_MS} \
              -c lock_timeout={STATEMENT_TIMEOUT_MS}"
         );
         assert_eq!(options, expected);
-        let plain = connection_config("postgres://ada@db/tollgate").unwrap();
+        let (plain, _) = connection_config("postgres://ada@db/tollgate").unwrap();
         assert!(plain.get_options().unwrap().starts_with("-c statement_timeout="));
     }
 
