@@ -306,6 +306,66 @@ async fn a_batch_sent_again_under_its_id_is_answered_as_committed_and_not_charge
 }
 
 #[tokio::test]
+async fn the_meter_charges_once_a_batch_whose_commits_answer_was_lost() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use tokio::time::Instant;
+    use tollgate::meter::{Health, MeterSettings, Registration, SessionUpdate};
+
+    for b in backends("the_meter_charges_once").await {
+        let project = b.project("acme").await;
+        let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
+        let Admission::Admitted { key, revocation_epoch, .. } =
+            b.open(human, token, "s1", None).await
+        else {
+            panic!("{}: the session was refused", b.name);
+        };
+        let inner = b.store.clone();
+        let lossy = Arc::new(lossy::LosesAnAnswer { inner, lose_next: AtomicBool::new(false) });
+        let health = Health::new();
+        let settings = MeterSettings { tick: Duration::from_millis(100), warn_millis: 0 };
+        let (meter, task) = tollgate::meter::spawn(lossy.clone(), settings, health.clone());
+        let (updates_tx, _updates_rx) = tokio::sync::watch::channel(SessionUpdate::default());
+        let started = Instant::now();
+        let registration = Registration {
+            key,
+            human,
+            limit_type: CONVERSATIONAL,
+            started,
+            remaining: Some(60_000),
+            revocation_epoch,
+            figures: false,
+            updates_tx,
+            span: tracing::Span::none(),
+        };
+        meter.open(registration).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+
+        // The settle's batch is applied, its answer lost: the meter closes
+        // the session, and records the rest once the batch is answered.
+        lossy.lose_next.store(true, Ordering::SeqCst);
+        assert!(!meter.settle(human).await, "{}: the commit did not fail", b.name);
+        while !health.is_recording() {
+            assert!(started.elapsed() < Duration::from_secs(10), "{}: never recovered", b.name);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ran = started.elapsed().as_millis() as i64;
+        assert!(meter.shutdown().await, "{}", b.name);
+        drop(meter);
+        task.await.unwrap();
+
+        let filter = SessionFilter { project, human: None, state: None };
+        let listed = b.store.sessions(filter, Page { after: None, limit: 10 }).await.unwrap();
+        let row = &listed.unwrap().rows[0];
+        assert_eq!(row.end_reason.as_deref(), Some("internal"), "{}", b.name);
+        // Each charge is rounded to the millisecond.
+        let charged = row.charged;
+        assert!((800..=ran + 2).contains(&charged), "{}: charged {charged} of {ran} ms", b.name);
+        b.assert_ledger_identity().await;
+    }
+}
+
+#[tokio::test]
 async fn the_ends_of_a_batch_are_answered_in_the_batchs_order() {
     for b in backends("the_ends_of_a_batch_are_answered").await {
         let project = b.project("acme").await;
@@ -893,5 +953,224 @@ async fn one_batch_charges_many_pools_each_cut_at_its_own_zero() {
             assert_eq!(pool.remaining, Some(left), "{}: pool of h{n}", b.name);
         }
         b.assert_ledger_identity().await;
+    }
+}
+
+/// A store that loses the answer to one commit of the meter's that charges
+/// something, on a word: the batch is applied, and the meter is told it
+/// failed, as when the connection breaks once COMMIT was sent.
+mod lossy {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use tollgate::limits::{ChangeMode, Limit};
+    use tollgate::secret::SecretHash;
+    use tollgate::store::*;
+
+    pub struct LosesAnAnswer {
+        pub inner: Arc<dyn Store>,
+        pub lose_next: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Store for LosesAnAnswer {
+        async fn record_usage(
+            &self,
+            batch: UsageBatch,
+            now: UnixMillis,
+        ) -> StoreResult<UsageRecorded> {
+            let charges = !batch.charges.is_empty();
+            let recorded = self.inner.record_usage(batch, now).await?;
+            if charges && self.lose_next.swap(false, Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("the answer to COMMIT was lost".into()));
+            }
+            Ok(recorded)
+        }
+
+        async fn ping(&self) -> StoreResult<()> {
+            self.inner.ping().await
+        }
+
+        async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()> {
+            self.inner.add_api_key(project, key).await
+        }
+
+        async fn revoke_api_key(&self, key: SecretHash) -> StoreResult<bool> {
+            self.inner.revoke_api_key(key).await
+        }
+
+        async fn has_projects(&self) -> StoreResult<bool> {
+            self.inner.has_projects().await
+        }
+
+        async fn find_api_key(&self, key: SecretHash) -> StoreResult<Option<ApiKeyRecord>> {
+            self.inner.find_api_key(key).await
+        }
+
+        async fn find_usage_token(
+            &self,
+            token: SecretHash,
+        ) -> StoreResult<Option<UsageTokenRecord>> {
+            self.inner.find_usage_token(token).await
+        }
+
+        async fn find_human(&self, project: ProjectId, name: &str) -> StoreResult<Option<Human>> {
+            self.inner.find_human(project, name).await
+        }
+
+        async fn find_or_create_human(&self, project: ProjectId, name: &str) -> StoreResult<Human> {
+            self.inner.find_or_create_human(project, name).await
+        }
+
+        async fn mint_token(&self, request: MintRequest) -> StoreResult<Vec<Limit>> {
+            self.inner.mint_token(request).await
+        }
+
+        async fn limits(&self, human: HumanId) -> StoreResult<Vec<Limit>> {
+            self.inner.limits(human).await
+        }
+
+        async fn change_limits(
+            &self,
+            project: ProjectId,
+            human: &str,
+            changes: Vec<Limit>,
+            mode: ChangeMode,
+            now: UnixMillis,
+        ) -> StoreResult<Vec<Limit>> {
+            self.inner.change_limits(project, human, changes, mode, now).await
+        }
+
+        async fn revoke(
+            &self,
+            project: ProjectId,
+            human: &str,
+            now: UnixMillis,
+        ) -> StoreResult<Option<u64>> {
+            self.inner.revoke(project, human, now).await
+        }
+
+        async fn newest_live_token(
+            &self,
+            project: ProjectId,
+            human: &str,
+            now: UnixMillis,
+        ) -> StoreResult<Option<UnixMillis>> {
+            self.inner.newest_live_token(project, human, now).await
+        }
+
+        async fn set_token_expiry(
+            &self,
+            project: ProjectId,
+            human: &str,
+            now: UnixMillis,
+            expires_at: UnixMillis,
+        ) -> StoreResult<u64> {
+            self.inner.set_token_expiry(project, human, now, expires_at).await
+        }
+
+        async fn open_session(&self, session: NewSession) -> StoreResult<Admission> {
+            self.inner.open_session(session).await
+        }
+
+        async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
+            self.inner.close_abandoned_sessions().await
+        }
+
+        async fn start_completion(
+            &self,
+            completion: NewCompletion,
+        ) -> StoreResult<CompletionAdmission> {
+            self.inner.start_completion(completion).await
+        }
+
+        async fn end_completion(&self, end: CompletionEnd) -> StoreResult<Option<i64>> {
+            self.inner.end_completion(end).await
+        }
+
+        async fn close_abandoned_completions(&self, now: UnixMillis) -> StoreResult<u64> {
+            self.inner.close_abandoned_completions(now).await
+        }
+
+        async fn report_usage(&self, report: NewReport) -> StoreResult<ReportOutcome> {
+            self.inner.report_usage(report).await
+        }
+
+        async fn set_webhook(&self, change: WebhookChange) -> StoreResult<(Webhook, bool)> {
+            self.inner.set_webhook(change).await
+        }
+
+        async fn webhook(&self, project: ProjectId) -> StoreResult<Option<Webhook>> {
+            self.inner.webhook(project).await
+        }
+
+        async fn delete_webhook(&self, project: ProjectId) -> StoreResult<bool> {
+            self.inner.delete_webhook(project).await
+        }
+
+        async fn rotate_webhook_secret(
+            &self,
+            project: ProjectId,
+            secret: String,
+            previous_until: UnixMillis,
+            now: UnixMillis,
+        ) -> StoreResult<bool> {
+            self.inner.rotate_webhook_secret(project, secret, previous_until, now).await
+        }
+
+        async fn due_events(
+            &self,
+            now: UnixMillis,
+            busy: Vec<i64>,
+            per_project: u32,
+            limit: u32,
+        ) -> StoreResult<Vec<DueEvent>> {
+            self.inner.due_events(now, busy, per_project, limit).await
+        }
+
+        async fn record_attempt(
+            &self,
+            seq: i64,
+            outcome: AttemptOutcome,
+            now: UnixMillis,
+        ) -> StoreResult<()> {
+            self.inner.record_attempt(seq, outcome, now).await
+        }
+
+        async fn deliveries(
+            &self,
+            project: ProjectId,
+            status: Option<DeliveryStatus>,
+            after: Option<i64>,
+            limit: u32,
+        ) -> StoreResult<Vec<Delivery>> {
+            self.inner.deliveries(project, status, after, limit).await
+        }
+
+        async fn retry_delivery(
+            &self,
+            project: ProjectId,
+            id: &str,
+            now: UnixMillis,
+        ) -> StoreResult<Option<Delivery>> {
+            self.inner.retry_delivery(project, id, now).await
+        }
+
+        async fn ledger(
+            &self,
+            filter: LedgerFilter,
+            page: Page<i64>,
+        ) -> StoreResult<Listing<LedgerRow>> {
+            self.inner.ledger(filter, page).await
+        }
+
+        async fn sessions(
+            &self,
+            filter: SessionFilter,
+            page: Page<String>,
+        ) -> StoreResult<Option<Listing<SessionRow>>> {
+            self.inner.sessions(filter, page).await
+        }
     }
 }
