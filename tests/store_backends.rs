@@ -841,6 +841,47 @@ async fn on_postgres_each_sslmode_connects_as_libpq_would() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_batch_sent_again_while_its_first_attempt_commits_is_applied_once() {
+    let Some(server) = postgres::server("on_postgres_a_batch_sent_again_while") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let store = Arc::new(PostgresStore::open(&db.url).await.unwrap());
+    let b = Backend { name: "postgres", store: store.clone(), rows: Rows::Postgres { db } };
+    let project = b.project("acme").await;
+    let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+    let session = b.admitted(human, token, "s1").await;
+
+    // The first attempt, on a connection this side gave up on, is about to
+    // commit: it has recorded the batch's id, and holds the clock's row.
+    let id = BatchId::random();
+    let Rows::Postgres { db } = &b.rows else { unreachable!() };
+    let (mut first, connection) =
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let attempt = first.transaction().await.unwrap();
+    let sql = "UPDATE meter_clock SET last_batch = $1 WHERE id = 1";
+    attempt.execute(sql, &[&id.0]).await.unwrap();
+    let sql = "UPDATE limits SET balance = balance - 3000 WHERE human_id = $1";
+    attempt.execute(sql, &[&human.0]).await.unwrap();
+    let sql = "INSERT INTO ledger (human_id, limit_type, entry, amount, session_id, created_at,
+                                   updated_at)
+               VALUES ($1, 'conversational_seconds', 'debit', -3000, $2, 0, 0)";
+    attempt.execute(sql, &[&human.0, &session.0]).await.unwrap();
+
+    let charge = Charge { session, human, limit_type: CONVERSATIONAL, amount: 3_000 };
+    let batch = UsageBatch { id: Some(id), charges: vec![charge], ends: vec![] };
+    let again = tokio::spawn(async move { store.record_usage(batch, NOW + 1000).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    attempt.commit().await.unwrap();
+
+    let recorded = again.await.unwrap().unwrap();
+    assert_eq!(recorded.pools[0].remaining, Some(7_000));
+    assert_eq!(b.store.limits(human).await.unwrap(), vec![seconds(7)]);
+    b.assert_ledger_identity().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_two_servers_starting_at_once_apply_the_schema_once() {
     let Some(server) = postgres::server("on_postgres_two_servers_starting_at_once") else {
         return;

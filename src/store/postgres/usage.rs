@@ -90,7 +90,7 @@ async fn open_sessions(db: &impl GenericClient, human: HumanId) -> StoreResult<i
 
 /// Sets the meter's clock (see `meter_clock` in schema.sql) to `now`, and
 /// records the batch's id there, in the batch's own transaction. It is the
-/// last statement of a batch, since its row is the one every batch locks.
+/// last statement of a batch.
 async fn advance_clock(
     db: &impl GenericClient,
     batch: Option<BatchId>,
@@ -104,13 +104,16 @@ async fn advance_clock(
 }
 
 /// Whether `batch` is the last one committed, sent again because its
-/// commit's answer was lost. Read without a lock: only the one meter of the
-/// one server the database's lock admits writes it.
+/// commit's answer was lost. The clock's row is locked first, before any
+/// pool (nothing else locks it): a first attempt whose connection this side
+/// has given up on may still be running on the server, and is then waited
+/// for, its id read once it has committed or rolled back, rather than both
+/// attempts applying the batch.
 async fn is_repeat(db: &impl GenericClient, batch: Option<BatchId>) -> StoreResult<bool> {
     let Some(id) = batch else {
         return Ok(false);
     };
-    let sql = "SELECT last_batch FROM meter_clock WHERE id = 1";
+    let sql = "SELECT last_batch FROM meter_clock WHERE id = 1 FOR UPDATE";
     let last: Option<i64> = one(db, sql, &[]).await?.get(0);
     Ok(last == Some(id.0))
 }
