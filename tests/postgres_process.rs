@@ -1,7 +1,8 @@
 //! The `tollgate` binary on PostgreSQL, end to end: started with
 //! `--db postgres://...` on a fresh database, it mints over HTTP, meters a
 //! WebSocket session and debits it; `keys create` and `keys revoke` work
-//! on the URL; a second server on the same database is refused; a frozen
+//! on the URL (`postgresql://` too, and a libpq key=value string is
+//! refused); a second server on the same database is refused; a frozen
 //! database fails its calls in bounded time; a server that loses its lock
 //! closes its sessions until it has it again, or stops if another took it.
 //! Skipped, saying so, without `TOLLGATE_TEST_POSTGRES` (see
@@ -115,6 +116,29 @@ async fn keys_are_created_and_revoked_on_a_postgres_url_and_a_second_server_is_r
     assert!(status.success(), "{stderr}");
     assert_eq!(api.post("/v1/usage/token", json!({ "human": "ada" })).await.0, 401);
     drop(process);
+}
+
+#[tokio::test]
+async fn a_postgresql_url_is_taken_and_a_key_value_string_refused_with_no_file_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keys", "create", "--project", "acme", "--db", "host=127.0.0.1 dbname=x"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("postgres://"), "{stderr}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "a file was made");
+
+    let Some(server) = postgres::server("a_postgresql_url_is_taken") else {
+        return;
+    };
+    let _cluster = CLUSTER.read().await;
+    let db = FreshDatabase::create(&server).await;
+    let url = std::path::PathBuf::from(db.url.replacen("postgres://", "postgresql://", 1));
+    let (status, stdout, stderr) =
+        binary::run_binary(&["keys", "create", "--project", "acme"], &url);
+    assert!(status.success() && stdout.starts_with("tgk_"), "{stderr}");
 }
 
 #[tokio::test]
