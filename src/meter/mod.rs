@@ -24,7 +24,7 @@ mod pool;
 mod task;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -56,11 +56,15 @@ pub struct MeterSettings {
 pub struct Health {
     recording: AtomicBool,
     exclusive: AtomicBool,
+    /// How many times the lock was lost: a loss closes the sessions even
+    /// when the lock is held again before the meter's next tick.
+    losses: AtomicU64,
 }
 
 impl Health {
     pub fn new() -> Arc<Health> {
-        Arc::new(Health { recording: AtomicBool::new(true), exclusive: AtomicBool::new(true) })
+        let (recording, exclusive) = (AtomicBool::new(true), AtomicBool::new(true));
+        Arc::new(Health { recording, exclusive, losses: AtomicU64::new(0) })
     }
 
     pub fn is_recording(&self) -> bool {
@@ -77,7 +81,15 @@ impl Health {
     /// sessions as left over from a crash: the meter closes every session
     /// (1011) at its next tick, and admission refuses new ones.
     pub fn set_exclusive(&self, held: bool) {
+        if !held {
+            self.losses.fetch_add(1, Ordering::Relaxed);
+        }
         self.exclusive.store(held, Ordering::Relaxed);
+    }
+
+    /// How many times the lock was lost.
+    fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Relaxed)
     }
 
     /// Whether the last commit succeeded.

@@ -150,6 +150,9 @@ pub struct Meter {
     /// as their first.
     fresh: Vec<SessionKey>,
     draining: bool,
+    /// The losses of the database's lock seen so far (see
+    /// [`Health::set_exclusive`]).
+    lock_losses: u64,
 }
 
 impl Meter {
@@ -174,6 +177,7 @@ impl Meter {
             unsettled: None,
             fresh: Vec::new(),
             draining: false,
+            lock_losses: 0,
         }
     }
 
@@ -440,11 +444,13 @@ impl Meter {
     }
 
     /// Records the sessions that are due and the meter's clock; first
-    /// closes every session if the server no longer holds the database's
-    /// lock.
+    /// closes every session if the server has lost the database's lock
+    /// since the last tick, or does not hold it.
     async fn tick(&mut self) {
         self.fresh.clear();
-        if !self.health.is_exclusive() && !self.sessions.is_empty() {
+        let losses = self.health.losses();
+        if losses != self.lock_losses || !self.health.is_exclusive() {
+            self.lock_losses = losses;
             let now = Instant::now();
             for key in self.open_keys() {
                 self.end_and_close(key, now, EndReason::Internal);
