@@ -12,16 +12,17 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::{self, AppState, AuthFailures};
-use crate::config::{LLM_API_KEY_VARIABLE, Settings};
+use crate::config::{Database, LLM_API_KEY_VARIABLE, Settings};
 use crate::listener;
 use crate::llm::{LlmClient, Proxy};
 use crate::meter::{self, Health, MeterSettings};
 use crate::outbound;
 use crate::secret::{Secret, SecretKind};
 use crate::store::Store;
+use crate::store::postgres::{InstanceLock, PostgresStore, Retaken};
 use crate::store::sqlite::{SqliteStore, StoreThreads};
 use crate::upstream::{self, UpstreamClient};
 use crate::webhooks;
@@ -33,6 +34,10 @@ pub const DEFAULT_PROJECT: &str = "default";
 /// to finish their closing handshake once their usage is recorded. A client
 /// that never answers cannot hold the process up longer than this.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a server that has lost the database's lock waits between two
+/// attempts to take it again: sessions are refused meanwhile, so not long.
+const RETAKE_EVERY: Duration = Duration::from_secs(1);
 
 /// A server that is listening.
 pub struct RunningServer {
@@ -52,8 +57,16 @@ impl RunningServer {
         self.first_api_key.as_ref()
     }
 
+    /// Resolves once the server is stopping: asked to, or on its own (it
+    /// lost the database to another server); [`RunningServer::shutdown`]
+    /// then says why.
+    pub async fn stopping(&self) {
+        self.shutdown.cancelled().await;
+    }
+
     /// Closes every session with 1001, records their final usage and
-    /// stops. Fails if that usage could not be recorded.
+    /// stops. Fails if that usage could not be recorded, or if the server
+    /// stopped because another one took its database.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.done.await.context("the server task failed")?
@@ -63,14 +76,16 @@ impl RunningServer {
 /// Opens the database and starts serving.
 pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     let tls = settings.tls.as_ref().map(crate::tls::acceptor).transpose()?;
-    let lock = lock_database(&settings.db)?;
+    let lock = DatabaseLock::take(&settings.db).await?;
     crate::metrics::handle();
     let listener = listener::bind(settings.listen)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let local_addr = listener.local_addr()?;
     let max_db_bytes = settings.max_db_mb.map(|mb| mb * 1024 * 1024);
-    let (store, store_threads) = SqliteStore::open_capped(&settings.db, max_db_bytes)?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let (store, store_threads) = open_store(&settings.db, max_db_bytes).await?;
+    if let Database::Postgres(url) = &settings.db {
+        info!(database = %url, "using PostgreSQL");
+    }
     let abandoned = store.close_abandoned_sessions().await?;
     if abandoned > 0 {
         info!(sessions = abandoned, "closed sessions the previous run left open");
@@ -86,6 +101,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
 
     let upstream_client = upstream_client(&settings)?;
     let health = Health::new();
+    let health_of_lock = health.clone();
     let meter_settings =
         MeterSettings { tick: settings.tick, warn_millis: settings.warn.as_millis() as i64 };
     let (meter, meter_task) = meter::spawn(store.clone(), meter_settings, health.clone());
@@ -117,8 +133,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     info!(max_connections = listening.max_connections, "connections capped");
     let router = api::router(state);
     let http = tokio::spawn(listener::serve(listener, router, listening, shutdown.clone()));
-    let parts = Parts { http, meter, meter_task, dispatcher, store_threads, _lock: lock };
-    let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts));
+    let parts = Parts { http, meter, meter_task, dispatcher, store_threads };
+    let lock = tokio::spawn(lock.guard(health_of_lock, shutdown.clone()));
+    let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts, lock));
     Ok(RunningServer { local_addr, first_api_key, shutdown, done })
 }
 
@@ -166,16 +183,31 @@ struct Parts {
     /// Stops at the shutdown signal; what it was sending is sent again at
     /// the next start.
     dispatcher: JoinHandle<()>,
-    store_threads: StoreThreads,
-    /// Held until the end: see [`lock_database`].
-    _lock: File,
+    /// SQLite's threads; PostgreSQL has none.
+    store_threads: Option<StoreThreads>,
 }
 
-/// Waits for the shutdown signal, then stops in order: the meter ends and
-/// records every session, the listener drains, the sessions finish their
-/// close, and the store's threads close the database.
-async fn stop_when_asked(shutdown: CancellationToken, parts: Parts) -> anyhow::Result<()> {
+/// Waits for the shutdown signal, then stops in order (see
+/// [`stop_in_order`]), the database's lock held to the end: the task
+/// keeping it (see [`DatabaseLock::guard`]) hands it back at the signal, or
+/// fails, having lost the database to another server, which is then the
+/// error to report.
+async fn stop_when_asked(
+    shutdown: CancellationToken,
+    parts: Parts,
+    lock: JoinHandle<anyhow::Result<DatabaseLock>>,
+) -> anyhow::Result<()> {
     shutdown.cancelled().await;
+    let stopped = stop_in_order(parts).await;
+    let lock = lock.await.context("the task keeping the database's lock failed")?;
+    drop(lock?);
+    stopped
+}
+
+/// Stops in order: the meter ends and records every session, the listener
+/// drains, the sessions finish their close, and the store's threads close
+/// the database.
+async fn stop_in_order(parts: Parts) -> anyhow::Result<()> {
     info!("shutting down");
     let recorded = parts.meter.shutdown().await;
     drop(parts.meter);
@@ -190,14 +222,123 @@ async fn stop_when_asked(shutdown: CancellationToken, parts: Parts) -> anyhow::R
         warn!("some sessions did not finish closing in time; their usage is recorded");
         return finish(recorded);
     }
-    let store_threads = parts.store_threads;
-    tokio::task::spawn_blocking(move || store_threads.join()).await?;
+    if let Some(store_threads) = parts.store_threads {
+        tokio::task::spawn_blocking(move || store_threads.join()).await?;
+    }
     finish(recorded)
 }
 
-/// Takes a lock that only one server at a time can hold for a database. A
-/// second server started on the same file would otherwise close the first
-/// one's live sessions as left over from a crash.
+/// A lock that only one server at a time can hold for a database. A
+/// second server started on the same database would otherwise close the
+/// first one's live sessions as left over from a crash.
+enum DatabaseLock {
+    /// `<db>.lock`, beside the SQLite file.
+    File { _file: File },
+    /// An advisory lock in PostgreSQL.
+    Postgres { lock: Box<InstanceLock> },
+}
+
+impl DatabaseLock {
+    /// Keeps the lock until `shutdown`, then hands it back to be dropped
+    /// once everything else has stopped.
+    ///
+    /// A PostgreSQL lock is lost if its connection ends (a restart of
+    /// PostgreSQL, a terminated backend, a lost network). The server then
+    /// fails closed, as it does when the store cannot record: `health`
+    /// says so, so that admission refuses new sessions and `/healthz`
+    /// answers 503, and the meter closes the open ones with 1011. It tries
+    /// to take the lock again every [`RETAKE_EVERY`] and serves again once
+    /// it has it, as it does once the store records again. If another
+    /// server holds it by then, that one may already have closed this
+    /// one's sessions as abandoned, and the two would meter the same
+    /// database: this one stops instead (the shutdown is cancelled, and
+    /// the error returned is what the process exits with). Stopping at
+    /// once, rather than waiting, would take down every server on any
+    /// restart of PostgreSQL.
+    async fn guard(
+        mut self,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<DatabaseLock> {
+        let DatabaseLock::Postgres { lock } = &mut self else {
+            shutdown.cancelled().await;
+            return Ok(self);
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = lock.lost() => {}
+            }
+            error!("the database's lock was lost with its connection; refusing sessions");
+            health.set_exclusive(false);
+            match take_again(lock, &shutdown).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(error) => {
+                    shutdown.cancel();
+                    return Err(error);
+                }
+            }
+            health.set_exclusive(true);
+            info!("the database's lock is held again; sessions are admitted");
+        }
+        Ok(self)
+    }
+
+    async fn take(db: &Database) -> anyhow::Result<DatabaseLock> {
+        Ok(match db {
+            Database::Sqlite(path) => DatabaseLock::File { _file: lock_database(path)? },
+            Database::Postgres(url) => {
+                let lock = InstanceLock::take(url.expose())
+                    .await
+                    .with_context(|| format!("cannot use the database {url}"))?;
+                DatabaseLock::Postgres { lock: Box::new(lock) }
+            }
+        })
+    }
+}
+
+/// Tries every [`RETAKE_EVERY`] to take a lost lock again, until it is
+/// held (`true`) or the shutdown comes (`false`). Fails if another server
+/// holds it.
+async fn take_again(lock: &mut InstanceLock, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(RETAKE_EVERY) => {}
+        }
+        match lock.take_again().await {
+            Ok(Retaken::Held) => return Ok(true),
+            Ok(Retaken::Refused) => anyhow::bail!(
+                "another tollgate server took the PostgreSQL database while this one had lost \
+                 its lock; this one stopped"
+            ),
+            Err(error) => debug!(error = format!("{error:#}"), "cannot take the lock again yet"),
+        }
+    }
+}
+
+/// Opens the store on the database: SQLite, capped at `max_db_bytes` if
+/// given, with the threads to join once it is dropped; or PostgreSQL.
+async fn open_store(
+    db: &Database,
+    max_db_bytes: Option<u64>,
+) -> anyhow::Result<(Arc<dyn Store>, Option<StoreThreads>)> {
+    match db {
+        Database::Sqlite(path) => {
+            let (store, threads) = SqliteStore::open_capped(path, max_db_bytes)?;
+            Ok((Arc::new(store), Some(threads)))
+        }
+        Database::Postgres(url) => {
+            let store = PostgresStore::open(url.expose())
+                .await
+                .with_context(|| format!("cannot open the database {url}"))?;
+            Ok((Arc::new(store), None))
+        }
+    }
+}
+
+/// The lock file of a SQLite database at `db`.
 fn lock_database(db: &Path) -> anyhow::Result<File> {
     let mut path = db.as_os_str().to_owned();
     path.push(".lock");
@@ -233,7 +374,8 @@ async fn create_first_project(store: &dyn Store) -> anyhow::Result<Option<Secret
 }
 
 /// Creates the project if needed and a new API key for it, in the database
-/// at `db`, for `tollgate keys create`.
+/// `db` names (a `--db` value: a SQLite path or a PostgreSQL URL), for
+/// `tollgate keys create`.
 pub async fn create_api_key(db: &Path, project: &str) -> anyhow::Result<Secret> {
     anyhow::ensure!(
         !project.is_empty() && project.len() <= 100,
@@ -243,11 +385,11 @@ pub async fn create_api_key(db: &Path, project: &str) -> anyhow::Result<Secret> 
         !project.chars().any(char::is_control) && project.trim() == project,
         "--project must not contain control characters or start or end with white space"
     );
-    let (store, store_threads) = SqliteStore::open(db)?;
+    let (store, store_threads) = open_for_command(db).await?;
     let key = Secret::generate(SecretKind::ApiKey);
-    store.add_api_key(project, key.hash()).await?;
-    drop(store);
-    tokio::task::spawn_blocking(move || store_threads.join()).await?;
+    let added = store.add_api_key(project, key.hash()).await;
+    close_for_command(store, store_threads).await?;
+    added?;
     Ok(key)
 }
 
@@ -257,12 +399,31 @@ pub async fn revoke_api_key(db: &Path, key: &str) -> anyhow::Result<()> {
     let Some(hash) = crate::secret::parse(key.trim(), SecretKind::ApiKey) else {
         anyhow::bail!("--api-key: not an API key (tgk_ and 47 characters, checksum included)");
     };
-    // Opening the store would create a database that is not there.
-    anyhow::ensure!(db.exists(), "--db: there is no database at {}", db.display());
-    let (store, store_threads) = SqliteStore::open(db)?;
+    // Opening the store would create a SQLite database that is not there.
+    if let Database::Sqlite(path) = Database::parse(db).map_err(anyhow::Error::msg)? {
+        anyhow::ensure!(path.exists(), "--db: there is no database at {}", path.display());
+    }
+    let (store, store_threads) = open_for_command(db).await?;
     let revoked = store.revoke_api_key(hash).await;
-    drop(store);
-    tokio::task::spawn_blocking(move || store_threads.join()).await?;
+    close_for_command(store, store_threads).await?;
     anyhow::ensure!(revoked?, "--api-key: no live key of this database matches it");
+    Ok(())
+}
+
+/// The store a command of the command line works on, beside a server that
+/// may be running on it.
+async fn open_for_command(db: &Path) -> anyhow::Result<(Arc<dyn Store>, Option<StoreThreads>)> {
+    open_store(&Database::parse(db).map_err(anyhow::Error::msg)?, None).await
+}
+
+/// Closes what [`open_for_command`] opened, waiting for SQLite's threads.
+async fn close_for_command(
+    store: Arc<dyn Store>,
+    store_threads: Option<StoreThreads>,
+) -> anyhow::Result<()> {
+    drop(store);
+    if let Some(threads) = store_threads {
+        tokio::task::spawn_blocking(move || threads.join()).await?;
+    }
     Ok(())
 }

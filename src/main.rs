@@ -60,7 +60,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Logged only after the key is printed: what waits for this line can
     // rely on standard output being complete.
     tracing::info!(address = %server.local_addr(), "listening");
-    stop_signal().await?;
+    tokio::select! {
+        signal = stop_signal() => signal?,
+        // It stops on its own when another server took its database.
+        _ = server.stopping() => {}
+    }
     tokio::spawn(async {
         // A second signal means the operator will not wait for sessions to
         // close; whatever the meter has not yet recorded is lost.

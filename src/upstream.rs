@@ -141,7 +141,7 @@ pub fn tls_config(extra_ca_file: Option<&Path>) -> anyhow::Result<ClientConfig> 
 
 /// Adds every certificate of a PEM file to `roots`; a file with none is an
 /// error, since nothing could then be reached through it.
-fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> anyhow::Result<()> {
+pub(crate) fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> anyhow::Result<()> {
     let certificates = CertificateDer::pem_file_iter(path)
         .with_context(|| format!("cannot read the CA file {}", path.display()))?;
     let mut added = 0;

@@ -4,6 +4,7 @@
 //! over the file. Values are checked once, here, and a bad one stops
 //! start-up with a message naming it.
 
+mod database;
 mod file;
 mod llm;
 mod upstream;
@@ -17,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::tls::TlsFiles;
 use crate::webhooks::dispatch::DispatchSettings;
+pub use database::{Database, PostgresUrl};
 use file::FileSettings;
 pub use llm::{API_KEY_VARIABLE as LLM_API_KEY_VARIABLE, CapField, LlmSettings, LlmUpstream};
 pub use upstream::{Upstream, Upstreams};
@@ -132,7 +134,8 @@ pub enum KeysCommand {
         /// The project's name.
         #[arg(long)]
         project: String,
-        /// SQLite database file [default: ./tollgate.db, or the settings file's].
+        /// SQLite database file or postgres:// URL [default: ./tollgate.db, or the
+        /// settings file's].
         #[arg(long, env = "TOLLGATE_DB")]
         db: Option<PathBuf>,
         /// A TOML settings file, for its `db`.
@@ -146,7 +149,8 @@ pub enum KeysCommand {
         /// out of the process list and shell history).
         #[arg(long, env = "TOLLGATE_API_KEY", hide_env_values = true)]
         api_key: String,
-        /// SQLite database file [default: ./tollgate.db, or the settings file's].
+        /// SQLite database file or postgres:// URL [default: ./tollgate.db, or the
+        /// settings file's].
         #[arg(long, env = "TOLLGATE_DB")]
         db: Option<PathBuf>,
         /// A TOML settings file, for its `db`.
@@ -167,7 +171,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TOLLGATE_LISTEN")]
     pub listen: Option<SocketAddr>,
 
-    /// SQLite database file, created if missing [default: ./tollgate.db].
+    /// SQLite database file, created if missing, or a PostgreSQL URL
+    /// (postgres://user@host/dbname) [default: ./tollgate.db].
     #[arg(long, env = "TOLLGATE_DB")]
     pub db: Option<PathBuf>,
 
@@ -223,7 +228,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TOLLGATE_HEADER_TIMEOUT_SECONDS")]
     pub header_timeout_seconds: Option<f64>,
     /// Largest the database may grow, in megabytes; at the cap usage cannot
-    /// be recorded, so sessions are closed and refused [default: no cap].
+    /// be recorded, so sessions are closed and refused; SQLite only
+    /// [default: no cap].
     #[arg(long, env = "TOLLGATE_MAX_DB_MB")]
     pub max_db_mb: Option<u64>,
 
@@ -257,7 +263,7 @@ pub struct ServeArgs {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
-    pub db: PathBuf,
+    pub db: Database,
     pub tick: Duration,
     pub warn: Duration,
     pub max_session: Duration,
@@ -271,7 +277,8 @@ pub struct Settings {
     /// when the server starts.
     pub max_connections: Option<u32>,
     pub header_timeout: Duration,
-    /// The database's cap, in megabytes; `None` for none.
+    /// The database's cap, in megabytes; `None` for none. Never set with
+    /// PostgreSQL.
     pub max_db_mb: Option<u64>,
     pub upstreams: Upstreams,
     pub upstream_ca_file: Option<PathBuf>,
@@ -314,10 +321,10 @@ pub enum AllowedOrigins {
 
 impl Settings {
     /// The defaults, with the given database.
-    pub fn new(db: PathBuf) -> Settings {
+    pub fn new(db: impl Into<Database>) -> Settings {
         Settings {
             listen: DEFAULT_LISTEN.parse().expect("the default address parses"),
-            db,
+            db: db.into(),
             tick: Duration::from_millis(DEFAULT_TICK_MS),
             warn: Duration::from_secs_f64(DEFAULT_WARN_SECONDS),
             max_session: Duration::from_secs_f64(DEFAULT_MAX_SESSION_SECONDS),
@@ -348,7 +355,8 @@ impl Settings {
         merge(args, file)
     }
 
-    /// The database `keys create` works on.
+    /// The `--db` value `keys create` and `keys revoke` work on: a SQLite
+    /// path or a PostgreSQL URL, read by [`Database::parse`].
     pub fn database(db: Option<PathBuf>, config: Option<&Path>) -> Result<PathBuf, String> {
         let from_file = match config {
             Some(path) => FileSettings::read(path)?.db,
@@ -376,6 +384,12 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
     if max_db_mb.is_some_and(|mb| !(1..=MAX_DB_MB).contains(&mb)) {
         return Err(format!("max_db_mb (--max-db-mb) must be from 1 to {MAX_DB_MB}"));
     }
+    let db = Database::parse(&args.db.or(file.db).unwrap_or_else(|| DEFAULT_DB.into()))?;
+    if max_db_mb.is_some() && matches!(db, Database::Postgres(_)) {
+        return Err("max_db_mb (--max-db-mb) caps a SQLite file: it cannot be used with a \
+                    PostgreSQL database"
+            .into());
+    }
     let origins = args.allowed_origins.or(file.allowed_origins).unwrap_or_default();
     let max_auth_failures = args
         .max_auth_failures_per_minute
@@ -389,7 +403,7 @@ fn merge(args: ServeArgs, file: FileSettings) -> Result<Settings, String> {
     }
     Ok(Settings {
         listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().unwrap()),
-        db: args.db.or(file.db).unwrap_or_else(|| DEFAULT_DB.into()),
+        db,
         tick: Duration::from_millis(tick_ms),
         warn: seconds(
             "warn_seconds",
@@ -524,7 +538,7 @@ mod tests {
         let cli = Cli::try_parse_from(["tollgate"]).unwrap();
         assert!(cli.command.is_none());
         let settings = load(&[], "").unwrap();
-        let defaults = Settings::new(DEFAULT_DB.into());
+        let defaults = Settings::new(PathBuf::from(DEFAULT_DB));
         assert_eq!(settings.listen, defaults.listen);
         assert_eq!(settings.tick, defaults.tick);
         assert_eq!(settings.ping, defaults.ping);
@@ -567,6 +581,15 @@ mod tests {
         assert_eq!(load(&[], "").unwrap().max_db_mb, None);
         assert_eq!(load(&[], "max_db_mb = 512").unwrap().max_db_mb, Some(512));
         assert_eq!(load(&["--max-db-mb", "64"], "max_db_mb = 512").unwrap().max_db_mb, Some(64));
+    }
+
+    #[test]
+    fn a_postgres_url_selects_postgres_and_refuses_a_cap() {
+        let url = "postgres://ada@127.0.0.1/tollgate";
+        let settings = load(&["--db", url], "").unwrap();
+        assert!(matches!(settings.db, Database::Postgres(u) if u.expose() == url));
+        let error = load(&["--db", url], "max_db_mb = 64").unwrap_err();
+        assert!(error.contains("--max-db-mb") && error.contains("PostgreSQL"), "{error}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ mod pool;
 mod task;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -51,19 +51,52 @@ pub struct MeterSettings {
     pub warn_millis: i64,
 }
 
-/// Whether usage can be recorded. Cleared when a commit fails, set again by
-/// the next one that succeeds; admission refuses new sessions meanwhile.
+/// Whether usage can be recorded: the last commit succeeded (cleared when
+/// one fails, set again by the next that succeeds), and the server holds
+/// the database's lock (see [`Health::set_exclusive`]). Admission refuses
+/// new sessions meanwhile.
 #[derive(Debug)]
 pub struct Health {
     recording: AtomicBool,
+    exclusive: AtomicBool,
+    /// How many times the lock was lost: a loss closes the sessions even
+    /// when the lock is held again before the meter's next tick.
+    losses: AtomicU64,
 }
 
 impl Health {
     pub fn new() -> Arc<Health> {
-        Arc::new(Health { recording: AtomicBool::new(true) })
+        let (recording, exclusive) = (AtomicBool::new(true), AtomicBool::new(true));
+        Arc::new(Health { recording, exclusive, losses: AtomicU64::new(0) })
     }
 
     pub fn is_recording(&self) -> bool {
+        self.commits() && self.is_exclusive()
+    }
+
+    /// Whether this server holds the database's lock.
+    pub fn is_exclusive(&self) -> bool {
+        self.exclusive.load(Ordering::Relaxed)
+    }
+
+    /// Says whether this server holds the database's lock. While it does
+    /// not, another server may start on the database and close this one's
+    /// sessions as left over from a crash: the meter closes every session
+    /// (1011) at its next tick, and admission refuses new ones.
+    pub fn set_exclusive(&self, held: bool) {
+        if !held {
+            self.losses.fetch_add(1, Ordering::Relaxed);
+        }
+        self.exclusive.store(held, Ordering::Relaxed);
+    }
+
+    /// How many times the lock was lost.
+    fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last commit succeeded.
+    fn commits(&self) -> bool {
         self.recording.load(Ordering::Relaxed)
     }
 

@@ -23,8 +23,8 @@ use crate::clock;
 use crate::close::EndReason;
 use crate::limits::LimitType;
 use crate::store::{
-    Charge, HumanId, PoolState, SessionEnd, SessionKey, Store, StoreError, StoreResult, UnixMillis,
-    UsageBatch, UsageRecorded,
+    BatchId, Charge, HumanId, PoolState, SessionEnd, SessionKey, Store, StoreError, StoreResult,
+    UnixMillis, UsageBatch, UsageRecorded,
 };
 
 /// How long the close of a session the meter has ended may wait for the
@@ -106,6 +106,19 @@ impl Ending {
 /// once the store has accepted it.
 type Charged = Vec<(SessionKey, i64)>;
 
+/// A batch whose commit failed, and which may have been applied all the
+/// same: the answer to a COMMIT can be lost with the connection after the
+/// database has committed. It is sent again, unchanged and under its id,
+/// before anything else is recorded, until the store answers; a store that
+/// has applied it answers without applying it twice. Meanwhile its charges
+/// count as recorded for the sessions (later charges start where it ends)
+/// and as unrecorded for their pools.
+struct Unsettled {
+    batch: UsageBatch,
+    wall: UnixMillis,
+    ending: Vec<Ending>,
+}
+
 /// Pools that ran dry while a commit waited for the store, and when.
 type Dry = Vec<(PoolKey, Instant)>;
 
@@ -133,12 +146,16 @@ pub struct Meter {
     ending: Vec<Ending>,
     /// The charges of ended sessions in the commit waiting for the store.
     in_flight: Vec<Charge>,
+    unsettled: Option<Unsettled>,
     /// Sessions that opened a pool the meter did not know: their figures
     /// came from admission and may be stale, so the next commit charges
     /// them to bring back the store's, and tells them the store's figures
     /// as their first.
     fresh: Vec<SessionKey>,
     draining: bool,
+    /// The losses of the database's lock seen so far (see
+    /// [`Health::set_exclusive`]).
+    lock_losses: u64,
 }
 
 impl Meter {
@@ -160,8 +177,10 @@ impl Meter {
             deadlines: DelayQueue::new(),
             ending: Vec::new(),
             in_flight: Vec::new(),
+            unsettled: None,
             fresh: Vec::new(),
             draining: false,
+            lock_losses: 0,
         }
     }
 
@@ -175,8 +194,7 @@ impl Meter {
         turns.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut turn = 0;
         while !(self.handles_gone && self.held.is_empty()) {
-            let idle =
-                (self.ending.is_empty() && self.fresh.is_empty()) || !self.health.is_recording();
+            let idle = (self.ending.is_empty() && self.fresh.is_empty()) || !self.health.commits();
             tokio::select! {
                 biased;
                 _ = tick.tick() => self.tick().await,
@@ -192,9 +210,15 @@ impl Meter {
                 _ = std::future::ready(()), if !idle => self.flush().await,
             }
         }
-        if !self.ending.is_empty() {
+        if self.has_unrecorded() {
             self.commit(Vec::new()).await;
         }
+    }
+
+    /// Whether ends or a batch whose fate is unknown are waiting to be
+    /// recorded.
+    fn has_unrecorded(&self) -> bool {
+        !self.ending.is_empty() || self.unsettled.is_some()
     }
 
     async fn dispatch(&mut self, command: Command) {
@@ -306,7 +330,7 @@ impl Meter {
             self.end_and_close(key, now, EndReason::ServerShutdown);
         }
         let mut recorded = true;
-        while recorded && !self.ending.is_empty() {
+        while recorded && self.has_unrecorded() {
             recorded = self.commit(Vec::new()).await;
         }
         let _ = done_tx.send(recorded);
@@ -335,12 +359,18 @@ impl Meter {
     /// What ended sessions of the pool have used that the store has not
     /// recorded yet.
     fn unrecorded(&self, pool_key: PoolKey) -> i64 {
-        let queued = self.ending.iter().filter_map(|end| end.charge.as_ref());
-        queued
-            .chain(&self.in_flight)
+        self.queued_charges()
             .filter(|charge| (charge.human, charge.limit_type) == pool_key && charge.amount > 0)
             .map(|charge| charge.amount)
             .sum()
+    }
+
+    /// The charges the store has not answered for: of ended sessions, and
+    /// of the unsettled batch.
+    fn queued_charges(&self) -> impl Iterator<Item = &Charge> {
+        let queued = self.ending.iter().filter_map(|end| end.charge.as_ref());
+        let unsettled = self.unsettled.iter().flat_map(|unsettled| &unsettled.batch.charges);
+        queued.chain(&self.in_flight).chain(unsettled)
     }
 
     /// When the pool runs dry, from what remains and its open sessions.
@@ -417,10 +447,20 @@ impl Meter {
         }
     }
 
-    /// Records the sessions that are due and the meter's clock.
+    /// Records the sessions that are due and the meter's clock; first
+    /// closes every session if the server has lost the database's lock
+    /// since the last tick, or does not hold it.
     async fn tick(&mut self) {
         self.fresh.clear();
-        if self.sessions.is_empty() && self.ending.is_empty() {
+        let losses = self.health.losses();
+        if losses != self.lock_losses || !self.health.is_exclusive() {
+            self.lock_losses = losses;
+            let now = Instant::now();
+            for key in self.open_keys() {
+                self.end_and_close(key, now, EndReason::Internal);
+            }
+        }
+        if self.sessions.is_empty() && !self.has_unrecorded() {
             return;
         }
         let started = std::time::Instant::now();
@@ -479,6 +519,9 @@ impl Meter {
     /// As [`Meter::commit`]; with `always`, the transaction goes to the
     /// store even with nothing in it but the meter's clock.
     async fn commit_with(&mut self, keys: Vec<SessionKey>, always: bool) -> bool {
+        if !self.resend_unsettled().await {
+            return false;
+        }
         // The wall-clock time the store records with the charges is read
         // with the instant they run to, so that the two say the same moment
         // (what a crash leaves is charged from the one to the other).
@@ -490,7 +533,7 @@ impl Meter {
             return true;
         }
         self.in_flight = ending.iter().filter_map(|end| end.charge).collect();
-        let (result, dry) = self.record(batch, wall, &ending).await;
+        let (result, dry) = self.record(batch.clone(), wall, &ending).await;
         self.in_flight.clear();
         ending.iter().for_each(Ending::close_session);
         match result {
@@ -499,7 +542,34 @@ impl Meter {
                 true
             }
             Err(err) => {
-                self.ending.splice(0..0, ending);
+                for (key, amount) in charged {
+                    self.recorded_charge(key, amount);
+                }
+                self.unsettled = Some(Unsettled { batch, wall, ending });
+                self.cut_off_all(dry);
+                self.fail_closed(err);
+                false
+            }
+        }
+    }
+
+    /// Sends the unsettled batch again, if there is one, and acts on the
+    /// store's answer as on a commit's. Returns whether the store took it.
+    async fn resend_unsettled(&mut self) -> bool {
+        let Some(unsettled) = self.unsettled.take() else {
+            return true;
+        };
+        self.in_flight = unsettled.batch.charges.clone();
+        let resent = self.record(unsettled.batch.clone(), unsettled.wall, &unsettled.ending);
+        let (result, dry) = resent.await;
+        self.in_flight.clear();
+        match result {
+            Ok(recorded) => {
+                self.committed(Vec::new(), unsettled.ending, recorded, dry);
+                true
+            }
+            Err(err) => {
+                self.unsettled = Some(unsettled);
                 self.cut_off_all(dry);
                 self.fail_closed(err);
                 false
@@ -509,7 +579,7 @@ impl Meter {
 
     /// Charges for the open sessions `keys` from their last commit to `now`.
     fn batch(&self, keys: Vec<SessionKey>, now: Instant) -> (UsageBatch, Charged) {
-        let mut batch = UsageBatch::default();
+        let mut batch = UsageBatch { id: Some(BatchId::random()), ..UsageBatch::default() };
         let mut charged = Vec::with_capacity(keys.len());
         for key in keys {
             let session = &self.sessions[&key];
@@ -578,7 +648,7 @@ impl Meter {
         recorded: UsageRecorded,
         dry: Dry,
     ) {
-        if !self.health.is_recording() {
+        if !self.health.commits() {
             info!("usage is being recorded again");
             self.health.set_recording(true);
         }
@@ -616,14 +686,14 @@ impl Meter {
     /// run dry, reschedules the cut-off, and tells the sessions.
     fn apply(&mut self, state: PoolState) {
         let pool_key = (state.human, state.limit_type);
+        let refunds = |c: &Charge| (c.human, c.limit_type) == pool_key && c.amount < 0;
+        let refund_pending = self.queued_charges().any(refunds);
         let Some(pool) = self.pools.get_mut(&pool_key) else {
             return;
         };
         pool.remaining = state.remaining;
         pool.low_line = state.low_line;
-        pool.refund_pending = self.ending.iter().any(|end| {
-            end.charge.is_some_and(|c| (c.human, c.limit_type) == pool_key && c.amount < 0)
-        });
+        pool.refund_pending = refund_pending;
         let now = Instant::now();
         for key in pool.members.clone() {
             if self.sessions[&key].revocation_epoch < state.revocation_epoch {
@@ -679,10 +749,10 @@ impl Meter {
 
     /// The store could not record usage: close every session rather than
     /// let them run unmetered, charged up to this moment. Their unrecorded
-    /// time stays in `ending` and is retried every tick until the store
-    /// takes it.
+    /// time stays in `ending`, and the failed batch in `unsettled`, both
+    /// tried again every tick until the store takes them.
     fn fail_closed(&mut self, err: StoreError) {
-        if self.health.is_recording() {
+        if self.health.commits() {
             error!(error = %err, "cannot record usage; closing every session until it works again");
             self.health.set_recording(false);
         }

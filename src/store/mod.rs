@@ -1,11 +1,14 @@
 //! The storage interface: everything the HTTP handlers and the meter need
-//! to persist, with no trace of the database behind it. SQLite
-//! ([`sqlite::SqliteStore`]) is the one backend today; a second one only has
-//! to implement [`Store`].
+//! to persist, with no trace of the database behind it. Two backends
+//! implement [`Store`]: SQLite ([`sqlite::SqliteStore`]), the default, and
+//! PostgreSQL ([`postgres::PostgresStore`]); [`hooks`] holds what both read
+//! of a project's webhook.
 //!
 //! Amounts are in base units (milliseconds for seconds limits, tokens for
 //! `token_cnt`) and times are Unix milliseconds, both as `i64`.
 
+mod hooks;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -119,8 +122,36 @@ pub struct SessionEnd {
 /// or the ends of sessions.
 #[derive(Clone, Debug, Default)]
 pub struct UsageBatch {
+    /// Makes the batch's commit idempotent: a batch with the id of the last
+    /// one the store applied is not applied again, and is answered as that
+    /// one was (the pools as they are, the sessions' charges). The meter
+    /// sends a batch whose commit failed again under its id, since a
+    /// failure may come after the commit (a connection lost once COMMIT was
+    /// sent). `None` applies the batch whatever came before.
+    pub id: Option<BatchId>,
     pub charges: Vec<Charge>,
     pub ends: Vec<SessionEnd>,
+}
+
+/// A [`UsageBatch`]'s id: random, so that no two runs of the meter share
+/// one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchId(pub i64);
+
+impl BatchId {
+    pub fn random() -> BatchId {
+        BatchId(rand::random())
+    }
+}
+
+impl UsageBatch {
+    /// The same batch, applying nothing: every charge is of zero, so that
+    /// the store's answer (pools, ended sessions) is read as it stands.
+    /// What a repeated batch is answered with.
+    pub fn as_repeated(&self) -> UsageBatch {
+        let charges = self.charges.iter().map(|charge| Charge { amount: 0, ..*charge }).collect();
+        UsageBatch { id: self.id, charges, ends: self.ends.clone() }
+    }
 }
 
 /// What the store did with a [`UsageBatch`].
@@ -129,7 +160,8 @@ pub struct UsageRecorded {
     /// The state of every pool the batch charged.
     pub pools: Vec<PoolState>,
     /// Each session the batch ended, with all it was charged in the end
-    /// (which a pool that ran dry may have cut below the time it ran).
+    /// (which a pool that ran dry may have cut below the time it ran), in
+    /// the order of the batch's `ends`.
     pub ended: Vec<(SessionKey, i64)>,
 }
 

@@ -8,6 +8,7 @@
 pub mod binary;
 pub mod hostile;
 pub mod llm;
+pub mod postgres;
 pub mod raw;
 pub mod receiver;
 pub mod upstream;

@@ -77,6 +77,10 @@ pub(crate) struct Writer {
     cap: Option<room::Cap>,
     segments: HashMap<i64, usage::Segment>,
     hooks: outbox::Hooks,
+    /// The id of the last usage batch committed. Kept in memory, since
+    /// on SQLite a commit never succeeds unknown to its caller; the meter
+    /// sends a batch again only within one run.
+    last_batch: Option<crate::store::BatchId>,
 }
 
 /// A handle on the store's threads; cheap to clone.
@@ -139,7 +143,7 @@ impl SqliteStore {
         max_bytes.map(|bytes| room::Cap::apply(&reader, bytes)).transpose()?;
 
         let hooks = outbox::Hooks::load(&conn).context("cannot read the webhooks")?;
-        let writer = Writer { conn, cap, segments: HashMap::new(), hooks };
+        let writer = Writer { conn, cap, segments: HashMap::new(), hooks, last_batch: None };
         let (meter_tx, meter_rx) = mpsc::channel(JOB_QUEUE);
         let (writes_tx, writes_rx) = mpsc::channel(JOB_QUEUE);
         let (admissions_tx, admissions_rx) = mpsc::channel(JOB_QUEUE);

@@ -10,17 +10,9 @@ use std::collections::HashMap;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::limits::LimitType;
+use crate::store::hooks::{self, Hook, Notified};
 use crate::store::{HumanId, ProjectId, StoreResult, UnixMillis};
-use crate::webhooks::events::{Event, LIMIT_EXHAUSTED, LIMIT_LOW, Subject};
-
-/// What one project's webhook asks for.
-#[derive(Clone, Debug, Default)]
-struct Hook {
-    /// `None`: every event type.
-    events: Option<Vec<String>>,
-    /// The remaining value, in base units, below which "running low" fires.
-    thresholds: HashMap<LimitType, i64>,
-}
+use crate::webhooks::events::{Event, Subject};
 
 /// Every project's webhook, by project.
 #[derive(Debug, Default)]
@@ -51,11 +43,8 @@ impl Hooks {
                 self.0.remove(&project.0);
             }
             Some((events, thresholds)) => {
-                let events = events.and_then(|text| serde_json::from_str(&text).ok());
-                let thresholds = thresholds
-                    .and_then(|text| serde_json::from_str::<HashMap<LimitType, i64>>(&text).ok())
-                    .unwrap_or_default();
-                self.0.insert(project.0, Hook { events, thresholds });
+                let hook = Hook::from_columns(events.as_deref(), thresholds.as_deref());
+                self.0.insert(project.0, hook);
             }
         }
         Ok(())
@@ -66,14 +55,7 @@ impl Hooks {
     }
 
     fn wants(&self, project: i64, kind: &str) -> bool {
-        self.0.get(&project).is_some_and(|hook| match &hook.events {
-            None => true,
-            Some(events) => events.iter().any(|event| event == kind),
-        })
-    }
-
-    fn threshold(&self, project: i64, limit_type: LimitType) -> Option<i64> {
-        self.0.get(&project)?.thresholds.get(&limit_type).copied()
+        self.0.get(&project).is_some_and(|hook| hook.wants(kind))
     }
 }
 
@@ -184,39 +166,21 @@ pub fn crossed(
     balance: i64,
     now: UnixMillis,
 ) -> StoreResult<Option<i64>> {
-    if hooks.is_empty() || !pool.limited {
+    let Some(hook) = hooks.0.get(&pool.project.0).filter(|_| pool.limited) else {
         return Ok(None);
+    };
+    let was = Notified { low: pool.low_notified, exhausted: pool.exhausted_notified };
+    let crossing = hooks::crossing(hook, pool.limit_type, was, balance);
+    for event in &crossing.events {
+        emit(conn, hooks, pool.human, event, now)?;
     }
-    let (mut low, mut exhausted) = (pool.low_notified, pool.exhausted_notified);
-    // A line the webhook does not want is left armed, so that wanting it
-    // later does not find its crossing already used up.
-    let wants = |kind| hooks.wants(pool.project.0, kind);
-    let threshold = hooks.threshold(pool.project.0, pool.limit_type).filter(|_| wants(LIMIT_LOW));
-    if let Some(threshold) = threshold {
-        if balance < threshold && !low {
-            let event =
-                Event::LimitLow { limit_type: pool.limit_type, remaining: balance, threshold };
-            emit(conn, hooks, pool.human, &event, now)?;
-            low = true;
-        } else if balance > threshold {
-            low = false;
-        }
-    }
-    if wants(LIMIT_EXHAUSTED) {
-        if balance <= 0 && !exhausted {
-            let event = Event::LimitExhausted { limit_type: pool.limit_type, remaining: balance };
-            emit(conn, hooks, pool.human, &event, now)?;
-            exhausted = true;
-        } else if balance > 0 {
-            exhausted = false;
-        }
-    }
-    if (low, exhausted) != (pool.low_notified, pool.exhausted_notified) {
+    let Notified { low, exhausted } = crossing.notified;
+    if crossing.notified != was {
         conn.prepare_cached(
             "UPDATE limits SET low_notified = ?3, exhausted_notified = ?4
              WHERE human_id = ?1 AND limit_type = ?2",
         )?
         .execute(params![pool.human.0, pool.limit_type.as_str(), low, exhausted])?;
     }
-    Ok(threshold.filter(|_| !low))
+    Ok(crossing.armed_line)
 }

@@ -95,14 +95,18 @@ fn advance_clock(conn: &Connection, now: UnixMillis) -> StoreResult<()> {
     Ok(())
 }
 
-/// Applies one batch in one transaction. Segments started by the batch are
-/// remembered only once it has committed, so a failed batch leaves nothing
-/// pointing at rows that were rolled back.
+/// Applies one batch in one transaction, or answers a repeat of the last
+/// one committed without applying it again (see [`UsageBatch::id`]).
+/// Segments started by the batch are remembered only once it has
+/// committed, so a failed batch leaves nothing pointing at rows that were
+/// rolled back.
 pub fn record(
     writer: &mut Writer,
     batch: UsageBatch,
     now: UnixMillis,
 ) -> StoreResult<UsageRecorded> {
+    let repeated = batch.id.is_some() && batch.id == writer.last_batch;
+    let batch = if repeated { batch.as_repeated() } else { batch };
     let tx = super::write_transaction(&mut writer.conn)?;
     let mut started = Vec::new();
     let mut recorded = UsageRecorded::default();
@@ -118,6 +122,7 @@ pub fn record(
     advance_clock(&tx, now)?;
     tx.commit()?;
 
+    writer.last_batch = batch.id.or(writer.last_batch);
     writer.segments.extend(started);
     for end in &batch.ends {
         writer.segments.remove(&end.session.0);

@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::Writer;
-use crate::limits::{Limit, LimitType};
+use crate::store::hooks::{parse_thresholds, thresholds_text};
 use crate::store::{
     AttemptOutcome, Delivery, DeliveryStatus, DueEvent, ProjectId, StoreError, StoreResult,
     UnixMillis, Webhook, WebhookChange,
@@ -34,17 +34,6 @@ pub fn set(writer: &mut Writer, change: WebhookChange) -> StoreResult<(Webhook, 
     Ok((webhook, created))
 }
 
-fn thresholds_text(thresholds: &[Limit]) -> Option<String> {
-    if thresholds.is_empty() {
-        return None;
-    }
-    let map: serde_json::Map<String, serde_json::Value> = thresholds
-        .iter()
-        .map(|limit| (limit.limit_type.as_str().to_owned(), serde_json::json!(limit.value)))
-        .collect();
-    Some(serde_json::Value::Object(map).to_string())
-}
-
 pub fn get(conn: &Connection, project: ProjectId) -> StoreResult<Option<Webhook>> {
     let mut stmt = conn.prepare_cached(
         "SELECT url, events, thresholds, previous_until, created_at, updated_at
@@ -65,12 +54,6 @@ pub fn get(conn: &Connection, project: ProjectId) -> StoreResult<Option<Webhook>
         })
         .optional()?;
     Ok(found)
-}
-
-fn parse_thresholds(text: Option<&str>) -> Vec<Limit> {
-    let map: std::collections::BTreeMap<LimitType, i64> =
-        text.and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default();
-    map.into_iter().map(|(limit_type, value)| Limit { limit_type, value }).collect()
 }
 
 pub fn delete(writer: &mut Writer, project: ProjectId) -> StoreResult<bool> {

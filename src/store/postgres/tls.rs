@@ -1,0 +1,268 @@
+//! TLS to PostgreSQL through rustls, as the URL's `sslmode` asks for it.
+//! tokio-postgres reads only three of libpq's modes and no `sslrootcert`,
+//! so both are taken out of the URL here and the rest is left to it.
+//!
+//! The modes mean what they mean to libpq: `disable` never uses TLS;
+//! `prefer` (the default) uses it when the server offers it, and `require`
+//! always, neither checking the server's certificate; `verify-ca` checks
+//! that a trusted CA signed it, and `verify-full` that it also names the
+//! host connected to. The CA is the PEM file `sslrootcert` names, or the
+//! system's roots when it is `system` or not given (libpq would read
+//! `~/.postgresql/root.crt` then).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// How a connection uses TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl Mode {
+    fn parse(value: &str) -> Result<Mode, String> {
+        Ok(match value {
+            "disable" => Mode::Disable,
+            "prefer" => Mode::Prefer,
+            "require" => Mode::Require,
+            "verify-ca" => Mode::VerifyCa,
+            "verify-full" => Mode::VerifyFull,
+            other => {
+                return Err(format!(
+                    "sslmode {other:?} is not one of disable, prefer, require, verify-ca, \
+                     verify-full"
+                ));
+            }
+        })
+    }
+}
+
+/// The TLS settings of a URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    pub mode: Mode,
+    /// `sslrootcert`: `None` for the system's roots.
+    pub root_cert: Option<PathBuf>,
+}
+
+/// `url` without its `sslmode` and `sslrootcert`, and what they say.
+pub fn split(url: &str) -> Result<(String, Tls), String> {
+    let query_at = query_start(url);
+    let Some(at) = query_at else {
+        return Ok((url.to_owned(), Tls { mode: Mode::Prefer, root_cert: None }));
+    };
+    let (mut mode, mut root_cert) = (Mode::Prefer, None);
+    let mut kept = Vec::new();
+    for pair in url[at + 1..].split('&') {
+        match pair.split_once('=') {
+            Some(("sslmode", value)) => mode = Mode::parse(&decode(value)?)?,
+            Some(("sslrootcert", "system")) => root_cert = None,
+            Some(("sslrootcert", value)) => root_cert = Some(PathBuf::from(decode(value)?)),
+            _ => kept.push(pair),
+        }
+    }
+    let rest = if kept.is_empty() { String::new() } else { format!("?{}", kept.join("&")) };
+    Ok((format!("{}{rest}", &url[..at]), Tls { mode, root_cert }))
+}
+
+/// Where the query of `url` starts: its first `?` after the user's part,
+/// which tokio-postgres ends at the first `@` (a password may hold `?`).
+fn query_start(url: &str) -> Option<usize> {
+    let after_scheme = url.find("://").map_or(0, |at| at + 3);
+    let after_user = url[after_scheme..].find('@').map_or(after_scheme, |at| after_scheme + at);
+    url[after_user..].find('?').map(|at| after_user + at)
+}
+
+/// A query value with its `%XX` escapes decoded.
+fn decode(value: &str) -> Result<String, String> {
+    let bad = || format!("a malformed %-escape in {value:?}");
+    let mut bytes = Vec::with_capacity(value.len());
+    let mut rest = value.bytes();
+    while let Some(byte) = rest.next() {
+        if byte != b'%' {
+            bytes.push(byte);
+            continue;
+        }
+        let hex = [rest.next().ok_or_else(bad)?, rest.next().ok_or_else(bad)?];
+        let hex = std::str::from_utf8(&hex).map_err(|_| bad())?;
+        bytes.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+    }
+    String::from_utf8(bytes).map_err(|_| bad())
+}
+
+impl Tls {
+    /// What tokio-postgres is to ask the server for.
+    pub fn negotiation(&self) -> SslMode {
+        match self.mode {
+            Mode::Disable => SslMode::Disable,
+            Mode::Prefer => SslMode::Prefer,
+            Mode::Require | Mode::VerifyCa | Mode::VerifyFull => SslMode::Require,
+        }
+    }
+
+    /// The connector for every connection: ring's cryptography and the
+    /// checks the mode asks for. Fails when the CA file cannot be read.
+    pub fn connector(&self) -> anyhow::Result<MakeRustlsConnect> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match self.mode {
+            Mode::Disable | Mode::Prefer | Mode::Require => Arc::new(Unchecked(provider.clone())),
+            Mode::VerifyCa => Arc::new(ChainOnly(self.webpki(&provider)?)),
+            Mode::VerifyFull => self.webpki(&provider)?,
+        };
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("cannot set up TLS to PostgreSQL")?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(MakeRustlsConnect::new(config))
+    }
+
+    /// rustls's own check of chain and name, against the roots.
+    fn webpki(&self, provider: &Arc<CryptoProvider>) -> anyhow::Result<Arc<WebPkiServerVerifier>> {
+        let mut roots = RootCertStore::empty();
+        match &self.root_cert {
+            Some(path) => crate::upstream::add_ca_file(&mut roots, path)?,
+            None => {
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            }
+        }
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .context("cannot check PostgreSQL's certificate: no CA to check it against")
+    }
+}
+
+/// The handshake's signatures checked, as they always are.
+fn algorithms(provider: &CryptoProvider) -> &WebPkiSupportedAlgorithms {
+    &provider.signature_verification_algorithms
+}
+
+/// `prefer` and `require`: any certificate is taken, as libpq takes it.
+#[derive(Debug)]
+struct Unchecked(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms(&self.0))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms(&self.0))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms(&self.0).supported_schemes()
+    }
+}
+
+/// `verify-ca`: rustls's check, less the name. rustls checks the chain
+/// before the name, so a certificate refused only for its name has a
+/// trusted chain.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_and_sslrootcert_are_taken_out_of_the_url_and_the_rest_is_kept() {
+        let url = "postgres://ada:p?w@db/x?sslmode=verify-full&application_name=a\
+                   &sslrootcert=%2Fetc%2Fca.pem";
+        let (rest, tls) = split(url).unwrap();
+        assert_eq!(rest, "postgres://ada:p?w@db/x?application_name=a");
+        assert_eq!(tls.mode, Mode::VerifyFull);
+        assert_eq!(tls.root_cert, Some(PathBuf::from("/etc/ca.pem")));
+
+        let (rest, tls) = split("postgres://db/x?sslmode=verify-ca").unwrap();
+        assert_eq!((rest.as_str(), tls.mode), ("postgres://db/x", Mode::VerifyCa));
+        let (_, tls) = split("postgres://db/x").unwrap();
+        assert_eq!((tls.mode, tls.root_cert), (Mode::Prefer, None));
+        let (_, tls) = split("postgres://db/x?sslmode=require&sslrootcert=system").unwrap();
+        assert_eq!(tls.negotiation(), SslMode::Require);
+        assert_eq!((tls.mode, tls.root_cert), (Mode::Require, None));
+    }
+
+    #[test]
+    fn an_unknown_sslmode_is_refused_with_the_modes_named() {
+        let error = split("postgres://db/x?sslmode=allow").unwrap_err();
+        assert!(error.contains("\"allow\"") && error.contains("verify-full"), "{error}");
+    }
+}
