@@ -10,6 +10,7 @@ use serde_json::Value;
 use tollgate::secret::{Secret, SecretKind};
 
 use super::TestServer;
+use super::database::{Cell, Db};
 
 /// Settings for a server the tables are sent to: they send many bad
 /// credentials from one address, which the limit on failed
@@ -189,14 +190,8 @@ pub fn assert_none_went_wrong(failures: &[String], cases: &[Case]) {
 }
 
 /// Every row of every table, in a deterministic order, as text.
-pub fn snapshot(db: &rusqlite::Connection) -> String {
-    let tables: Vec<String> = db
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        .unwrap()
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+pub fn snapshot(db: &Db) -> String {
+    let tables = db.tables();
     for wanted in ["projects", "api_keys", "humans", "limits", "usage_tokens", "sessions", "ledger"]
     {
         assert!(tables.iter().any(|t| t == wanted), "no table {wanted} in {tables:?}");
@@ -208,29 +203,24 @@ pub fn snapshot(db: &rusqlite::Connection) -> String {
     out
 }
 
-fn write_table(db: &rusqlite::Connection, table: &str, out: &mut String) {
-    let stmt = db.prepare(&format!("SELECT * FROM {table}")).unwrap();
-    let columns = stmt.column_count();
+fn write_table(db: &Db, table: &str, out: &mut String) {
+    let columns = db.columns(table);
     let order: Vec<String> = (1..=columns).map(|i| i.to_string()).collect();
-    drop(stmt);
     let sql = format!("SELECT * FROM {table} ORDER BY {}", order.join(", "));
-    let mut stmt = db.prepare(&sql).unwrap();
-    let mut rows = stmt.query([]).unwrap();
     writeln!(out, "{table}:").unwrap();
-    while let Some(row) = rows.next().unwrap() {
-        let cells: Vec<String> = (0..columns).map(|i| cell(row.get_ref(i).unwrap())).collect();
+    for row in db.rows(&sql, &[]) {
+        let cells: Vec<String> = row.0.iter().map(cell).collect();
         writeln!(out, "  {}", cells.join(" | ")).unwrap();
     }
 }
 
-fn cell(value: rusqlite::types::ValueRef<'_>) -> String {
-    use rusqlite::types::ValueRef;
+fn cell(value: &Cell) -> String {
     match value {
-        ValueRef::Null => "NULL".to_owned(),
-        ValueRef::Integer(n) => n.to_string(),
-        ValueRef::Real(r) => format!("{r:?}"),
-        ValueRef::Text(text) => format!("{:?}", String::from_utf8_lossy(text)),
-        ValueRef::Blob(bytes) => {
+        Cell::Null => "NULL".to_owned(),
+        Cell::Int(n) => n.to_string(),
+        Cell::Real(r) => format!("{r:?}"),
+        Cell::Text(text) => format!("{text:?}"),
+        Cell::Bytes(bytes) => {
             bytes.iter().fold(String::from("x'"), |mut hex, byte| {
                 write!(hex, "{byte:02x}").unwrap();
                 hex
