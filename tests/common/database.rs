@@ -257,6 +257,27 @@ impl Db {
         }
     }
 
+    /// Every row each statement of `sqls` answers, read on one connection:
+    /// a connection each costs PostgreSQL a new backend process.
+    pub fn rows_of_each(&self, sqls: &[String]) -> Vec<Vec<Row>> {
+        match self {
+            Db::Sqlite(path) => {
+                let conn = open_db(path);
+                sqls.iter().map(|sql| sqlite_rows_on(&conn, sql, &[])).collect()
+            }
+            Db::Postgres(url) => {
+                let sqls = sqls.to_vec();
+                on_postgres(url, move |client| async move {
+                    let mut answers = Vec::with_capacity(sqls.len());
+                    for sql in &sqls {
+                        answers.push(postgres_rows(&client, sql, &[]).await);
+                    }
+                    answers
+                })
+            }
+        }
+    }
+
     /// The one row `sql` answers, panicking on none or more.
     #[track_caller]
     pub fn row(&self, sql: &str, params: &[&dyn Param]) -> Row {
@@ -298,19 +319,6 @@ impl Db {
         };
         self.rows(sql, &[]).iter().map(|row| row.get(0)).collect()
     }
-
-    /// How many columns the table has.
-    pub fn columns(&self, table: &str) -> usize {
-        let sql = match self {
-            Db::Sqlite(_) => "SELECT COUNT(*) FROM pragma_table_info(?1)",
-            Db::Postgres(_) => {
-                "SELECT COUNT(*) FROM pg_attribute
-                 WHERE attrelid = CAST(CAST(?1 AS TEXT) AS regclass) AND attnum > 0
-                 AND NOT attisdropped"
-            }
-        };
-        self.query_i64(sql, &[&table]) as usize
-    }
 }
 
 /// A read-only connection to a SQLite file.
@@ -322,7 +330,10 @@ pub fn open_db(path: &Path) -> rusqlite::Connection {
 }
 
 fn sqlite_rows(path: &Path, sql: &str, params: &[Cell]) -> Vec<Row> {
-    let conn = open_db(path);
+    sqlite_rows_on(&open_db(path), sql, params)
+}
+
+fn sqlite_rows_on(conn: &rusqlite::Connection, sql: &str, params: &[Cell]) -> Vec<Row> {
     let mut stmt = conn.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     let columns = stmt.column_count();
     let params = rusqlite::params_from_iter(params.iter().map(sqlite_value));

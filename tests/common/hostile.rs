@@ -10,7 +10,7 @@ use serde_json::Value;
 use tollgate::secret::{Secret, SecretKind};
 
 use super::TestServer;
-use super::database::{Cell, Db};
+use super::database::{Cell, Db, Row};
 
 /// Settings for a server the tables are sent to: they send many bad
 /// credentials from one address, which the limit on failed
@@ -196,21 +196,23 @@ pub fn snapshot(db: &Db) -> String {
     {
         assert!(tables.iter().any(|t| t == wanted), "no table {wanted} in {tables:?}");
     }
+    let selects: Vec<String> =
+        tables.iter().map(|table| format!("SELECT * FROM {table}")).collect();
     let mut out = String::new();
-    for table in tables {
-        write_table(db, &table, &mut out);
+    for (table, rows) in tables.iter().zip(db.rows_of_each(&selects)) {
+        write_table(table, rows, &mut out);
     }
     out
 }
 
-fn write_table(db: &Db, table: &str, out: &mut String) {
-    let columns = db.columns(table);
-    let order: Vec<String> = (1..=columns).map(|i| i.to_string()).collect();
-    let sql = format!("SELECT * FROM {table} ORDER BY {}", order.join(", "));
+/// The table's rows, one line each, the lines sorted.
+fn write_table(table: &str, rows: Vec<Row>, out: &mut String) {
+    let mut lines: Vec<String> =
+        rows.iter().map(|row| row.0.iter().map(cell).collect::<Vec<_>>().join(" | ")).collect();
+    lines.sort();
     writeln!(out, "{table}:").unwrap();
-    for row in db.rows(&sql, &[]) {
-        let cells: Vec<String> = row.0.iter().map(cell).collect();
-        writeln!(out, "  {}", cells.join(" | ")).unwrap();
+    for line in lines {
+        writeln!(out, "  {line}").unwrap();
     }
 }
 
