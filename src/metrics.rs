@@ -22,12 +22,16 @@ pub const AUTH_RATE_LIMITED: &str = "tollgate_auth_rate_limited_total";
 pub const TICK_SECONDS: &str = "tollgate_tick_seconds";
 /// Ledger rows written (rows of a transaction that then failed included).
 pub const LEDGER_ROWS: &str = "tollgate_ledger_rows_written_total";
-/// Jobs waiting for the store's threads, by queue: `meter`, `admissions`,
-/// `writer` (the other writes) and `reader`.
+/// Jobs waiting for the SQLite store's threads, by queue: `meter`,
+/// `admissions`, `writer` (the other writes) and `reader`. The PostgreSQL
+/// store does not export it yet: how many calls wait for one of its pools'
+/// connections is not measured, and a backlog there shows only as slower
+/// calls.
 pub const STORE_QUEUE: &str = "tollgate_store_queue_depth";
-/// Sessions admitted, or refused, by each of the store's admission
+/// Sessions admitted, or refused, by each of the SQLite store's admission
 /// transactions: many to one commit under a burst of upgrades, one when
-/// they come one at a time.
+/// they come one at a time. The PostgreSQL store commits each admission on
+/// its own and does not export it.
 pub const ADMISSIONS_PER_COMMIT: &str = "tollgate_store_admissions_per_commit";
 
 /// From a millisecond to ten seconds: a tick's transaction should take a

@@ -8,10 +8,13 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{EnvFilter, fmt};
 
-/// The WebSocket library logs, at trace, the raw bytes of every handshake
-/// (an upstream's secret headers with them) and of every frame (people's
-/// audio and text). Whatever `RUST_LOG` says, it is heard at most at info.
-const WEBSOCKET_LIBRARIES: [&str; 2] = ["tungstenite", "tokio_tungstenite"];
+/// Libraries that log what must never reach a log. The WebSocket library
+/// logs, at trace, the raw bytes of every handshake (an upstream's secret
+/// headers with them) and of every frame (people's audio and text); the
+/// PostgreSQL client logs, at debug, every statement's parameters (webhook
+/// signing secrets among them). Whatever `RUST_LOG` says, they are heard at
+/// most at info.
+const INDISCREET_LIBRARIES: [&str; 3] = ["tungstenite", "tokio_tungstenite", "tokio_postgres"];
 
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -21,7 +24,7 @@ pub fn init() {
     tracing_subscriber::registry().with(layer.with_filter(filter).with_filter(cap)).init();
 }
 
-/// The WebSocket libraries held at info, and everything else at the most
+/// The indiscreet libraries held at info, and everything else at the most
 /// `filter` lets through. The most any filter lets through is also the
 /// level below which `log` records (the WebSocket libraries write theirs
 /// with `log`) and `tracing` events are dropped before any filter is asked:
@@ -30,7 +33,7 @@ pub fn init() {
 /// during the upgrades figure.
 fn cap(filter: &EnvFilter) -> Targets {
     let most = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
-    WEBSOCKET_LIBRARIES.iter().fold(Targets::new().with_default(most), |cap, target| {
+    INDISCREET_LIBRARIES.iter().fold(Targets::new().with_default(most), |cap, target| {
         cap.with_target(*target, LevelFilter::INFO.min(most))
     })
 }

@@ -10,7 +10,6 @@ mod common;
 #[path = "../benches/suite/mod.rs"]
 mod suite;
 
-use std::path::Path;
 use std::time::Duration;
 
 use suite::figures::{mints, relay, sessions, soak, upgrades};
@@ -26,8 +25,8 @@ const CUT_OFF_SANITY: Duration = Duration::from_secs(2);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_session_is_cut_off_with_4001_at_its_limit_and_the_ledger_adds_up() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = sessions::Config::small(dir.path().join("tollgate.db"));
+    let database = common::TestDatabase::create().await;
+    let config = sessions::Config::small(database.setting());
     let report = sessions::run(&config).await.unwrap();
     println!("{report}");
 
@@ -42,9 +41,9 @@ async fn every_session_is_cut_off_with_4001_at_its_limit_and_the_ledger_adds_up(
     let ticks = [report.tick_p50, report.tick_p99].map(|tick| tick.unwrap().as_secs_f64());
     assert_positive(&[report.rss_per_session_kib, report.cpu_percent, ticks[0], ticks[1]]);
 
-    let db = common::open_db(&config.db);
+    let db = database.db();
     common::assert_ledger_identity(&db);
-    let rows = ended_sessions(&config.db, "usage_limit_exceeded");
+    let rows = ended_sessions(&database.db(), "usage_limit_exceeded");
     assert_eq!(rows.len() as u64, config.sessions);
     let limit = config.limit().as_millis() as i64;
     assert!(rows.iter().all(|charged| *charged == limit), "not all charged {limit} ms: {rows:?}");
@@ -53,8 +52,8 @@ async fn every_session_is_cut_off_with_4001_at_its_limit_and_the_ledger_adds_up(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticated_upgrades_open_and_close_cleanly_as_plain_ones_do() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = upgrades::Config::small(dir.path().join("tollgate.db"));
+    let database = common::TestDatabase::create().await;
+    let config = upgrades::Config::small(database.setting());
     let report = upgrades::run(&config).await.unwrap();
     println!("{report}");
 
@@ -65,16 +64,16 @@ async fn authenticated_upgrades_open_and_close_cleanly_as_plain_ones_do() {
     }
     assert_positive(&[report.rate_ratio(), report.p99_ratio()]);
 
-    common::assert_ledger_identity(&common::open_db(&config.db));
-    let rows = ended_sessions(&config.db, "client_closed");
+    common::assert_ledger_identity(&database.db());
+    let rows = ended_sessions(&database.db(), "client_closed");
     assert!(rows.len() as u64 >= report.tollgate.completed, "{} sessions", rows.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayed_frames_all_come_back_and_the_sessions_close_cleanly() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = relay::Config::small(dir.path().join("tollgate.db"));
+    let database = common::TestDatabase::create().await;
+    let config = relay::Config::small(database.setting());
     let report = relay::run(&config).await.unwrap();
     println!("{report}");
 
@@ -84,15 +83,15 @@ async fn relayed_frames_all_come_back_and_the_sessions_close_cleanly() {
     }
     assert_positive(&[report.ratio()]);
 
-    common::assert_ledger_identity(&common::open_db(&config.db));
-    assert_eq!(ended_sessions(&config.db, "client_closed").len(), config.sessions);
+    common::assert_ledger_identity(&database.db());
+    assert_eq!(ended_sessions(&database.db(), "client_closed").len(), config.sessions);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mint_is_answered_with_a_token_and_recorded() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = mints::Config::small(dir.path().join("tollgate.db"));
+    let database = common::TestDatabase::create().await;
+    let config = mints::Config::small(database.setting());
     let report = mints::run(&config).await.unwrap();
     println!("{report}");
 
@@ -100,18 +99,17 @@ async fn every_mint_is_answered_with_a_token_and_recorded() {
     let (p50, p99) = (report.latency.p50.as_secs_f64(), report.latency.p99.as_secs_f64());
     assert_positive(&[report.minted as f64, report.per_second, p50, p99]);
 
-    let db = common::open_db(&config.db);
+    let db = database.db();
     common::assert_ledger_identity(&db);
-    let tokens: i64 =
-        db.query_row("SELECT COUNT(*) FROM usage_tokens", [], |row| row.get(0)).unwrap();
+    let tokens = db.query_i64("SELECT COUNT(*) FROM usage_tokens", &[]);
     assert!(tokens as u64 >= report.minted, "{tokens} tokens for {} mints", report.minted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_soak_ends_every_session_as_it_should_and_leaves_no_file_open() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = soak::Config::small(dir.path().join("tollgate.db"));
+    let database = common::TestDatabase::create().await;
+    let config = soak::Config::small(database.setting());
     let report = soak::run(&config).await.unwrap();
     println!("{report}");
 
@@ -121,7 +119,7 @@ async fn a_short_soak_ends_every_session_as_it_should_and_leaves_no_file_open() 
     assert!(report.fds_after <= report.fds_before, "{report}");
     assert_positive(&[report.rss_warm_kib as f64, report.rss_end_kib as f64]);
 
-    let db = common::open_db(&config.db);
+    let db = database.db();
     common::assert_ledger_identity(&db);
     let rows = common::session_rows(&db);
     let ended = |reason: &str| rows.iter().filter(|(r, _)| r.as_deref() == Some(reason)).count();
@@ -142,8 +140,8 @@ fn assert_positive(figures: &[f64]) {
 /// The charge of every session in the database, each of which must have
 /// ended with `reason`.
 #[track_caller]
-fn ended_sessions(db: &Path, reason: &str) -> Vec<i64> {
-    let rows = common::session_rows(&common::open_db(db));
+fn ended_sessions(db: &common::Db, reason: &str) -> Vec<i64> {
+    let rows = common::session_rows(db);
     let other = rows.iter().find(|(ended, _)| ended.as_deref() != Some(reason));
     assert!(other.is_none(), "a session that did not end with {reason}: {other:?}");
     rows.into_iter().map(|(_, charged)| charged).collect()

@@ -103,13 +103,8 @@ async fn a_visitor_talks_until_the_limit_buys_more_time_and_talks_again() {
     assert!(rows[1].1 > 0, "{rows:?}");
     let db = server.db();
     assert_ledger_identity(&db);
-    let humans: Vec<String> = db
-        .prepare("SELECT external_id FROM humans")
-        .unwrap()
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let humans: Vec<String> =
+        db.rows("SELECT external_id FROM humans", &[]).iter().map(|row| row.get(0)).collect();
     assert_eq!(humans.len(), 1, "{humans:?}");
     let left = server.remaining(&humans[0], "conversational_seconds").await;
     assert_near(left, TOP_UP_SECONDS - rows[1].1 as f64 / 1000.0, 0.0005);

@@ -96,17 +96,12 @@ async fn mint_tokens(api: &Api, human: &str, tokens: i64) -> String {
 type CompletionRow = (Option<String>, Option<i64>, Option<i64>, Option<String>, i64);
 
 fn completion_rows(server: &TestServer) -> Vec<CompletionRow> {
-    let db = server.db();
-    let mut stmt = db
-        .prepare(
-            "SELECT end_reason, prompt_tokens, completion_tokens, usage_source, reserved
-             FROM completions ORDER BY id",
-        )
-        .unwrap();
-    stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+    let rows = server.db().rows(
+        "SELECT end_reason, prompt_tokens, completion_tokens, usage_source, reserved
+         FROM completions ORDER BY id",
+        &[],
+    );
+    rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))).collect()
 }
 
 /// Waits until every completion has ended, and returns their rows.
@@ -461,13 +456,8 @@ async fn a_backend_may_call_for_a_human_with_its_key_and_usage_is_metered() {
     let rows = rows_once_ended(&server).await;
     let used = rows[0].1.unwrap() + rows[0].2.unwrap();
     let db = server.db();
-    let (balance, limited): (i64, bool) = db
-        .query_row(
-            "SELECT balance, limited FROM limits WHERE limit_type = 'token_cnt'",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .unwrap();
+    let row = db.row("SELECT balance, limited FROM limits WHERE limit_type = 'token_cnt'", &[]);
+    let (balance, limited): (i64, bool) = (row.get(0), row.get(1));
     assert_eq!((balance, limited), (-used, false));
     assert_eq!(tokens_left(&server.limits_of("new-human").await), None);
     assert_ledger_identity(&db);
@@ -484,15 +474,11 @@ async fn a_shutdown_mid_stream_settles_what_came_and_does_not_wait_for_the_upstr
     let mut body = open_stream(&server, &token).await;
     body.next().await.unwrap().unwrap();
 
-    let db_path = server.db_path.clone();
     let stopped = tokio::time::timeout(Duration::from_secs(8), server.shutdown()).await;
-    let _dir = stopped.expect("the shutdown waited for the upstream's stream");
-    let db = common::open_db(&db_path);
-    let (outcome, held, source): (String, i64, String) = db
-        .query_row("SELECT end_reason, reserved, usage_source FROM completions", [], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .unwrap();
+    let database = stopped.expect("the shutdown waited for the upstream's stream");
+    let db = database.db();
+    let row = db.row("SELECT end_reason, reserved, usage_source FROM completions", &[]);
+    let (outcome, held, source): (String, i64, String) = (row.get(0), row.get(1), row.get(2));
     assert_eq!((outcome.as_str(), held, source.as_str()), ("server_shutdown", 0, "counted"));
     assert_ledger_identity(&db);
 }
@@ -540,8 +526,8 @@ async fn a_completion_left_running_by_a_kill_9_is_charged_its_prompt_at_the_rest
     let behaviour =
         Behaviour { pieces, chunk_delay: Duration::from_millis(100), ..Behaviour::default() };
     let llm = TestLlm::start(behaviour).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
+    let database = common::TestDatabase::create().await;
+    let db = database.setting();
     let args = ["--llm-upstream", &llm.base_url()];
     let process = common::binary::spawn(&db, &args, "info");
     let api = Api::new(process.base.trim_start_matches("http://"), process.api_key());
@@ -552,12 +538,9 @@ async fn a_completion_left_running_by_a_kill_9_is_charged_its_prompt_at_the_rest
 
     let restarted = common::binary::spawn(&db, &args, "info");
     let api = Api::new(restarted.base.trim_start_matches("http://"), api.key.clone());
-    let db = common::open_db(&db);
-    let (outcome, prompt, held): (String, i64, i64) = db
-        .query_row("SELECT end_reason, prompt_tokens, reserved FROM completions", [], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .unwrap();
+    let db = database.db();
+    let row = db.row("SELECT end_reason, prompt_tokens, reserved FROM completions", &[]);
+    let (outcome, prompt, held): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!((outcome.as_str(), held), ("server_restart", 0));
     assert!(prompt > 0, "the prompt was given away");
     assert_eq!(tokens_left(&api.limits_of("kim").await), Some(10_000 - prompt));

@@ -79,10 +79,7 @@ async fn an_address_past_its_20_failures_is_refused_even_with_a_valid_credential
         .unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(response.headers().contains_key("retry-after"));
-    let rows: i64 = server
-        .db()
-        .query_row("SELECT COUNT(*) FROM humans WHERE external_id = 'bob'", [], |row| row.get(0))
-        .unwrap();
+    let rows = server.db().query_i64("SELECT COUNT(*) FROM humans WHERE external_id = 'bob'", &[]);
     assert_eq!(rows, 0, "a refused request changed something");
 
     // Another address is not affected.
@@ -302,8 +299,7 @@ async fn a_session_upgrade_that_trickles_its_headers_is_disconnected_after_the_t
     );
     let took = trickle_until_closed(&server, &head).await;
     assert!(took >= HEADER_TIMEOUT, "closed after {took:?}");
-    let rows: i64 =
-        server.db().query_row("SELECT COUNT(*) FROM sessions", [], |row| row.get(0)).unwrap();
+    let rows = server.db().query_i64("SELECT COUNT(*) FROM sessions", &[]);
     assert_eq!(rows, 0, "a session was opened");
 }
 
@@ -331,8 +327,8 @@ async fn a_kept_alive_connection_idle_after_its_answer_is_closed_after_the_timeo
 #[tokio::test]
 async fn a_revoked_api_key_is_refused_without_counting_against_its_address() {
     let server = TestServer::start().await;
-    let new_key = tollgate::create_api_key(&server.db_path, "default").await.unwrap();
-    tollgate::revoke_api_key(&server.db_path, &server.key).await.unwrap();
+    let new_key = tollgate::create_api_key(&server.db_setting, "default").await.unwrap();
+    tollgate::revoke_api_key(&server.db_setting, &server.key).await.unwrap();
     let backend = client_from("127.0.0.1");
     let mint = |key: &str| {
         let request = backend.post(server.url("/v1/usage/token")).header("x-api-key", key);

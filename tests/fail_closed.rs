@@ -1,12 +1,13 @@
 //! When usage cannot be written the server fails closed: open sessions are
 //! cut with 1011, new ones are refused with 503, and once writing works
 //! again everything recorded late is still in the ledger. Two faults are
-//! made here: a lock another process holds, and a database grown past the
-//! server's cap. A database that turns read-only under a running server is
-//! not tested: tests may run as root, whom file modes do not stop, and
-//! what does (a read-only remount, an immutable attribute) needs
-//! privileges and file systems a test cannot count on; SQLite's answer to
-//! it takes the same path in the store as the lock's.
+//! made here: a lock another process holds, on either backend, and a
+//! SQLite database grown past the server's cap. A database that turns
+//! read-only under a running server is not tested: tests may run as root,
+//! whom file modes do not stop, and what does (a read-only remount, an
+//! immutable attribute) needs privileges and file systems a test cannot
+//! count on; SQLite's answer to it takes the same path in the store as the
+//! lock's.
 
 mod common;
 
@@ -25,8 +26,7 @@ async fn a_store_that_cannot_be_written_closes_sessions_and_refuses_new_ones_unt
     sleep(Duration::from_millis(300)).await;
 
     // Another process takes the database's write lock and keeps it.
-    let blocker = rusqlite::Connection::open(&server.db_path).unwrap();
-    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let blocker = lock::WriteLock::take(&server.db());
     let locked_at = client.opened.elapsed().as_secs_f64();
 
     let closed = client.until_closed().await;
@@ -37,7 +37,7 @@ async fn a_store_that_cannot_be_written_closes_sessions_and_refuses_new_ones_unt
     let health = server.http.get(server.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 503);
 
-    blocker.execute_batch("ROLLBACK").unwrap();
+    blocker.release();
     let mut recovered = None;
     for _ in 0..100 {
         if server.http.get(server.url("/healthz")).send().await.unwrap().status() == 200 {
@@ -94,8 +94,21 @@ async fn filled(db: &std::path::Path) -> Filled {
 /// The server's arguments: the cap of [`CAP_MB`] and a quick tick.
 const CAPPED: [&str; 4] = ["--max-db-mb", "1", "--tick-ms", "50"];
 
+/// Whether a test of a full database runs: the cap is a SQLite file's, and
+/// a PostgreSQL server refuses it (`a_cap_on_the_database_is_refused_with_
+/// postgres` in tests/postgres_process.rs); the nearest PostgreSQL fault,
+/// a database that refuses connections, is
+/// `sessions_are_closed_and_refused_while_postgres_refuses_connections`
+/// there.
+fn full_database_tested(test: &str) -> bool {
+    sqlite_only(test, "the cap on a database's size (--max-db-mb) is SQLite's")
+}
+
 #[tokio::test]
 async fn a_full_database_closes_sessions_and_refuses_new_ones_and_mints_until_pages_are_freed() {
+    if !full_database_tested("a_full_database_closes_sessions_and_refuses_new_ones") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     let Filled { process, api, token, mut client, session_id, filler } = filled(&db).await;
@@ -116,7 +129,7 @@ async fn a_full_database_closes_sessions_and_refuses_new_ones_and_mints_until_pa
     // Everything before the fault is kept, and the session was charged
     // for all the time it ran, though that was written only once there
     // was room.
-    let db = open_db(&db);
+    let db = Db::Sqlite(db);
     assert_ledger_identity(&db);
     let (reason, charged) = session_row(&db, &session_id);
     assert_eq!(reason.as_deref(), Some("internal"));
@@ -152,6 +165,9 @@ async fn wait_until_healthy(api: &Api) {
 
 #[tokio::test]
 async fn a_server_killed_while_its_database_is_full_starts_again_and_closes_what_was_open() {
+    if !full_database_tested("a_server_killed_while_its_database_is_full_starts_again") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     let Filled { process, mut client, session_id, filler, .. } = filled(&db).await;
@@ -164,9 +180,10 @@ async fn a_server_killed_while_its_database_is_full_starts_again_and_closes_what
     let restarted = binary::spawn(&db, &CAPPED, "info");
     let logged = restarted.stderr().join("\n");
     assert!(logged.contains("left open sessions=1"), "{logged}");
-    let (reason, charged) = session_row(&open_db(&db), &session_id);
+    let db = Db::Sqlite(db);
+    let (reason, charged) = session_row(&db, &session_id);
     assert_eq!(reason.as_deref(), Some("server_restart"));
     assert!(charged > 0 && charged as f64 / 1000.0 <= closed.after + 0.05, "{charged} ms");
-    assert_ledger_identity(&open_db(&db));
+    assert_ledger_identity(&db);
     drop(filler);
 }

@@ -99,7 +99,7 @@ async fn world() -> World {
 }
 
 async fn new_key(server: &TestServer, project: &str) -> String {
-    tollgate::create_api_key(&server.db_path, project).await.unwrap().expose().to_owned()
+    tollgate::create_api_key(&server.db_setting, project).await.unwrap().expose().to_owned()
 }
 
 async fn report(api: &Api, human: &str, key: &str) {

@@ -204,15 +204,12 @@ async fn assert_ended_and_charged(server: &TestServer, human: &str, case: &Case,
 async fn session_of(server: &TestServer, human: &str) -> (Option<i64>, Option<String>, i64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let row: (Option<i64>, Option<String>, i64) = server
-            .db()
-            .query_row(
-                "SELECT s.ended_at, s.end_reason, s.charged FROM sessions s
-                 JOIN humans h ON h.id = s.human_id WHERE h.external_id = ?1",
-                [human],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-            )
-            .unwrap();
+        let row = server.db().row(
+            "SELECT s.ended_at, s.end_reason, s.charged FROM sessions s
+             JOIN humans h ON h.id = s.human_id WHERE h.external_id = ?1",
+            &[&human],
+        );
+        let row: (Option<i64>, Option<String>, i64) = (row.get(0), row.get(1), row.get(2));
         if row.1.is_some() || Instant::now() > deadline {
             return row;
         }

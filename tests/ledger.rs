@@ -91,7 +91,7 @@ fn ids(rows: &[Value]) -> Vec<i64> {
 }
 
 fn count(server: &TestServer, sql: &str) -> i64 {
-    server.db().query_row(sql, [], |row| row.get(0)).unwrap()
+    server.db().query_i64(sql, &[])
 }
 
 #[tokio::test]
@@ -153,9 +153,7 @@ async fn grants_session_and_completion_debits_and_reports_are_listed_with_their_
 }
 
 fn db_ledger_ids(server: &TestServer, sql: &str) -> Vec<i64> {
-    let db = server.db();
-    let mut stmt = db.prepare(sql).unwrap();
-    stmt.query_map([], |row| row.get(0)).unwrap().map(Result::unwrap).collect()
+    server.db().rows(sql, &[]).iter().map(|row| row.get(0)).collect()
 }
 
 #[tokio::test]
@@ -306,9 +304,8 @@ async fn sessions_are_paged_in_the_order_they_were_opened_by_their_public_ids() 
     }
     rows_once_all_ended(&server).await;
     let opened: Vec<String> = {
-        let db = server.db();
-        let mut stmt = db.prepare("SELECT public_id FROM sessions ORDER BY id").unwrap();
-        stmt.query_map([], |row| row.get(0)).unwrap().map(Result::unwrap).collect()
+        let rows = server.db().rows("SELECT public_id FROM sessions ORDER BY id", &[]);
+        rows.iter().map(|row| row.get(0)).collect()
     };
 
     let mut seen = Vec::new();
@@ -330,7 +327,7 @@ async fn sessions_are_paged_in_the_order_they_were_opened_by_their_public_ids() 
 #[tokio::test]
 async fn another_projects_rows_and_sessions_are_never_visible() {
     let server = TestServer::start().await;
-    let other = tollgate::create_api_key(&server.db_path, "other").await.unwrap();
+    let other = tollgate::create_api_key(&server.db_setting, "other").await.unwrap();
     let other = other.expose();
     let token = server.mint_seconds("ada", 60.0).await;
     post_report(&server, &server.key, report("ada", "token_cnt", 3.0, "same-key")).await;
@@ -479,7 +476,7 @@ async fn next_page(api: &Api, after: Option<i64>) -> (Vec<Value>, bool) {
 #[tokio::test]
 async fn paging_while_rows_are_added_returns_every_row_once_in_order() {
     let server = TestServer::start().await;
-    let other = tollgate::create_api_key(&server.db_path, "other").await.unwrap();
+    let other = tollgate::create_api_key(&server.db_setting, "other").await.unwrap();
     let other = other.expose().to_owned();
     server.mint("pat", json!([{"type": "token_cnt", "value": 1e9}])).await;
     for i in 1..BACKLOG {

@@ -17,6 +17,17 @@ async fn scrape(server: &TestServer) -> String {
     response.text().await.unwrap()
 }
 
+/// The SQLite store's queues and admission batches; the PostgreSQL store
+/// exports neither yet (see `STORE_QUEUE` in src/metrics.rs).
+#[track_caller]
+fn assert_store_queues(text: &str) {
+    assert!(text.contains(r#"tollgate_store_queue_depth{thread="writer"}"#), "{text}");
+    assert!(text.contains(r#"tollgate_store_queue_depth{thread="admissions"}"#), "{text}");
+    let batches = "tollgate_store_admissions_per_commit";
+    assert!(value(text, &format!("{batches}_count")) >= Some(1.0), "{text}");
+    assert!(text.contains(&format!(r#"{batches}_bucket{{le="128"}}"#)), "{text}");
+}
+
 #[tokio::test]
 async fn sessions_upgrades_ticks_ledger_rows_and_the_store_queue_are_exported() {
     let server = TestServer::start().await;
@@ -36,11 +47,9 @@ async fn sessions_upgrades_ticks_ledger_rows_and_the_store_queue_are_exported() 
     assert!(value(&text, "tollgate_tick_seconds_count") >= Some(2.0), "{text}");
     assert!(text.contains(r#"tollgate_tick_seconds_bucket{le="0.025"}"#), "{text}");
     assert!(value(&text, "tollgate_ledger_rows_written_total") >= Some(1.0), "{text}");
-    assert!(text.contains(r#"tollgate_store_queue_depth{thread="writer"}"#), "{text}");
-    assert!(text.contains(r#"tollgate_store_queue_depth{thread="admissions"}"#), "{text}");
-    let batches = "tollgate_store_admissions_per_commit";
-    assert!(value(&text, &format!("{batches}_count")) >= Some(1.0), "{text}");
-    assert!(text.contains(&format!(r#"{batches}_bucket{{le="128"}}"#)), "{text}");
+    if common::sqlite_only("the store's queue figures", "its store has no queues it measures") {
+        assert_store_queues(&text);
+    }
 
     client.close().await;
     common::rows_once_all_ended(&server).await;

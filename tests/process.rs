@@ -29,8 +29,8 @@ async fn wait_for_exit(process: Process) -> (std::process::ExitStatus, Vec<Strin
 
 #[tokio::test]
 async fn a_fresh_database_prints_its_api_key_once_and_only_on_stdout() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
+    let database = TestDatabase::create().await;
+    let db = database.setting();
     let first = binary::spawn(&db, &[], "info");
     let key = first.api_key();
     let api = api_of(&first, &key);
@@ -60,7 +60,8 @@ async fn a_settings_file_sets_the_upstream_with_a_secret_header_from_the_environ
     let args = ["--config", config.to_str().unwrap()];
     let env = [("TEST_VOICE_AUTH", secret)];
     // At trace the WebSocket library would print the raw handshake.
-    let process = binary::spawn_with_env(&dir.path().join("t.db"), &args, "trace", &env);
+    let database = TestDatabase::create().await;
+    let process = binary::spawn_with_env(&database.setting(), &args, "trace", &env);
     let api = api_of(&process, &process.api_key());
 
     let token = api.mint_seconds("ada", 30.0).await;
@@ -85,8 +86,8 @@ async fn an_unknown_key_in_the_settings_file_stops_start_up_with_its_name() {
 
 #[tokio::test]
 async fn keys_create_prints_a_working_key_for_a_new_project() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
+    let database = TestDatabase::create().await;
+    let db = database.setting();
     let (status, stdout, stderr) =
         binary::run_binary(&["keys", "create", "--project", "acme"], &db);
     assert!(status.success(), "{stderr}");
@@ -102,8 +103,8 @@ async fn keys_create_prints_a_working_key_for_a_new_project() {
 
 #[tokio::test]
 async fn keys_revoke_shuts_a_key_out_of_a_running_server_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
+    let database = TestDatabase::create().await;
+    let db = database.setting();
     let server = binary::spawn(&db, &[], "info");
     let key = server.api_key();
     let api = api_of(&server, &key);
@@ -131,6 +132,7 @@ async fn keys_revoke_shuts_a_key_out_of_a_running_server_at_once() {
     assert_eq!(other_api.post("/v1/usage/token", json!({ "human": "ada" })).await.0, 200);
 
     // A mistyped database is not created.
+    let dir = tempfile::tempdir().unwrap();
     let typo = dir.path().join("typo.db");
     let env = [("TOLLGATE_API_KEY", other.trim())];
     let (status, _, stderr) = binary::run_binary_with_env(&["keys", "revoke"], &typo, &env);
@@ -140,12 +142,12 @@ async fn keys_revoke_shuts_a_key_out_of_a_running_server_at_once() {
 
 #[tokio::test]
 async fn bad_settings_stop_start_up_with_a_message_naming_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
+    let database = TestDatabase::create().await;
+    let db = database.setting();
     let (status, _, stderr) = binary::run_binary(&["serve", "--ping-secs=-1"], &db);
     assert!(!status.success());
     assert!(stderr.contains("--ping-secs"), "{stderr}");
-    assert!(!db.exists(), "a refused start created the database");
+    assert!(database.db().untouched(), "a refused start created the database");
 }
 
 #[tokio::test]
@@ -155,19 +157,20 @@ async fn an_empty_variable_for_an_upstream_header_stops_start_up_with_its_name()
     let settings = "[upstream.conversational]\nurl = \"wss://voice.test/agent\"\n\
                     header_env = { Authorization = \"TEST_EMPTY_VOICE_AUTH\" }\n";
     std::fs::write(&config, settings).unwrap();
-    let db = dir.path().join("t.db");
+    let database = TestDatabase::create().await;
+    let db = database.setting();
     let args = ["serve", "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()];
     let env = [("TEST_EMPTY_VOICE_AUTH", "")];
     let (status, _, stderr) = binary::run_binary_with_env(&args, &db, &env);
     assert!(!status.success(), "started with an empty secret header");
     assert!(stderr.contains("TEST_EMPTY_VOICE_AUTH is empty"), "{stderr}");
-    assert!(!db.exists(), "a refused start created the database");
+    assert!(database.db().untouched(), "a refused start created the database");
 }
 
 #[tokio::test]
 async fn a_second_server_on_the_same_database_is_refused_and_disturbs_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
+    let database = TestDatabase::create().await;
+    let db = database.setting();
     let first = binary::spawn(&db, &[], "info");
     let api = api_of(&first, &first.api_key());
     let token = api.mint_seconds("ada", 30.0).await;
@@ -177,7 +180,7 @@ async fn a_second_server_on_the_same_database_is_refused_and_disturbs_nothing() 
     let (status, _, stderr) = binary::run_binary(&["serve", "--listen", "127.0.0.1:0"], &db);
     assert!(!status.success());
     assert!(stderr.contains("another tollgate server is already using"), "{stderr}");
-    let rows = session_rows(&open_db(&db));
+    let rows = session_rows(&database.db());
     assert_eq!(rows, vec![(None, 0)], "the first server's session was touched");
     client.send(tokio_tungstenite::tungstenite::Message::Text("still here".into())).await;
     assert_eq!(client.event_of("usage.remaining").await["type"], "usage.remaining");
@@ -185,8 +188,8 @@ async fn a_second_server_on_the_same_database_is_refused_and_disturbs_nothing() 
 
 #[tokio::test]
 async fn sigterm_closes_every_session_with_1001_records_it_and_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
+    let database = TestDatabase::create().await;
+    let db = database.setting();
     let process = binary::spawn(&db, &["--tick-ms", &TICK_MS.to_string()], "info");
     let api = api_of(&process, &process.api_key());
     let token = api.mint_seconds("ada", 30.0).await;
@@ -202,7 +205,7 @@ async fn sigterm_closes_every_session_with_1001_records_it_and_exits_0() {
     let (status, stderr) = wait_for_exit(process).await;
     assert!(status.success(), "exit {status}: {stderr:?}");
 
-    let db = open_db(&db);
+    let db = database.db();
     assert_ledger_identity(&db);
     let rows = session_rows(&db);
     assert_eq!(rows.len(), 2);
@@ -225,8 +228,8 @@ async fn sigterm_closes_every_session_with_1001_records_it_and_exits_0() {
 
 #[tokio::test]
 async fn kill_9_loses_at_most_one_tick_and_the_next_start_closes_what_was_left_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
+    let database = TestDatabase::create().await;
+    let db = database.setting();
     let tick = ["--tick-ms", &TICK_MS.to_string()];
     let process = binary::spawn(&db, &tick, "info");
     let api = api_of(&process, &process.api_key());
@@ -245,7 +248,7 @@ async fn kill_9_loses_at_most_one_tick_and_the_next_start_closes_what_was_left_o
     let logged = restarted.stderr().join("\n");
     assert!(logged.contains("left open sessions=4"), "{logged}");
 
-    let db = open_db(&db);
+    let db = database.db();
     assert_ledger_identity(&db);
     let rows = session_rows(&db);
     assert_eq!(rows.len(), 4);
@@ -294,6 +297,7 @@ struct Doubles {
     upstream: TestUpstream,
     receiver: Receiver,
     dir: tempfile::TempDir,
+    database: TestDatabase,
 }
 
 const UPSTREAM_SECRET: &str = "Bearer upstream-secret-7c1d9e0a4b";
@@ -308,6 +312,7 @@ async fn serve_with_secrets(secrets: &mut Secrets) -> (Process, Doubles) {
         upstream: TestUpstream::plain().await,
         receiver: Receiver::start().await,
         dir: tempfile::tempdir().unwrap(),
+        database: TestDatabase::create().await,
     };
     let config = doubles.dir.path().join("tollgate.toml");
     let settings = format!(
@@ -319,8 +324,7 @@ async fn serve_with_secrets(secrets: &mut Secrets) -> (Process, Doubles) {
     let llm = doubles.llm.base_url();
     let args = ["--config", config.to_str().unwrap(), "--llm-upstream", &llm];
     let env = [("TEST_VOICE_AUTH", UPSTREAM_SECRET), ("TOLLGATE_LLM_API_KEY", LLM_KEY)];
-    let db = doubles.dir.path().join("t.db");
-    let process = binary::spawn_with_env(&db, &args, "trace", &env);
+    let process = binary::spawn_with_env(&doubles.database.setting(), &args, "trace", &env);
     secrets.add("the upstream's header", UPSTREAM_SECRET);
     secrets.add("the LLM service's key", LLM_KEY);
     secrets.add("the API key", &process.api_key());

@@ -245,13 +245,12 @@ async fn shutting_down_tells_the_upstream_the_server_is_going_away() {
     let mut client = server.connect(&token).await;
     client.next_event().await;
     sleep(Duration::from_millis(400)).await;
-    let db_path = server.db_path.clone();
     let used = client.opened.elapsed().as_secs_f64();
-    let (closed, _dir) = tokio::join!(client.until_closed(), server.shutdown());
+    let (closed, database) = tokio::join!(client.until_closed(), server.shutdown());
     assert_eq!(closed.code, Some(1001));
     let seen = upstream.ended(0).await;
     assert_eq!(seen.close.map(|frame| frame.code), Some(CloseCode::Away));
-    let rows = session_rows(&open_db(&db_path));
+    let rows = session_rows(&database.db());
     assert_eq!(rows[0].0.as_deref(), Some("server_shutdown"));
     assert_near(rows[0].1 as f64 / 1000.0, used, 0.1);
 }

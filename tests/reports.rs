@@ -16,16 +16,8 @@ fn snapshot(server: &TestServer) -> Vec<String> {
     let db = server.db();
     let mut rows = Vec::new();
     for table in ["humans", "limits", "ledger", "usage_reports"] {
-        let mut stmt = db.prepare(&format!("SELECT * FROM {table} ORDER BY 1")).unwrap();
-        let columns = stmt.column_count();
-        let found = stmt
-            .query_map([], |row| {
-                let values: Vec<String> =
-                    (0..columns).map(|i| format!("{:?}", row.get_ref(i).unwrap())).collect();
-                Ok(format!("{table}: {}", values.join(" ")))
-            })
-            .unwrap();
-        rows.extend(found.map(Result::unwrap));
+        let found = db.rows(&format!("SELECT * FROM {table} ORDER BY 1"), &[]);
+        rows.extend(found.iter().map(|row| format!("{table}: {:?}", row.0)));
     }
     rows
 }
@@ -73,10 +65,7 @@ async fn seconds_can_be_reported_and_an_unknown_human_is_metered_unlimited() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["remaining"], Value::Null);
     assert_eq!(server.limits_of("new").await, json!([]));
-    let balance: i64 = server
-        .db()
-        .query_row("SELECT balance FROM limits WHERE human_id = 1", [], |row| row.get(0))
-        .unwrap();
+    let balance = server.db().query_i64("SELECT balance FROM limits WHERE human_id = 1", &[]);
     assert_eq!(balance, -2500, "kept in milliseconds");
 }
 
@@ -128,10 +117,8 @@ async fn concurrent_reports_with_one_key_are_recorded_once() {
         }
     }
     assert_eq!(server.remaining("cy", "token_cnt").await, 1000.0 - 20.0 * 5.0);
-    let rows: i64 = server
-        .db()
-        .query_row("SELECT COUNT(*) FROM ledger WHERE report_id IS NOT NULL", [], |r| r.get(0))
-        .unwrap();
+    let rows =
+        server.db().query_i64("SELECT COUNT(*) FROM ledger WHERE report_id IS NOT NULL", &[]);
     assert_eq!(rows, 20);
     assert_ledger_identity(&server.db());
 }

@@ -1,6 +1,7 @@
 //! The meter while the store is slow: another process holds the database's
-//! write lock for less than the store's busy timeout, so writes wait but do
-//! not fail. Cut-offs must not wait, and what happens while a commit waits
+//! write lock for less than the store waits for it (SQLite's busy timeout,
+//! PostgreSQL's lock timeout), so writes wait but do not fail (one test
+//! holds it longer, so that they do). Cut-offs must not wait, and what happens while a commit waits
 //! (sessions ending, opening, being refunded) must still be charged right.
 
 mod common;
@@ -101,7 +102,8 @@ async fn a_change_is_refused_when_the_usage_before_it_cannot_be_recorded() {
     let token = server.mint_seconds("ada", 30.0).await;
     let mut client = server.connect(&token).await;
     client.next_event().await;
-    let blocker = hold_write_lock(&server, ms(300), ms(1500));
+    // Held half a second past the store's wait for it, so the writes fail.
+    let blocker = hold_write_lock(&server, ms(300), server.db().lock_wait() + ms(500));
     sleep(ms(400)).await;
 
     let set = json!({ "human": "ada", "limits": [{ "type": CONVERSATIONAL, "value": 10 }] });

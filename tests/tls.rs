@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -172,17 +172,19 @@ async fn files_that_cannot_serve_tls_stop_start_up_naming_the_setting() {
         (certificates.path("cert.pem"), other.path("key.pem"), "do not make a pair"),
     ];
     for (cert, key, expected) in cases {
-        let error = start_error(certificates.dir.path(), TlsFiles { cert, key }).await;
+        let error = start_error(TlsFiles { cert, key }).await;
         assert!(error.contains(expected), "{expected}: {error}");
     }
 }
 
-async fn start_error(dir: &Path, tls: TlsFiles) -> String {
-    let mut settings = Settings::new(dir.join("t.db"));
+async fn start_error(tls: TlsFiles) -> String {
+    let database = common::TestDatabase::create().await;
+    let mut settings = Settings::new(database.database());
     settings.listen = "127.0.0.1:0".parse().unwrap();
     settings.tls = Some(tls);
     let error = tollgate::start(settings).await.err().expect("start-up was refused");
-    assert!(!dir.join("t.db").exists(), "the database was created before the files were read");
+    let untouched = database.db().untouched();
+    assert!(untouched, "the database was created before the files were read");
     format!("{error:#}")
 }
 

@@ -350,8 +350,8 @@ async fn a_failed_delivery_can_be_retried_by_hand() {
 
 #[tokio::test]
 async fn pending_deliveries_survive_a_kill_9_and_are_sent_after_the_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
+    let database = common::TestDatabase::create().await;
+    let db = database.setting();
     // An address with nothing listening yet: every attempt fails.
     let address = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", address.local_addr().unwrap());
@@ -515,7 +515,7 @@ async fn one_projects_backlog_does_not_hold_up_anothers_deliveries() {
     });
     futures::future::join_all(reports).await;
 
-    let other_key = tollgate::create_api_key(&server.db_path, "other").await.unwrap();
+    let other_key = tollgate::create_api_key(&server.db_setting, "other").await.unwrap();
     let other = Api::new(server.base.trim_start_matches("http://"), other_key.expose().to_owned());
     hook(&other, &healthy.url, json!({"events": ["usage_token.revoked"]})).await;
     other.mint_seconds("bo", 1.0).await;

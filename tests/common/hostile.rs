@@ -10,6 +10,7 @@ use serde_json::Value;
 use tollgate::secret::{Secret, SecretKind};
 
 use super::TestServer;
+use super::database::{Cell, Db, Row};
 
 /// Settings for a server the tables are sent to: they send many bad
 /// credentials from one address, which the limit on failed
@@ -189,48 +190,39 @@ pub fn assert_none_went_wrong(failures: &[String], cases: &[Case]) {
 }
 
 /// Every row of every table, in a deterministic order, as text.
-pub fn snapshot(db: &rusqlite::Connection) -> String {
-    let tables: Vec<String> = db
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        .unwrap()
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+pub fn snapshot(db: &Db) -> String {
+    let tables = db.tables();
     for wanted in ["projects", "api_keys", "humans", "limits", "usage_tokens", "sessions", "ledger"]
     {
         assert!(tables.iter().any(|t| t == wanted), "no table {wanted} in {tables:?}");
     }
+    let selects: Vec<String> =
+        tables.iter().map(|table| format!("SELECT * FROM {table}")).collect();
     let mut out = String::new();
-    for table in tables {
-        write_table(db, &table, &mut out);
+    for (table, rows) in tables.iter().zip(db.rows_of_each(&selects)) {
+        write_table(table, rows, &mut out);
     }
     out
 }
 
-fn write_table(db: &rusqlite::Connection, table: &str, out: &mut String) {
-    let stmt = db.prepare(&format!("SELECT * FROM {table}")).unwrap();
-    let columns = stmt.column_count();
-    let order: Vec<String> = (1..=columns).map(|i| i.to_string()).collect();
-    drop(stmt);
-    let sql = format!("SELECT * FROM {table} ORDER BY {}", order.join(", "));
-    let mut stmt = db.prepare(&sql).unwrap();
-    let mut rows = stmt.query([]).unwrap();
+/// The table's rows, one line each, the lines sorted.
+fn write_table(table: &str, rows: Vec<Row>, out: &mut String) {
+    let mut lines: Vec<String> =
+        rows.iter().map(|row| row.0.iter().map(cell).collect::<Vec<_>>().join(" | ")).collect();
+    lines.sort();
     writeln!(out, "{table}:").unwrap();
-    while let Some(row) = rows.next().unwrap() {
-        let cells: Vec<String> = (0..columns).map(|i| cell(row.get_ref(i).unwrap())).collect();
-        writeln!(out, "  {}", cells.join(" | ")).unwrap();
+    for line in lines {
+        writeln!(out, "  {line}").unwrap();
     }
 }
 
-fn cell(value: rusqlite::types::ValueRef<'_>) -> String {
-    use rusqlite::types::ValueRef;
+fn cell(value: &Cell) -> String {
     match value {
-        ValueRef::Null => "NULL".to_owned(),
-        ValueRef::Integer(n) => n.to_string(),
-        ValueRef::Real(r) => format!("{r:?}"),
-        ValueRef::Text(text) => format!("{:?}", String::from_utf8_lossy(text)),
-        ValueRef::Blob(bytes) => {
+        Cell::Null => "NULL".to_owned(),
+        Cell::Int(n) => n.to_string(),
+        Cell::Real(r) => format!("{r:?}"),
+        Cell::Text(text) => format!("{text:?}"),
+        Cell::Bytes(bytes) => {
             bytes.iter().fold(String::from("x'"), |mut hex, byte| {
                 write!(hex, "{byte:02x}").unwrap();
                 hex

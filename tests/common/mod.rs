@@ -1,13 +1,16 @@
 //! Helpers shared by the integration tests: a real server on 127.0.0.1:0
-//! with a fresh database, an HTTP client for its API, a WebSocket client
-//! for its sessions, and direct reads of its database for the checks that
-//! only the rows can answer.
+//! with a fresh database on the backend `TOLLGATE_TEST_BACKEND` chooses
+//! (see `database`), an HTTP client for its API, a WebSocket client for its
+//! sessions, and direct reads of its database for the checks that only the
+//! rows can answer.
 
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod database;
 pub mod hostile;
 pub mod llm;
+pub mod lock;
 pub mod postgres;
 pub mod raw;
 pub mod receiver;
@@ -15,6 +18,10 @@ pub mod upstream;
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use database::{Db, TestDatabase, open_db, sqlite_only};
 
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
@@ -39,9 +46,10 @@ const END_WAIT: Duration = Duration::from_secs(15);
 /// A real server in this process, with its own database.
 pub struct TestServer {
     pub api: Api,
-    pub db_path: PathBuf,
+    /// The `--db` value of the database: a SQLite file or a PostgreSQL URL.
+    pub db_setting: PathBuf,
     server: Option<RunningServer>,
-    _dir: tempfile::TempDir,
+    database: TestDatabase,
 }
 
 /// The way to a server's API, in-process or a child process.
@@ -67,9 +75,9 @@ impl TestServer {
 
     /// Starts a server with the test defaults changed by `adjust`.
     pub async fn start_with(adjust: impl FnOnce(&mut Settings)) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let db_path = dir.path().join("tollgate.db");
-        let mut settings = Settings::new(db_path.clone());
+        let database = TestDatabase::create().await;
+        let db_setting = database.setting();
+        let mut settings = Settings::new(database.database());
         settings.listen = "127.0.0.1:0".parse().unwrap();
         settings.tick = TEST_TICK;
         adjust(&mut settings);
@@ -78,22 +86,22 @@ impl TestServer {
         let key = server.first_api_key().expect("a new database gets a key").expose().to_owned();
         TestServer {
             api: Api::new(&addr.to_string(), key),
-            db_path,
+            db_setting,
             server: Some(server),
-            _dir: dir,
+            database,
         }
     }
 
-    /// A read-only connection to the server's database.
-    pub fn db(&self) -> rusqlite::Connection {
-        open_db(&self.db_path)
+    /// The server's database, for reading its rows.
+    pub fn db(&self) -> Db {
+        self.database.db()
     }
 
-    /// Shuts the server down cleanly. The returned directory holds the
-    /// database until it is dropped.
-    pub async fn shutdown(mut self) -> tempfile::TempDir {
+    /// Shuts the server down cleanly. The returned database is kept until
+    /// it is dropped.
+    pub async fn shutdown(mut self) -> TestDatabase {
         self.server.take().unwrap().shutdown().await.unwrap();
-        self._dir
+        self.database
     }
 }
 
@@ -207,49 +215,35 @@ impl Api {
     }
 }
 
-pub fn open_db(path: &std::path::Path) -> rusqlite::Connection {
-    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
-    let conn = rusqlite::Connection::open_with_flags(path, flags).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn
-}
-
 /// Asserts that every pool's balance is the sum of its ledger rows, and
 /// that no ledger row belongs to a pool that does not exist.
-pub fn assert_ledger_identity(db: &rusqlite::Connection) {
-    let broken: Vec<(i64, String, i64, i64)> = db
-        .prepare(
+pub fn assert_ledger_identity(db: &Db) {
+    let broken: Vec<Vec<database::Cell>> = db
+        .rows(
             "SELECT l.human_id, l.limit_type, l.balance,
-                    (SELECT COALESCE(SUM(amount), 0) FROM ledger g
+                    (SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger g
                      WHERE g.human_id = l.human_id AND g.limit_type = l.limit_type)
              FROM limits l",
+            &[],
         )
-        .unwrap()
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .filter(|(_, _, balance, sum)| balance != sum)
+        .into_iter()
+        .filter(|row| row.get::<i64>(2) != row.get::<i64>(3))
+        .map(|row| row.0)
         .collect();
     assert!(broken.is_empty(), "balance differs from the ledger: {broken:?}");
-    let orphans: i64 = db
-        .query_row(
-            "SELECT COUNT(*) FROM ledger g WHERE NOT EXISTS (SELECT 1 FROM limits l
-             WHERE l.human_id = g.human_id AND l.limit_type = g.limit_type)",
-            [],
-            |row| row.get(0),
-        )
-        .unwrap();
+    let orphans = db.query_i64(
+        "SELECT COUNT(*) FROM ledger g WHERE NOT EXISTS (SELECT 1 FROM limits l
+         WHERE l.human_id = g.human_id AND l.limit_type = g.limit_type)",
+        &[],
+    );
     assert_eq!(orphans, 0, "ledger rows without a pool");
 }
 
 /// A session's row: (end_reason, charged milliseconds), by public id.
-pub fn session_row(db: &rusqlite::Connection, public_id: &str) -> (Option<String>, i64) {
-    db.query_row(
-        "SELECT end_reason, charged FROM sessions WHERE public_id = ?1",
-        [public_id],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )
-    .unwrap()
+pub fn session_row(db: &Db, public_id: &str) -> (Option<String>, i64) {
+    let row =
+        db.row("SELECT end_reason, charged FROM sessions WHERE public_id = ?1", &[&public_id]);
+    (row.get(0), row.get(1))
 }
 
 /// Waits until the session's end is recorded; returns reason and charge.
@@ -302,24 +296,19 @@ pub fn hold_write_lock(
     after: Duration,
     hold: Duration,
 ) -> tokio::task::JoinHandle<()> {
-    let db_path = server.db_path.clone();
+    let db = server.db();
     tokio::task::spawn_blocking(move || {
         std::thread::sleep(after);
-        let conn = rusqlite::Connection::open(db_path).unwrap();
-        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let lock = lock::WriteLock::take(&db);
         std::thread::sleep(hold);
-        conn.execute_batch("ROLLBACK").unwrap();
+        lock.release();
     })
 }
 
 /// Every session's (end_reason, charged milliseconds), oldest first.
-pub fn session_rows(db: &rusqlite::Connection) -> Vec<(Option<String>, i64)> {
-    db.prepare("SELECT end_reason, charged FROM sessions ORDER BY id")
-        .unwrap()
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+pub fn session_rows(db: &Db) -> Vec<(Option<String>, i64)> {
+    let rows = db.rows("SELECT end_reason, charged FROM sessions ORDER BY id", &[]);
+    rows.iter().map(|row| (row.get(0), row.get(1))).collect()
 }
 
 async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {

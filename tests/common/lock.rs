@@ -1,0 +1,70 @@
+//! Another connection holding a test database's write lock, as a backup
+//! tool or an operator's shell might: the server's writes wait for it (and
+//! fail once they have waited longer than the store allows), its reads go
+//! on.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio_postgres::NoTls;
+
+use super::database::Db;
+
+/// The lock, held until [`WriteLock::release`] or a drop.
+pub enum WriteLock {
+    /// A transaction that has taken SQLite's one write lock.
+    Sqlite(rusqlite::Connection),
+    /// A transaction that holds every table in EXCLUSIVE mode, which lets
+    /// only plain reads by: the closest PostgreSQL has to SQLite's lock.
+    Postgres { release_tx: tokio::sync::oneshot::Sender<()>, thread: JoinHandle<()> },
+}
+
+impl WriteLock {
+    /// Takes the lock, returning once it is held.
+    pub fn take(db: &Db) -> WriteLock {
+        match db {
+            Db::Sqlite(path) => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                WriteLock::Sqlite(conn)
+            }
+            Db::Postgres(url) => {
+                let tables = db.tables().join(", ");
+                let sql = format!("BEGIN; LOCK TABLE {tables} IN EXCLUSIVE MODE");
+                hold_on_postgres(url.clone(), sql)
+            }
+        }
+    }
+
+    pub fn release(self) {
+        match self {
+            WriteLock::Sqlite(conn) => conn.execute_batch("ROLLBACK").unwrap(),
+            WriteLock::Postgres { release_tx, thread } => {
+                let _ = release_tx.send(());
+                thread.join().unwrap();
+            }
+        }
+    }
+}
+
+/// Runs `sql` on a connection of a thread of its own, which keeps the
+/// connection, and the transaction `sql` began, until told to let go.
+fn hold_on_postgres(url: String, sql: String) -> WriteLock {
+    let (locked_tx, locked_rx) = mpsc::channel();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            let driver = tokio::spawn(connection);
+            client.batch_execute(&sql).await.unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.await;
+            client.batch_execute("ROLLBACK").await.unwrap();
+            drop(client);
+            let _ = driver.await;
+        })
+    });
+    locked_rx.recv().expect("the lock was taken");
+    WriteLock::Postgres { release_tx, thread }
+}
