@@ -14,7 +14,10 @@
 //! (1.6 GB in six minutes of a soak of 200 clients, and the server's
 //! memory with it, by the log's index that SQLite maps). So once the log
 //! passes [`TRUNCATE_AFTER_FRAMES`], this thread asks the writer, through
-//! its queue, for a truncating checkpoint between two of its jobs: that
+//! the queue of the meter's commits, which the writer takes before any
+//! other work, for a truncating checkpoint between two of its jobs (in the
+//! queue of other writes it waited behind every mint and grant, and under
+//! the soak's load the log reached 209 MiB meanwhile): that
 //! copies the few frames the passive one just missed, waits for readers to
 //! leave the log (for at most [`TRUNCATE_WAIT`]), and empties it; the
 //! passive one having just copied nearly everything, that is short. The
@@ -67,8 +70,8 @@ pub struct Running {
 }
 
 /// Starts the thread on its own connection to the database at `path`;
-/// `writer` is the writer's queue, held weakly so that the writer still
-/// stops once every handle on the store is gone.
+/// `writer` is the writer's first queue, held weakly so that the writer
+/// still stops once every handle on the store is gone.
 pub fn spawn(
     path: &Path,
     writer: WeakSender<Job<Writer>>,

@@ -150,7 +150,7 @@ impl SqliteStore {
         let queues = WriterQueues { meter_rx, admissions_rx, writes_rx };
         let write_thread = spawn_writer(writer, queues)?;
         let (reads_tx, read_thread) = spawn_thread("tollgate-store-reader", reader)?;
-        let (_checkpoints, checkpoint_thread) = checkpoint::spawn(path, writes_tx.downgrade())?;
+        let (_checkpoints, checkpoint_thread) = checkpoint::spawn(path, meter_tx.downgrade())?;
         let threads = StoreThreads(vec![write_thread, read_thread, checkpoint_thread]);
         let store = SqliteStore { writes_tx, meter_tx, admissions_tx, reads_tx, cap, _checkpoints };
         Ok((store, threads))
