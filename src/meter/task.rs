@@ -519,6 +519,10 @@ impl Meter {
     /// As [`Meter::commit`]; with `always`, the transaction goes to the
     /// store even with nothing in it but the meter's clock.
     async fn commit_with(&mut self, keys: Vec<SessionKey>, always: bool) -> bool {
+        if self.health.is_superseded() {
+            self.drop_unrecorded();
+            return false;
+        }
         if !self.resend_unsettled().await {
             return false;
         }
@@ -540,6 +544,10 @@ impl Meter {
             Ok(recorded) => {
                 self.committed(charged, ending, recorded, dry);
                 true
+            }
+            Err(StoreError::Superseded) => {
+                self.superseded();
+                false
             }
             Err(err) => {
                 for (key, amount) in charged {
@@ -568,6 +576,10 @@ impl Meter {
                 self.committed(Vec::new(), unsettled.ending, recorded, dry);
                 true
             }
+            Err(StoreError::Superseded) => {
+                self.superseded();
+                false
+            }
             Err(err) => {
                 self.unsettled = Some(unsettled);
                 self.cut_off_all(dry);
@@ -575,6 +587,30 @@ impl Meter {
                 false
             }
         }
+    }
+
+    /// Another server has taken the database over (see
+    /// [`Health::supersede`]): it has charged this one's open sessions up
+    /// to the meter's clock and ended them, or will, so nothing of theirs
+    /// is recorded here any more. Every session is closed and what was
+    /// waiting to be recorded is dropped.
+    fn superseded(&mut self) {
+        if !self.health.is_superseded() {
+            error!("another server has taken over the database; recording nothing more");
+            self.health.supersede();
+        }
+        self.drop_unrecorded();
+    }
+
+    /// Closes every session and forgets what was to be recorded.
+    fn drop_unrecorded(&mut self) {
+        let now = Instant::now();
+        for key in self.open_keys() {
+            self.end_and_close(key, now, EndReason::Internal);
+        }
+        self.ending.iter().for_each(Ending::close_session);
+        self.ending.clear();
+        self.unsettled = None;
     }
 
     /// Charges for the open sessions `keys` from their last commit to `now`.
