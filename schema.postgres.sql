@@ -154,10 +154,15 @@ CREATE INDEX webhook_events_by_project ON webhook_events (project_id, status, id
 -- COMMIT whose answer is lost leaves the meter unsure whether it counted,
 -- and the batch it then sends again is recognised and not applied twice.
 -- SQLite's commits are never lost that way, and it keeps the id in memory.
+-- It also holds the random id of the server that last took the database's
+-- lock (owner), written by that server on the connection holding the lock;
+-- every batch checks it is still its own, so that a server that lost the
+-- lock to another no longer records usage.
 CREATE TABLE meter_clock (
     id         BIGINT PRIMARY KEY CHECK (id = 1),
     alive_at   BIGINT NOT NULL,
-    last_batch BIGINT
+    last_batch BIGINT,
+    owner      BIGINT
 );
 
 INSERT INTO meter_clock (id, alive_at) VALUES (1, 0);

@@ -82,7 +82,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let local_addr = listener.local_addr()?;
     let max_db_bytes = settings.max_db_mb.map(|mb| mb * 1024 * 1024);
-    let (store, store_threads) = open_store(&settings.db, max_db_bytes).await?;
+    let (store, store_threads) = open_store(&settings.db, max_db_bytes, Some(&lock)).await?;
     if let Database::Postgres(url) = &settings.db {
         info!(database = %url, "using PostgreSQL");
     }
@@ -249,10 +249,14 @@ impl DatabaseLock {
     /// answers 503, and the meter closes the open ones with 1011. It tries
     /// to take the lock again every [`RETAKE_EVERY`] and serves again once
     /// it has it, as it does once the store records again. If another
-    /// server holds it by then, that one may already have closed this
-    /// one's sessions as abandoned, and the two would meter the same
-    /// database: this one stops instead (the shutdown is cancelled, and
-    /// the error returned is what the process exits with). Stopping at
+    /// server holds it by then, or held it meanwhile (the database's owner
+    /// is no longer this server, see [`InstanceLock`]), that one may
+    /// already have closed this one's sessions as abandoned, and the two
+    /// would meter the same database: this one stops instead (the
+    /// shutdown is cancelled, and the error returned is what the process
+    /// exits with), recording nothing more, its batches from before the
+    /// loss dropped. It stops the same way when the meter finds another
+    /// owner while the lock is lost ([`Health::superseded`]). Stopping at
     /// once, rather than waiting, would take down every server on any
     /// restart of PostgreSQL.
     async fn guard(
@@ -267,17 +271,19 @@ impl DatabaseLock {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = health.superseded() => return Err(superseded(&health, &shutdown)),
                 _ = lock.lost() => {}
             }
             error!("the database's lock was lost with its connection; refusing sessions");
             health.set_exclusive(false);
-            match take_again(lock, &shutdown).await {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(error) => {
-                    shutdown.cancel();
-                    return Err(error);
-                }
+            let taken = tokio::select! {
+                taken = take_again(lock, &shutdown) => taken,
+                _ = health.superseded() => None,
+            };
+            match taken {
+                Some(true) => {}
+                Some(false) => break,
+                None => return Err(superseded(&health, &shutdown)),
             }
             health.set_exclusive(true);
             info!("the database's lock is held again; sessions are admitted");
@@ -298,21 +304,29 @@ impl DatabaseLock {
     }
 }
 
+/// Stops a server another one has taken the database from, recording
+/// nothing more; the error is what the process exits with.
+fn superseded(health: &Health, shutdown: &CancellationToken) -> anyhow::Error {
+    health.supersede();
+    shutdown.cancel();
+    anyhow::anyhow!(
+        "another tollgate server took the PostgreSQL database while this one had lost its \
+         lock; this one stopped"
+    )
+}
+
 /// Tries every [`RETAKE_EVERY`] to take a lost lock again, until it is
-/// held (`true`) or the shutdown comes (`false`). Fails if another server
-/// holds it.
-async fn take_again(lock: &mut InstanceLock, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+/// held (`Some(true)`) or the shutdown comes (`Some(false)`); `None` if
+/// another server holds it, or held it meanwhile.
+async fn take_again(lock: &mut InstanceLock, shutdown: &CancellationToken) -> Option<bool> {
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(false),
+            _ = shutdown.cancelled() => return Some(false),
             _ = tokio::time::sleep(RETAKE_EVERY) => {}
         }
         match lock.take_again().await {
-            Ok(Retaken::Held) => return Ok(true),
-            Ok(Retaken::Refused) => anyhow::bail!(
-                "another tollgate server took the PostgreSQL database while this one had lost \
-                 its lock; this one stopped"
-            ),
+            Ok(Retaken::Held) => return Some(true),
+            Ok(Retaken::Refused | Retaken::Superseded) => return None,
             Err(error) => debug!(error = format!("{error:#}"), "cannot take the lock again yet"),
         }
     }
@@ -320,9 +334,13 @@ async fn take_again(lock: &mut InstanceLock, shutdown: &CancellationToken) -> an
 
 /// Opens the store on the database: SQLite, capped at `max_db_bytes` if
 /// given, with the threads to join once it is dropped; or PostgreSQL.
+///
+/// A PostgreSQL store opened under the server's `lock` records usage only
+/// while the server is the database's owner (see [`InstanceLock`]).
 async fn open_store(
     db: &Database,
     max_db_bytes: Option<u64>,
+    lock: Option<&DatabaseLock>,
 ) -> anyhow::Result<(Arc<dyn Store>, Option<StoreThreads>)> {
     match db {
         Database::Sqlite(path) => {
@@ -330,9 +348,12 @@ async fn open_store(
             Ok((Arc::new(store), Some(threads)))
         }
         Database::Postgres(url) => {
-            let store = PostgresStore::open(url.expose())
+            let mut store = PostgresStore::open(url.expose())
                 .await
                 .with_context(|| format!("cannot open the database {url}"))?;
+            if let Some(DatabaseLock::Postgres { lock }) = lock {
+                store = store.owned_by(lock);
+            }
             Ok((Arc::new(store), None))
         }
     }
@@ -413,7 +434,7 @@ pub async fn revoke_api_key(db: &Path, key: &str) -> anyhow::Result<()> {
 /// The store a command of the command line works on, beside a server that
 /// may be running on it.
 async fn open_for_command(db: &Path) -> anyhow::Result<(Arc<dyn Store>, Option<StoreThreads>)> {
-    open_store(&Database::parse(db).map_err(anyhow::Error::msg)?, None).await
+    open_store(&Database::parse(db).map_err(anyhow::Error::msg)?, None, None).await
 }
 
 /// Closes what [`open_for_command`] opened, waiting for SQLite's threads.

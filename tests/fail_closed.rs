@@ -1,6 +1,7 @@
 //! When usage cannot be written the server fails closed: open sessions are
 //! cut with 1011, new ones are refused with 503, and once writing works
-//! again everything recorded late is still in the ledger. Two faults are
+//! again everything recorded late is still in the ledger; a batch refused
+//! again and again is logged at its resends. Two faults are
 //! made here: a lock another process holds, on either backend, and a
 //! SQLite database grown past the server's cap. A database that turns
 //! read-only under a running server is not tested: tests may run as root,
@@ -58,6 +59,31 @@ async fn a_store_that_cannot_be_written_closes_sessions_and_refuses_new_ones_unt
     assert_eq!(reason.as_deref(), Some("internal"));
     assert!(closed.after > locked_at + 0.5, "closed before the busy timeout ran out");
     assert_near(charged as f64 / 1000.0, closed.after, 0.1);
+}
+
+#[tokio::test]
+async fn a_batch_the_store_keeps_refusing_is_logged_at_each_resend_with_its_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let process = binary::spawn(&db, &["--tick-ms", "100"], "info");
+    let api = Api::new(process.base.trim_start_matches("http://"), process.api_key());
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut client = api.connect(&token).await;
+
+    let blocker = lock::WriteLock::take(&Db::Sqlite(db.clone()));
+    let closed = client.until_closed().await;
+    assert_eq!(closed.code, Some(1011));
+    let refused = |line: &String| line.contains("sent again was refused");
+    let attempts = |n: u32| format!("attempts={n}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !process.stderr().iter().any(|line| refused(line) && line.contains(&attempts(1))) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", process.stderr());
+        sleep(Duration::from_millis(50)).await;
+    }
+    blocker.release();
+    wait_until_healthy(&api).await;
+    assert_ledger_identity(&Db::Sqlite(db.clone()));
+    drop(process);
 }
 
 /// The cap the full database is given, small enough to fill at once.

@@ -4,7 +4,8 @@
 //! on the URL (`postgresql://` too, and a libpq key=value string is
 //! refused); a second server on the same database is refused; a frozen
 //! database fails its calls in bounded time; a server that loses its lock
-//! closes its sessions until it has it again, or stops if another took it.
+//! closes its sessions and refuses chat completions until it has it again,
+//! or stops if another took it, charging nothing more once the other has.
 //! Skipped, saying so, without `TOLLGATE_TEST_POSTGRES` (see
 //! tests/common/postgres.rs).
 
@@ -394,4 +395,95 @@ async fn a_server_whose_lock_another_takes_meanwhile_closes_its_sessions_and_sto
     assert!(!status.success(), "{stderr:?}");
     let said = stderr.iter().any(|line| line.contains("another tollgate server took"));
     assert!(said, "{stderr:?}");
+}
+
+#[tokio::test]
+async fn a_server_that_has_lost_its_lock_refuses_chat_completions() {
+    let Some(server) = postgres::server("a_server_that_has_lost_its_lock_refuses_chat") else {
+        return;
+    };
+    let _cluster = CLUSTER.read().await;
+    let db = FreshDatabase::create(&server).await;
+    let process = binary::spawn(Path::new(&db.url), &["--tick-ms", "100"], "info");
+    let api = api_of(&process, &process.api_key());
+    let token = api.mint_seconds("ada", 30.0).await;
+    assert_eq!(chat(&api, &token).await.0, 200);
+
+    // The lock's connection breaks and no new one can be made, so the lock
+    // stays lost; the connections the server's pools hold still work.
+    let admin = admin_of(&db).await;
+    let (cluster, connection) =
+        tokio_postgres::connect(&server, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let allow = |allowed: bool| format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allowed}");
+    cluster.batch_execute(&allow(false)).await.unwrap();
+    let (pid, _) = lock_holder(&admin).await;
+    admin.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while healthz(&api).await != 503 {
+        assert!(tokio::time::Instant::now() < deadline, "/healthz never said the lock was lost");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (status, body) = chat(&api, &token).await;
+    assert_eq!((status.as_u16(), body["error"]["code"].as_str()), (503, Some("unavailable")));
+    let sql = "SELECT COUNT(*) FROM completions";
+    assert_eq!(admin.query_one(sql, &[]).await.unwrap().get::<_, i64>(0), 1, "{body}");
+    cluster.batch_execute(&allow(true)).await.unwrap();
+    drop(process);
+}
+
+/// Asks the echo model for a chat completion with `token`.
+async fn chat(api: &Api, token: &str) -> (reqwest::StatusCode, serde_json::Value) {
+    let body = json!({ "model": "echo", "messages": [{ "role": "user", "content": "hi" }] });
+    let request = api.http.post(api.url("/v1/chat/completions")).bearer_auth(token).json(&body);
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test]
+async fn a_server_another_has_taken_the_database_from_charges_nothing_more_and_stops() {
+    let Some(server) = postgres::server("a_server_another_has_taken_the_database_from") else {
+        return;
+    };
+    let _cluster = CLUSTER.read().await;
+    let db = FreshDatabase::create(&server).await;
+    let process = binary::spawn(Path::new(&db.url), &["--tick-ms", "100"], "info");
+    let api = api_of(&process, &process.api_key());
+    let token = api.mint_seconds("ada", 30.0).await;
+    let mut client = api.connect(&token).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Another server takes the lock as soon as it is let go, and writes its
+    // id as the owner; what the first had committed by then is all it may.
+    let admin = admin_of(&db).await;
+    let (pid, key) = lock_holder(&admin).await;
+    admin.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let sql = "SELECT pg_try_advisory_lock($1)";
+    while !admin.query_one(sql, &[&key]).await.unwrap().get::<_, bool>(0) {
+        assert!(tokio::time::Instant::now() < deadline, "the lock was never let go");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    admin.execute("UPDATE meter_clock SET owner = 42 WHERE id = 1", &[]).await.unwrap();
+    let written = what_was_written(&admin).await;
+
+    let closed = tokio::time::timeout(Duration::from_secs(10), client.until_closed()).await;
+    assert_eq!(closed.expect("the session stayed open").code, Some(1011));
+    let (status, stderr) = wait_for_exit(process).await;
+    assert!(!status.success(), "{stderr:?}");
+    assert!(stderr.iter().any(|line| line.contains("another tollgate server took")));
+    assert_eq!(what_was_written(&admin).await, written, "{stderr:?}");
+}
+
+/// The ledger's rows and sum, the last batch, and the sessions still open.
+async fn what_was_written(admin: &tokio_postgres::Client) -> (i64, i64, Option<i64>, i64) {
+    let sql = "SELECT (SELECT COUNT(*) FROM ledger),
+                      (SELECT COALESCE(SUM(amount), 0)::BIGINT FROM ledger),
+                      (SELECT last_batch FROM meter_clock),
+                      (SELECT COUNT(*) FROM sessions WHERE ended_at IS NULL)";
+    let row = admin.query_one(sql, &[]).await.unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3))
 }

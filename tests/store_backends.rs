@@ -13,7 +13,7 @@ use common::postgres::{self, FreshDatabase};
 use tollgate::close::EndReason;
 use tollgate::limits::{ChangeMode, Limit, LimitType, SessionKind};
 use tollgate::secret::{Secret, SecretKind};
-use tollgate::store::postgres::PostgresStore;
+use tollgate::store::postgres::{InstanceLock, PostgresStore, Retaken};
 use tollgate::store::sqlite::SqliteStore;
 use tollgate::store::{
     Admission, AttemptOutcome, BatchId, Charge, CompletionAdmission, CompletionEnd,
@@ -645,6 +645,77 @@ async fn on_postgres_a_dropped_connection_is_replaced_and_a_refusing_database_is
     for _ in 0..2 {
         let refused = store.has_projects().await;
         assert!(matches!(refused, Err(StoreError::Unavailable(_))), "{refused:?}");
+    }
+}
+
+#[tokio::test]
+async fn on_postgres_a_server_that_lost_its_lock_to_another_records_nothing_more() {
+    let Some(server) = postgres::server("on_postgres_a_server_that_lost_its_lock") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let mut lock_a = InstanceLock::take(&db.url).await.unwrap();
+    let store_a = PostgresStore::open(&db.url).await.unwrap().owned_by(&lock_a);
+    let b = Backend { name: "postgres", store: Arc::new(store_a), rows: Rows::Postgres { db } };
+    let project = b.project("acme").await;
+    let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
+    let session = b.admitted(human, token, "s1").await;
+    let charge = |amount| Charge { session, human, limit_type: CONVERSATIONAL, amount };
+    let batch = |charges, ends| UsageBatch { id: Some(BatchId::random()), charges, ends };
+    b.store.record_usage(batch(vec![charge(1_000)], vec![]), NOW + 1_000).await.unwrap();
+    // A tick of the meter's clock alone: the session was not due.
+    b.store.record_usage(batch(vec![], vec![]), NOW + 31_000).await.unwrap();
+
+    // A loses its lock; B takes it and closes A's session as abandoned,
+    // charging it up to the clock.
+    let Rows::Postgres { db } = &b.rows else { unreachable!() };
+    terminate_lock_holder(&server, db).await;
+    lock_a.lost().await;
+    let lock_b = take_when_free(&db.url).await;
+    let store_b = PostgresStore::open(&db.url).await.unwrap().owned_by(&lock_b);
+    assert_eq!(store_b.close_abandoned_sessions().await.unwrap(), 1);
+
+    // A's next batch, charging the same half minute, changes nothing.
+    let end = SessionEnd { session, reason: EndReason::Internal };
+    let late = b.store.record_usage(batch(vec![charge(30_000)], vec![end]), NOW + 31_000).await;
+    assert!(matches!(late, Err(StoreError::Superseded)), "{late:?}");
+    assert_eq!(b.store.limits(human).await.unwrap(), vec![seconds(29)]);
+    let filter = SessionFilter { project, human: None, state: None };
+    let listed = b.store.sessions(filter, Page { after: None, limit: 10 }).await.unwrap();
+    let row = &listed.unwrap().rows[0];
+    assert_eq!((row.charged, row.end_reason.as_deref()), (31_000, Some("server_restart")));
+    b.assert_ledger_identity().await;
+
+    // Nor may A take the lock back once B has let it go.
+    assert!(matches!(lock_a.take_again().await, Ok(Retaken::Refused)));
+    drop(lock_b);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !matches!(lock_a.take_again().await, Ok(Retaken::Superseded)) {
+        assert!(std::time::Instant::now() < deadline, "A took the lock back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Ends the connection holding the database's lock.
+async fn terminate_lock_holder(server: &str, db: &FreshDatabase) {
+    let (admin, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let terminate = "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+                     JOIN pg_database d ON d.oid = l.database
+                     WHERE l.locktype = 'advisory' AND l.granted AND d.datname = $1";
+    assert_eq!(admin.execute(terminate, &[&name]).await.unwrap(), 1);
+}
+
+/// The database's lock, taken as soon as the server has let go of it.
+async fn take_when_free(url: &str) -> InstanceLock {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match InstanceLock::take(url).await {
+            Ok(lock) => return lock,
+            Err(error) => assert!(std::time::Instant::now() < deadline, "{error:#}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

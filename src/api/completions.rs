@@ -20,6 +20,7 @@ pub async fn chat(
     let (mut parts, body) = request.into_parts();
     let Ok(peer) = Peer::from_request_parts(&mut parts, &state).await;
     let caller = caller(&state, peer, &parts.headers).await?;
+    state.check_recording()?;
     let limit = state.llm.max_request_bytes();
     let body = to_bytes(body, limit).await.map_err(|_| {
         let message =

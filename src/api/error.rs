@@ -117,7 +117,7 @@ impl From<StoreError> for ApiError {
                 "value: would take {} below -1e12",
                 limit_type.as_str()
             )),
-            StoreError::Unavailable(_) | StoreError::Full => {
+            StoreError::Unavailable(_) | StoreError::Full | StoreError::Superseded => {
                 error!(error = %error, "store unavailable");
                 ApiError::Unavailable("the store is unavailable right now; try again later")
             }
@@ -207,7 +207,7 @@ impl OpenAiError {
                 }
                 LlmError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
                 LlmError::Store(store) => match store {
-                    StoreError::Unavailable(_) | StoreError::Full => {
+                    StoreError::Unavailable(_) | StoreError::Full | StoreError::Superseded => {
                         (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)
                     }
                     _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
@@ -259,7 +259,7 @@ fn openai_response(error: OpenAiError) -> Response {
         OpenAiError::Llm(LlmError::Store(cause)) => {
             error!(error = %cause, "request failed");
             match cause {
-                StoreError::Unavailable(_) | StoreError::Full => {
+                StoreError::Unavailable(_) | StoreError::Full | StoreError::Superseded => {
                     "usage cannot be recorded right now; try again later"
                 }
                 _ => "internal error",

@@ -63,6 +63,18 @@ pub struct AppState {
     pub auth_failures: Arc<AuthFailures>,
 }
 
+impl AppState {
+    /// Fails while usage cannot be recorded (a failed commit, the
+    /// database's lock lost or taken by another server, the meter gone) or
+    /// the server is shutting down: what would use anything is refused.
+    pub fn check_recording(&self) -> Result<(), ApiError> {
+        if self.health.is_recording() && self.meter.is_running() && !self.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        Err(ApiError::Unavailable("usage cannot be recorded right now; try again later"))
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/usage/token", post(tokens::create).put(tokens::change_limits))

@@ -178,9 +178,7 @@ async fn admit(
     kind: SessionKind,
     token: Option<i64>,
 ) -> Result<Admitted, ApiError> {
-    if !state.health.is_recording() || !state.meter.is_running() || state.shutdown.is_cancelled() {
-        return Err(ApiError::Unavailable("usage cannot be recorded right now; try again later"));
-    }
+    state.check_recording()?;
     let public_id = session_id();
     let session = NewSession {
         human: human.id,

@@ -52,8 +52,9 @@ pub struct MeterSettings {
 }
 
 /// Whether usage can be recorded: the last commit succeeded (cleared when
-/// one fails, set again by the next that succeeds), and the server holds
-/// the database's lock (see [`Health::set_exclusive`]). Admission refuses
+/// one fails, set again by the next that succeeds), the server holds the
+/// database's lock (see [`Health::set_exclusive`]), and no other server has
+/// taken the database over (see [`Health::supersede`]). Admission refuses
 /// new sessions meanwhile.
 #[derive(Debug)]
 pub struct Health {
@@ -62,16 +63,34 @@ pub struct Health {
     /// How many times the lock was lost: a loss closes the sessions even
     /// when the lock is held again before the meter's next tick.
     losses: AtomicU64,
+    superseded: watch::Sender<bool>,
 }
 
 impl Health {
     pub fn new() -> Arc<Health> {
         let (recording, exclusive) = (AtomicBool::new(true), AtomicBool::new(true));
-        Arc::new(Health { recording, exclusive, losses: AtomicU64::new(0) })
+        let superseded = watch::Sender::new(false);
+        Arc::new(Health { recording, exclusive, losses: AtomicU64::new(0), superseded })
     }
 
     pub fn is_recording(&self) -> bool {
-        self.commits() && self.is_exclusive()
+        self.commits() && self.is_exclusive() && !self.is_superseded()
+    }
+
+    /// Says that another server has taken the database over: this one
+    /// records nothing more, and stops (see [`Health::superseded`]).
+    pub fn supersede(&self) {
+        self.superseded.send_replace(true);
+    }
+
+    /// Whether another server has taken the database over.
+    pub fn is_superseded(&self) -> bool {
+        *self.superseded.borrow()
+    }
+
+    /// Resolves once another server has taken the database over.
+    pub async fn superseded(&self) {
+        let _ = self.superseded.subscribe().wait_for(|superseded| *superseded).await;
     }
 
     /// Whether this server holds the database's lock.

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::time::{DelayQueue, delay_queue};
-use tracing::{Span, debug, error, info};
+use tracing::{Span, debug, error, info, warn};
 
 use super::figures::{self, Told, UsageEvents};
 use super::{Command, Health, MeterSettings, Registration, SessionUpdate, pool};
@@ -113,10 +113,47 @@ type Charged = Vec<(SessionKey, i64)>;
 /// has applied it answers without applying it twice. Meanwhile its charges
 /// count as recorded for the sessions (later charges start where it ends)
 /// and as unrecorded for their pools.
+///
+/// A batch the database keeps refusing, for a reason waiting does not mend
+/// (a row it will not take), blocks every later one: the meter sends it
+/// again at each commit and records nothing else, every session closed and
+/// new ones refused, until the database takes it or the server restarts.
+/// Each refusal is logged with the number of attempts, at most once every
+/// [`RESEND_WARN_EVERY`].
 struct Unsettled {
     batch: UsageBatch,
     wall: UnixMillis,
     ending: Vec<Ending>,
+    /// How many times it has been sent again.
+    resent: u64,
+    /// When a refusal of it was last logged.
+    warned_at: Option<Instant>,
+}
+
+/// How often, at most, a refusal of the unsettled batch is logged: every
+/// commit sends it again, several a second at the shortest tick.
+const RESEND_WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl Unsettled {
+    fn new(batch: UsageBatch, wall: UnixMillis, ending: Vec<Ending>) -> Unsettled {
+        Unsettled { batch, wall, ending, resent: 0, warned_at: None }
+    }
+
+    /// Counts a refused resend, and logs it unless one was logged within
+    /// [`RESEND_WARN_EVERY`].
+    fn refused(&mut self, err: &StoreError) {
+        self.resent += 1;
+        let now = Instant::now();
+        if self.warned_at.is_some_and(|at| now.duration_since(at) < RESEND_WARN_EVERY) {
+            return;
+        }
+        self.warned_at = Some(now);
+        warn!(
+            attempts = self.resent,
+            error = %err,
+            "a usage batch sent again was refused; nothing later is recorded until it is taken"
+        );
+    }
 }
 
 /// Pools that ran dry while a commit waited for the store, and when.
@@ -519,6 +556,10 @@ impl Meter {
     /// As [`Meter::commit`]; with `always`, the transaction goes to the
     /// store even with nothing in it but the meter's clock.
     async fn commit_with(&mut self, keys: Vec<SessionKey>, always: bool) -> bool {
+        if self.health.is_superseded() {
+            self.drop_unrecorded();
+            return false;
+        }
         if !self.resend_unsettled().await {
             return false;
         }
@@ -541,11 +582,15 @@ impl Meter {
                 self.committed(charged, ending, recorded, dry);
                 true
             }
+            Err(StoreError::Superseded) => {
+                self.superseded();
+                false
+            }
             Err(err) => {
                 for (key, amount) in charged {
                     self.recorded_charge(key, amount);
                 }
-                self.unsettled = Some(Unsettled { batch, wall, ending });
+                self.unsettled = Some(Unsettled::new(batch, wall, ending));
                 self.cut_off_all(dry);
                 self.fail_closed(err);
                 false
@@ -556,7 +601,7 @@ impl Meter {
     /// Sends the unsettled batch again, if there is one, and acts on the
     /// store's answer as on a commit's. Returns whether the store took it.
     async fn resend_unsettled(&mut self) -> bool {
-        let Some(unsettled) = self.unsettled.take() else {
+        let Some(mut unsettled) = self.unsettled.take() else {
             return true;
         };
         self.in_flight = unsettled.batch.charges.clone();
@@ -568,13 +613,42 @@ impl Meter {
                 self.committed(Vec::new(), unsettled.ending, recorded, dry);
                 true
             }
+            Err(StoreError::Superseded) => {
+                self.superseded();
+                false
+            }
             Err(err) => {
+                unsettled.refused(&err);
                 self.unsettled = Some(unsettled);
                 self.cut_off_all(dry);
                 self.fail_closed(err);
                 false
             }
         }
+    }
+
+    /// Another server has taken the database over (see
+    /// [`Health::supersede`]): it has charged this one's open sessions up
+    /// to the meter's clock and ended them, or will, so nothing of theirs
+    /// is recorded here any more. Every session is closed and what was
+    /// waiting to be recorded is dropped.
+    fn superseded(&mut self) {
+        if !self.health.is_superseded() {
+            error!("another server has taken over the database; recording nothing more");
+            self.health.supersede();
+        }
+        self.drop_unrecorded();
+    }
+
+    /// Closes every session and forgets what was to be recorded.
+    fn drop_unrecorded(&mut self) {
+        let now = Instant::now();
+        for key in self.open_keys() {
+            self.end_and_close(key, now, EndReason::Internal);
+        }
+        self.ending.iter().for_each(Ending::close_session);
+        self.ending.clear();
+        self.unsettled = None;
     }
 
     /// Charges for the open sessions `keys` from their last commit to `now`.

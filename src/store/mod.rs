@@ -547,6 +547,11 @@ pub enum StoreError {
     BalanceFloor(LimitType),
     #[error("the store's writer has stopped")]
     Closed,
+    /// Another server has taken over the database since this one took it
+    /// (PostgreSQL only): this one may no longer record usage, now or
+    /// later, and does not try again.
+    #[error("another server has taken over the database")]
+    Superseded,
     #[error("store error: {0}")]
     Other(String),
 }

@@ -110,6 +110,11 @@ pub struct PostgresStore {
     pool: Pool,
     /// The meter's: see [`METER_POOL_SIZE`].
     meter_pool: Pool,
+    /// The id a usage batch must find as the database's owner to be
+    /// applied: this server's (see [`InstanceLock`]), or none for a store
+    /// opened without the lock, which records usage only in a database no
+    /// server has taken.
+    owner: Option<i64>,
 }
 
 impl PostgresStore {
@@ -120,11 +125,19 @@ impl PostgresStore {
         let (config, tls) = connection_config(url)?;
         let pool = pool_of(config.clone(), tls.clone(), POOL_SIZE)?;
         let meter_pool = pool_of(config, tls, METER_POOL_SIZE)?;
-        let store = PostgresStore { pool, meter_pool };
+        let store = PostgresStore { pool, meter_pool, owner: None };
         let mut client = store.pool.get().await.context("cannot connect to PostgreSQL")?;
         let migrating = tokio::time::timeout(CALL_LIMIT * 4, migrate(&mut client));
         migrating.await.context("PostgreSQL did not answer while the schema was checked")??;
         Ok(store)
+    }
+}
+
+impl PostgresStore {
+    /// The same store, recording usage only while `lock`'s server is the
+    /// database's owner.
+    pub fn owned_by(self, lock: &InstanceLock) -> PostgresStore {
+        PostgresStore { owner: Some(lock.owner), ..self }
     }
 }
 
@@ -217,7 +230,7 @@ fn with_timeouts(options: Option<&str>) -> String {
 /// an advisory lock, so that a second server starting at the same moment
 /// waits and then finds the schema there. A database of another version is
 /// refused: there are no PostgreSQL upgrade scripts yet.
-async fn migrate(client: &mut deadpool_postgres::Client) -> anyhow::Result<()> {
+async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK]).await?;
     let exists: bool =
@@ -235,13 +248,26 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> anyhow::Result<()> {
     let version: Option<i64> =
         tx.query_one("SELECT MAX(version) FROM schema_version", &[]).await?.get(0);
     match version {
-        Some(SCHEMA_VERSION) => Ok(()),
+        Some(SCHEMA_VERSION) => add_owner(tx).await,
         None => anyhow::bail!("the database has a schema_version table with no version in it"),
         Some(version) => anyhow::bail!(
             "the database has schema version {version}, and this build of Tollgate only \
              knows version {SCHEMA_VERSION} on PostgreSQL"
         ),
     }
+}
+
+/// Adds `meter_clock.owner` to a database of version 4 made before it
+/// was there, within `tx`, which holds the schema's lock.
+async fn add_owner(tx: tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
+    let sql = "SELECT 1 FROM information_schema.columns
+               WHERE table_name = 'meter_clock' AND column_name = 'owner'
+                 AND table_schema = current_schema()";
+    if tx.query_opt(sql, &[]).await?.is_none() {
+        tx.execute("ALTER TABLE meter_clock ADD COLUMN owner BIGINT", &[]).await?;
+        tx.commit().await?;
+    }
+    Ok(())
 }
 
 /// The database's lock for one server: a session-level advisory lock on a
@@ -253,10 +279,20 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> anyhow::Result<()> {
 /// as a second one on the same SQLite file is. If the connection breaks,
 /// the lock goes with it: [`InstanceLock::lost`] says so, and
 /// [`InstanceLock::take_again`] tries to get it back.
+///
+/// The lock alone does not keep a server that lost it from writing: its
+/// pools' connections may still work, and another server may have taken
+/// the lock meanwhile. So the server taking it writes its own random id,
+/// on the lock's connection, into `meter_clock.owner`, and every usage
+/// batch of its store ([`PostgresStore::owned_by`]) is applied only while
+/// the id there is still its own. The id is the same for the whole run: a
+/// new one at each retake would leave a batch in flight checked against
+/// the other of two ids, both this server's, and would tell nothing more.
 pub struct InstanceLock {
     config: Config,
     tls: MakeRustlsConnect,
-    _client: tokio_postgres::Client,
+    owner: i64,
+    client: tokio_postgres::Client,
     /// The task driving the connection; `None` once it has ended.
     connection: Option<tokio::task::JoinHandle<()>>,
 }
@@ -266,15 +302,40 @@ pub enum Retaken {
     Held,
     /// Another server holds it now.
     Refused,
+    /// Another server took it while this one had lost it, and may have
+    /// closed this one's sessions as abandoned; it is not held.
+    Superseded,
 }
 
 impl InstanceLock {
-    /// Takes the lock, or fails at once if another server holds it.
+    /// Takes the lock, or fails at once if another server holds it; then
+    /// applies the schema to an empty database, and writes a new owner id
+    /// (see above) over whatever run had it before.
     pub async fn take(url: &str) -> anyhow::Result<InstanceLock> {
         let (config, tls) = connection_config(url)?;
-        let taking = tokio::time::timeout(CALL_LIMIT, InstanceLock::try_take(config, tls));
+        let owner = rand::random();
+        let taking = tokio::time::timeout(CALL_LIMIT, InstanceLock::try_take(config, tls, owner));
         let taken = taking.await.context("PostgreSQL did not answer while its lock was taken")?;
-        taken?.context("another tollgate server is already using this PostgreSQL database")
+        let mut lock =
+            taken?.context("another tollgate server is already using this PostgreSQL database")?;
+        let claiming = tokio::time::timeout(CALL_LIMIT * 4, lock.claim());
+        claiming.await.context("PostgreSQL did not answer while the lock was claimed")??;
+        Ok(lock)
+    }
+
+    /// Writes this server's id as the database's owner.
+    async fn claim(&mut self) -> anyhow::Result<()> {
+        migrate(&mut self.client).await?;
+        let sql = "UPDATE meter_clock SET owner = $1 WHERE id = 1";
+        self.client.execute(sql, &[&self.owner]).await?;
+        Ok(())
+    }
+
+    /// Whether the database's owner is still this server, written again to
+    /// wait for a batch in progress (see `is_repeat` in usage.rs).
+    async fn still_owner(&self) -> anyhow::Result<bool> {
+        let sql = "UPDATE meter_clock SET owner = $1 WHERE id = 1 AND owner = $1";
+        Ok(self.client.execute(sql, &[&self.owner]).await? == 1)
     }
 
     /// Resolves once the connection holding the lock has ended, and the
@@ -286,25 +347,31 @@ impl InstanceLock {
         }
     }
 
-    /// Tries once, on a new connection, to take the lost lock again.
-    /// Fails when the database cannot be reached.
+    /// Tries once, on a new connection, to take the lost lock again, and
+    /// keeps it only if the database's owner is still this server. Fails
+    /// when the database cannot be reached.
     pub async fn take_again(&mut self) -> anyhow::Result<Retaken> {
-        let again = InstanceLock::try_take(self.config.clone(), self.tls.clone());
-        let taking = tokio::time::timeout(CALL_LIMIT, again);
-        let taken = taking.await.context("PostgreSQL did not answer while its lock was taken")?;
-        match taken? {
-            Some(lock) => {
-                *self = lock;
-                Ok(Retaken::Held)
+        let again = async {
+            let config = self.config.clone();
+            let Some(lock) = InstanceLock::try_take(config, self.tls.clone(), self.owner).await?
+            else {
+                return Ok(Retaken::Refused);
+            };
+            if !lock.still_owner().await? {
+                return Ok(Retaken::Superseded);
             }
-            None => Ok(Retaken::Refused),
-        }
+            *self = lock;
+            Ok(Retaken::Held)
+        };
+        let taking = tokio::time::timeout(CALL_LIMIT, again);
+        taking.await.context("PostgreSQL did not answer while its lock was taken")?
     }
 
     /// The lock, or `None` if another server holds it.
     async fn try_take(
         config: Config,
         tls: MakeRustlsConnect,
+        owner: i64,
     ) -> anyhow::Result<Option<InstanceLock>> {
         let (client, connection) =
             config.connect(tls.clone()).await.context("cannot connect to PostgreSQL")?;
@@ -316,7 +383,7 @@ impl InstanceLock {
         let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&INSTANCE_LOCK]).await?;
         let taken = row.get::<_, bool>(0);
         let connection = Some(connection);
-        Ok(taken.then(|| InstanceLock { config, tls, _client: client, connection }))
+        Ok(taken.then(|| InstanceLock { config, tls, owner, client, connection }))
     }
 }
 
@@ -510,7 +577,8 @@ impl Store for PostgresStore {
     }
 
     async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {
-        bounded!(&self.meter_pool, |client| usage::record(&mut client, batch, now).await)
+        let owner = self.owner;
+        bounded!(&self.meter_pool, |client| usage::record(&mut client, batch, now, owner).await)
     }
 
     async fn close_abandoned_sessions(&self) -> StoreResult<u64> {

@@ -104,30 +104,42 @@ async fn advance_clock(
 }
 
 /// Whether `batch` is the last one committed, sent again because its
-/// commit's answer was lost. The clock's row is locked first, before any
-/// pool (nothing else locks it): a first attempt whose connection this side
-/// has given up on may still be running on the server, and is then waited
-/// for, its id read once it has committed or rolled back, rather than both
-/// attempts applying the batch.
-async fn is_repeat(db: &impl GenericClient, batch: Option<BatchId>) -> StoreResult<bool> {
-    let Some(id) = batch else {
-        return Ok(false);
-    };
-    let sql = "SELECT last_batch FROM meter_clock WHERE id = 1 FOR UPDATE";
-    let last: Option<i64> = one(db, sql, &[]).await?.get(0);
-    Ok(last == Some(id.0))
+/// commit's answer was lost; fails with [`StoreError::Superseded`] if the
+/// database's owner (see `meter_clock` in schema.postgres.sql) is not
+/// `owner`, another server having taken the database since. The clock's
+/// row is locked first, before any pool (nothing else locks it): a first
+/// attempt whose connection this side has given up on may still be running
+/// on the server, and is then waited for, its id read once it has
+/// committed or rolled back, rather than both attempts applying the batch;
+/// and a server taking the lock writes its id into the row, so that it
+/// waits for a batch in progress and every later batch sees the new owner.
+async fn is_repeat(
+    db: &impl GenericClient,
+    batch: Option<BatchId>,
+    owner: Option<i64>,
+) -> StoreResult<bool> {
+    let sql = "SELECT last_batch, owner FROM meter_clock WHERE id = 1 FOR UPDATE";
+    let row = one(db, sql, &[]).await?;
+    if row.get::<_, Option<i64>>(1) != owner {
+        return Err(StoreError::Superseded);
+    }
+    let last: Option<i64> = row.get(0);
+    Ok(batch.is_some_and(|id| last == Some(id.0)))
 }
 
 /// Applies one batch in one transaction, its pools locked in lock order,
 /// or answers a repeat of the last one committed without applying it again
-/// (see [`UsageBatch::id`]).
+/// (see [`UsageBatch::id`]). Applies nothing unless the database's owner is
+/// `owner` (see [`is_repeat`]).
 pub async fn record(
     client: &mut Client,
     batch: UsageBatch,
     now: UnixMillis,
+    owner: Option<i64>,
 ) -> StoreResult<UsageRecorded> {
     let tx = client.transaction().await?;
-    let batch = if is_repeat(&tx, batch.id).await? { batch.as_repeated() } else { batch };
+    let repeat = is_repeat(&tx, batch.id, owner).await?;
+    let batch = if repeat { batch.as_repeated() } else { batch };
     let mut recorded = UsageRecorded::default();
     // Every pool is locked first, in lock order, by one statement; then the
     // pools are charged at once, their statements pipelined on the
