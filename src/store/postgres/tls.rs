@@ -9,8 +9,9 @@
 //! to. Under `prefer` and `require` the certificate is checked as under
 //! `verify-ca` when `sslrootcert` names a CA, and not at all otherwise.
 //! The CA is the PEM file `sslrootcert` names, or the system's roots when
-//! it is `system` or not given (libpq would read `~/.postgresql/root.crt`
-//! then).
+//! it is not given (libpq would read `~/.postgresql/root.crt` then). With
+//! `sslrootcert=system`, the system's roots, the mode is `verify-full`,
+//! and any other is refused, as libpq 16 and later refuse it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,6 +38,17 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode's name in a URL.
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Disable => "disable",
+            Mode::Prefer => "prefer",
+            Mode::Require => "require",
+            Mode::VerifyCa => "verify-ca",
+            Mode::VerifyFull => "verify-full",
+        }
+    }
+
     fn parse(value: &str) -> Result<Mode, String> {
         Ok(match value {
             "disable" => Mode::Disable,
@@ -72,6 +84,17 @@ impl Roots {
             path => Some(Roots::File(PathBuf::from(path))),
         }
     }
+}
+
+/// Why `mode` is refused with `sslrootcert=system`, as libpq 16 and later
+/// refuse it: the system's roots sign certificates for names of every
+/// kind, so only the check of the name makes one the database's.
+fn weak_with_system(mode: Mode) -> String {
+    format!(
+        "sslmode={} may not be used with sslrootcert=system: use sslmode=verify-full \
+         (the default with sslrootcert=system), or name the CA's file in sslrootcert",
+        mode.name()
+    )
 }
 
 /// The TLS settings of a URL.
@@ -128,7 +151,14 @@ fn decode(value: &str) -> Result<String, String> {
 impl Tls {
     /// The settings `sslmode` (if given) and `sslrootcert` make together.
     fn new(mode: Option<Mode>, roots: Option<Roots>) -> Result<Tls, String> {
-        Ok(Tls { mode: mode.unwrap_or(Mode::Prefer), roots })
+        let mode = match (mode, &roots) {
+            (None, Some(Roots::System)) => Mode::VerifyFull,
+            (Some(weak), Some(Roots::System)) if weak != Mode::VerifyFull => {
+                return Err(weak_with_system(weak));
+            }
+            (mode, _) => mode.unwrap_or(Mode::Prefer),
+        };
+        Ok(Tls { mode, roots })
     }
 
     /// What tokio-postgres is to ask the server for.
@@ -291,9 +321,25 @@ mod tests {
         assert_eq!((rest.as_str(), tls.mode), ("postgres://db/x", Mode::VerifyCa));
         let (_, tls) = split("postgres://db/x").unwrap();
         assert_eq!((tls.mode, tls.roots), (Mode::Prefer, None));
-        let (_, tls) = split("postgres://db/x?sslmode=require&sslrootcert=system").unwrap();
+        let (_, tls) = split("postgres://db/x?sslmode=require&sslrootcert=%2Fca.pem").unwrap();
         assert_eq!(tls.negotiation(), SslMode::Require);
-        assert_eq!((tls.mode, tls.roots), (Mode::Require, Some(Roots::System)));
+        assert_eq!((tls.mode, tls.roots), (Mode::Require, Some(Roots::File("/ca.pem".into()))));
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full_and_refuses_every_weaker_sslmode() {
+        let (rest, tls) = split("postgres://db/x?sslrootcert=system").unwrap();
+        assert_eq!(rest, "postgres://db/x");
+        assert_eq!((tls.mode, tls.roots), (Mode::VerifyFull, Some(Roots::System)));
+        let (_, tls) = split("postgres://db/x?sslrootcert=system&sslmode=verify-full").unwrap();
+        assert_eq!(tls.mode, Mode::VerifyFull);
+
+        for mode in ["disable", "prefer", "require", "verify-ca"] {
+            let url = format!("postgres://db/x?sslmode={mode}&sslrootcert=system");
+            let error = split(&url).unwrap_err();
+            assert!(error.starts_with(&format!("sslmode={mode} may not")), "{error}");
+            assert!(error.contains("use sslmode=verify-full"), "{error}");
+        }
     }
 
     #[test]
