@@ -844,8 +844,9 @@ async fn on_postgres_each_sslmode_connects_as_libpq_would() {
 
     // The certificate names localhost, not 127.0.0.1; another CA, named
     // under prefer or require, is checked as libpq checks it; the system's
-    // roots never signed it, and with them only verify-full is taken; and
-    // a CA file that is not there is said to be.
+    // roots never signed it, and with them only verify-full is taken; the
+    // verifying modes want the CA named; and a CA file that is not there
+    // is said to be.
     let other_ca = other_ca_file();
     let other_ca = other_ca.path().display();
     let refused = [
@@ -855,6 +856,8 @@ async fn on_postgres_each_sslmode_connects_as_libpq_would() {
         ("localhost", "sslrootcert=system".into(), "certificate"),
         ("localhost", "sslmode=require&sslrootcert=system".into(), "sslrootcert=system"),
         ("localhost", "sslmode=verify-ca&sslrootcert=system".into(), "sslrootcert=system"),
+        ("localhost", "sslmode=verify-ca".into(), "sslrootcert=/path/to/ca.pem"),
+        ("localhost", "sslmode=verify-full".into(), "sslrootcert=/path/to/ca.pem"),
         ("localhost", "sslmode=verify-full&sslrootcert=/nowhere.pem".into(), "/nowhere.pem"),
     ];
     for (host, query, said) in refused {

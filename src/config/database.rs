@@ -235,4 +235,18 @@ mod tests {
         let error = parse("postgres://ada@db/x?sslmode=allow").unwrap_err();
         assert!(error.starts_with("db (--db): sslmode"), "{error}");
     }
+
+    #[test]
+    fn tls_settings_that_would_check_less_than_libpq_are_refused_at_start_up() {
+        for query in
+            ["sslmode=require&sslrootcert=system", "sslmode=verify-ca", "sslmode=verify-full"]
+        {
+            let error = parse(&format!("postgres://ada@db/x?{query}")).unwrap_err();
+            assert!(error.starts_with("db (--db): sslmode="), "{query}: {error}");
+        }
+        assert!(matches!(
+            parse("postgres://ada@db/x?sslrootcert=system"),
+            Ok(Database::Postgres(_))
+        ));
+    }
 }

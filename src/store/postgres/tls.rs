@@ -8,10 +8,20 @@
 //! certificate, and `verify-full` that it also names the host connected
 //! to. Under `prefer` and `require` the certificate is checked as under
 //! `verify-ca` when `sslrootcert` names a CA, and not at all otherwise.
-//! The CA is the PEM file `sslrootcert` names, or the system's roots when
-//! it is not given (libpq would read `~/.postgresql/root.crt` then). With
-//! `sslrootcert=system`, the system's roots, the mode is `verify-full`,
-//! and any other is refused, as libpq 16 and later refuse it.
+//! The CA is the PEM file `sslrootcert` names, which must be readable
+//! whatever the mode (libpq skips the check under `prefer` and `require`
+//! when it is not there). With `sslrootcert=system`, the system's roots,
+//! the mode is `verify-full`, and any other is refused, as libpq 16 and
+//! later refuse it. `verify-ca` and `verify-full` without `sslrootcert`
+//! are refused: libpq would read `~/.postgresql/root.crt`, which is not
+//! read here.
+//!
+//! `~/.postgresql/root.crt` and `root.crl` are never read, nor libpq's
+//! `PGSSLMODE` and `PGSSLROOTCERT`: where libpq would check a certificate
+//! against that file under `prefer` or `require` without `sslrootcert`,
+//! the certificate is taken unchecked here, so name the CA in the URL.
+//! Under `prefer`, a certificate that fails its check fails the
+//! connection, where libpq would try again without TLS.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -97,6 +107,22 @@ fn weak_with_system(mode: Mode) -> String {
     )
 }
 
+/// Why `mode` is refused without `sslrootcert`. libpq would read
+/// `~/.postgresql/root.crt` then, and fail without it; that file is not
+/// read here (libpq finds the home directory differently from version to
+/// version, and reads `root.crl` beside it), so the CA must be named.
+fn verify_without_roots(mode: Mode) -> String {
+    let instead = match mode {
+        Mode::VerifyCa => "or use sslmode=verify-full with sslrootcert=system",
+        _ => "or sslrootcert=system for the system's roots",
+    };
+    format!(
+        "sslmode={} needs the CA named: sslrootcert=/path/to/ca.pem, its PEM file, {instead} \
+         (~/.postgresql/root.crt, which libpq would read, is not)",
+        mode.name()
+    )
+}
+
 /// The TLS settings of a URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tls {
@@ -156,6 +182,9 @@ impl Tls {
             (Some(weak), Some(Roots::System)) if weak != Mode::VerifyFull => {
                 return Err(weak_with_system(weak));
             }
+            (Some(mode @ (Mode::VerifyCa | Mode::VerifyFull)), None) => {
+                return Err(verify_without_roots(mode));
+            }
             (mode, _) => mode.unwrap_or(Mode::Prefer),
         };
         Ok(Tls { mode, roots })
@@ -176,13 +205,11 @@ impl Tls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         // A CA named under prefer or require is checked as under
         // verify-ca, as libpq checks it.
-        let roots = self.roots.as_ref();
-        let verifier: Arc<dyn ServerCertVerifier> = match (self.mode, roots) {
-            (Mode::Disable, _) | (Mode::Prefer | Mode::Require, None) => {
-                Arc::new(Unchecked(provider.clone()))
-            }
-            (Mode::VerifyFull, _) => webpki(roots, &provider)?,
-            _ => Arc::new(ChainOnly(webpki(roots, &provider)?)),
+        // Only prefer and require come without a CA (see `Tls::new`).
+        let verifier: Arc<dyn ServerCertVerifier> = match (self.mode, &self.roots) {
+            (Mode::Disable, _) | (_, None) => Arc::new(Unchecked(provider.clone())),
+            (Mode::VerifyFull, Some(roots)) => webpki(roots, &provider)?,
+            (_, Some(roots)) => Arc::new(ChainOnly(webpki(roots, &provider)?)),
         };
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -194,16 +221,15 @@ impl Tls {
     }
 }
 
-/// rustls's own check of chain and name, against `roots` (the system's
-/// when none is named).
+/// rustls's own check of chain and name, against `roots`.
 fn webpki(
-    roots: Option<&Roots>,
+    roots: &Roots,
     provider: &Arc<CryptoProvider>,
 ) -> anyhow::Result<Arc<WebPkiServerVerifier>> {
     let mut store = RootCertStore::empty();
     match roots {
-        Some(Roots::File(path)) => crate::upstream::add_ca_file(&mut store, path)?,
-        Some(Roots::System) | None => {
+        Roots::File(path) => crate::upstream::add_ca_file(&mut store, path)?,
+        Roots::System => {
             store.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
         }
     }
@@ -317,7 +343,7 @@ mod tests {
         assert_eq!(tls.mode, Mode::VerifyFull);
         assert_eq!(tls.roots, Some(Roots::File(PathBuf::from("/etc/ca.pem"))));
 
-        let (rest, tls) = split("postgres://db/x?sslmode=verify-ca").unwrap();
+        let (rest, tls) = split("postgres://db/x?sslmode=verify-ca&sslrootcert=ca.pem").unwrap();
         assert_eq!((rest.as_str(), tls.mode), ("postgres://db/x", Mode::VerifyCa));
         let (_, tls) = split("postgres://db/x").unwrap();
         assert_eq!((tls.mode, tls.roots), (Mode::Prefer, None));
@@ -339,6 +365,21 @@ mod tests {
             let error = split(&url).unwrap_err();
             assert!(error.starts_with(&format!("sslmode={mode} may not")), "{error}");
             assert!(error.contains("use sslmode=verify-full"), "{error}");
+        }
+    }
+
+    #[test]
+    fn verify_ca_and_verify_full_without_sslrootcert_are_refused_and_the_ca_asked_for() {
+        for mode in ["verify-ca", "verify-full"] {
+            for url in [
+                format!("postgres://db/x?sslmode={mode}"),
+                format!("postgres://db/x?sslmode={mode}&sslrootcert="),
+            ] {
+                let error = split(&url).unwrap_err();
+                assert!(error.starts_with(&format!("sslmode={mode} needs")), "{error}");
+                assert!(error.contains("sslrootcert=/path/to/ca.pem"), "{error}");
+                assert!(error.contains("sslrootcert=system"), "{error}");
+            }
         }
     }
 
