@@ -874,6 +874,18 @@ async fn tls_of_connections(server: &str, host: &str, query: &str) -> anyhow::Re
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
+/// A PEM file holding a CA of its own, which signed nothing the test
+/// server shows.
+fn other_ca_file() -> tempfile::NamedTempFile {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&key).unwrap();
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, ca.pem().as_bytes()).unwrap();
+    file
+}
+
 #[tokio::test]
 async fn on_postgres_each_sslmode_connects_as_libpq_would() {
     let Some(server) = postgres::server("on_postgres_each_sslmode") else {
@@ -886,10 +898,13 @@ async fn on_postgres_each_sslmode_connects_as_libpq_would() {
     let ca = format!("sslrootcert={ca}");
     let verify_ca = format!("sslmode=verify-ca&{ca}");
     let verify_full = format!("sslmode=verify-full&{ca}");
+    let (prefer_ca, require_ca) = (format!("sslmode=prefer&{ca}"), format!("sslmode=require&{ca}"));
     let cases = [
         ("127.0.0.1", "sslmode=disable", false),
         ("127.0.0.1", "sslmode=prefer", true),
         ("127.0.0.1", "sslmode=require", true),
+        ("127.0.0.1", prefer_ca.as_str(), true),
+        ("127.0.0.1", require_ca.as_str(), true),
         ("127.0.0.1", verify_ca.as_str(), true),
         ("localhost", verify_full.as_str(), true),
     ];
@@ -898,11 +913,22 @@ async fn on_postgres_each_sslmode_connects_as_libpq_would() {
         assert!(!used.is_empty() && used.iter().all(|used| *used == tls), "{query}: {used:?}");
     }
 
-    // The certificate names localhost, not 127.0.0.1; the system's roots
-    // never signed it; and a CA file that is not there is said to be so.
+    // The certificate names localhost, not 127.0.0.1; another CA, named
+    // under prefer or require, is checked as libpq checks it; the system's
+    // roots never signed it, and with them only verify-full is taken; the
+    // verifying modes want the CA named; and a CA file that is not there
+    // is said to be.
+    let other_ca = other_ca_file();
+    let other_ca = other_ca.path().display();
     let refused = [
         ("127.0.0.1", verify_full.clone(), "certificate"),
-        ("localhost", "sslmode=verify-ca&sslrootcert=system".into(), ""),
+        ("127.0.0.1", format!("sslmode=require&sslrootcert={other_ca}"), "certificate"),
+        ("127.0.0.1", format!("sslmode=prefer&sslrootcert={other_ca}"), "certificate"),
+        ("localhost", "sslrootcert=system".into(), "certificate"),
+        ("localhost", "sslmode=require&sslrootcert=system".into(), "sslrootcert=system"),
+        ("localhost", "sslmode=verify-ca&sslrootcert=system".into(), "sslrootcert=system"),
+        ("localhost", "sslmode=verify-ca".into(), "sslrootcert=/path/to/ca.pem"),
+        ("localhost", "sslmode=verify-full".into(), "sslrootcert=/path/to/ca.pem"),
         ("localhost", "sslmode=verify-full&sslrootcert=/nowhere.pem".into(), "/nowhere.pem"),
     ];
     for (host, query, said) in refused {

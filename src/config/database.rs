@@ -56,24 +56,64 @@ const KEY_VALUE_REFUSED: &str = "db (--db): a PostgreSQL connection string of ke
     pairs is not read; write it as a URL, postgres://user:password@host:port/dbname \
     (a SQLite file whose name starts so can be given as ./name)";
 
-/// The connection settings libpq reads from `key=value` pairs.
+/// Every keyword libpq reads in a connection string (its
+/// `PQconninfoOptions`, PostgreSQL 18), and the few older releases read
+/// (`authtype`, `tty`, `requiressl`), so that a string starting with any of
+/// them is refused.
 const LIBPQ_KEYWORDS: &[&str] = &[
-    "host",
-    "hostaddr",
-    "port",
-    "dbname",
+    "service",
     "user",
     "password",
     "passfile",
+    "channel_binding",
+    "connect_timeout",
+    "dbname",
+    "host",
+    "hostaddr",
+    "port",
+    "client_encoding",
     "options",
     "application_name",
-    "connect_timeout",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
     "sslmode",
-    "sslrootcert",
+    "sslnegotiation",
+    "sslcompression",
     "sslcert",
     "sslkey",
+    "sslcertmode",
+    "sslpassword",
+    "sslkeylogfile",
+    "sslrootcert",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "requirepeer",
+    "require_auth",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "min_protocol_version",
+    "max_protocol_version",
+    "gssencmode",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "replication",
     "target_session_attrs",
-    "service",
+    "load_balance_hosts",
+    "scram_client_key",
+    "scram_server_key",
+    "oauth_issuer",
+    "oauth_client_id",
+    "oauth_client_secret",
+    "oauth_scope",
+    "authtype",
+    "tty",
+    "requiressl",
 ];
 
 /// Whether `text` starts as a libpq connection string does
@@ -179,6 +219,24 @@ mod tests {
             assert!(error.starts_with("db (--db)"), "{text}: {error}");
             assert!(error.contains("postgres://"), "{text}: {error}");
         }
+        let firsts = [
+            "keepalives=1",
+            "gssencmode=disable",
+            "channel_binding=require",
+            "client_encoding=UTF8",
+            "sslcrl=/etc/crl.pem",
+            "tcp_user_timeout=5000",
+            "sslnegotiation=direct",
+            "require_auth=scram-sha-256",
+            "load_balance_hosts=random",
+            "target_session_attrs=read-write",
+            "fallback_application_name=x",
+            "krbsrvname=postgres",
+        ];
+        for first in firsts {
+            let text = format!("{first} host=db dbname=tollgate");
+            assert!(parse(&text).unwrap_err().starts_with("db (--db)"), "{text}");
+        }
         for path in ["./host=db", "hostname=db.sqlite", "data/host=x.db", "tollgate.db"] {
             assert!(matches!(parse(path), Ok(Database::Sqlite(_))), "{path}");
         }
@@ -234,5 +292,19 @@ mod tests {
         }
         let error = parse("postgres://ada@db/x?sslmode=allow").unwrap_err();
         assert!(error.starts_with("db (--db): sslmode"), "{error}");
+    }
+
+    #[test]
+    fn tls_settings_that_would_check_less_than_libpq_are_refused_at_start_up() {
+        for query in
+            ["sslmode=require&sslrootcert=system", "sslmode=verify-ca", "sslmode=verify-full"]
+        {
+            let error = parse(&format!("postgres://ada@db/x?{query}")).unwrap_err();
+            assert!(error.starts_with("db (--db): sslmode="), "{query}: {error}");
+        }
+        assert!(matches!(
+            parse("postgres://ada@db/x?sslrootcert=system"),
+            Ok(Database::Postgres(_))
+        ));
     }
 }

@@ -4,11 +4,24 @@
 //!
 //! The modes mean what they mean to libpq: `disable` never uses TLS;
 //! `prefer` (the default) uses it when the server offers it, and `require`
-//! always, neither checking the server's certificate; `verify-ca` checks
-//! that a trusted CA signed it, and `verify-full` that it also names the
-//! host connected to. The CA is the PEM file `sslrootcert` names, or the
-//! system's roots when it is `system` or not given (libpq would read
-//! `~/.postgresql/root.crt` then).
+//! always; `verify-ca` checks that a trusted CA signed the server's
+//! certificate, and `verify-full` that it also names the host connected
+//! to. Under `prefer` and `require` the certificate is checked as under
+//! `verify-ca` when `sslrootcert` names a CA, and not at all otherwise.
+//! The CA is the PEM file `sslrootcert` names, which must be readable
+//! whatever the mode (libpq skips the check under `prefer` and `require`
+//! when it is not there). With `sslrootcert=system`, the system's roots,
+//! the mode is `verify-full`, and any other is refused, as libpq 16 and
+//! later refuse it. `verify-ca` and `verify-full` without `sslrootcert`
+//! are refused: libpq would read `~/.postgresql/root.crt`, which is not
+//! read here.
+//!
+//! `~/.postgresql/root.crt` and `root.crl` are never read, nor libpq's
+//! `PGSSLMODE` and `PGSSLROOTCERT`: where libpq would check a certificate
+//! against that file under `prefer` or `require` without `sslrootcert`,
+//! the certificate is taken unchecked here, so name the CA in the URL.
+//! Under `prefer`, a certificate that fails its check fails the
+//! connection, where libpq would try again without TLS.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +48,17 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode's name in a URL.
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Disable => "disable",
+            Mode::Prefer => "prefer",
+            Mode::Require => "require",
+            Mode::VerifyCa => "verify-ca",
+            Mode::VerifyFull => "verify-full",
+        }
+    }
+
     fn parse(value: &str) -> Result<Mode, String> {
         Ok(match value {
             "disable" => Mode::Disable,
@@ -52,32 +76,77 @@ impl Mode {
     }
 }
 
+/// Where the CA that checks the server's certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Roots {
+    /// `sslrootcert=system`: the system's trusted roots.
+    System,
+    /// The PEM file `sslrootcert` names.
+    File(PathBuf),
+}
+
+impl Roots {
+    /// An `sslrootcert` value; an empty one is none, as to libpq.
+    fn parse(value: &str) -> Option<Roots> {
+        match value {
+            "" => None,
+            "system" => Some(Roots::System),
+            path => Some(Roots::File(PathBuf::from(path))),
+        }
+    }
+}
+
+/// Why `mode` is refused with `sslrootcert=system`, as libpq 16 and later
+/// refuse it: the system's roots sign certificates for names of every
+/// kind, so only the check of the name makes one the database's.
+fn weak_with_system(mode: Mode) -> String {
+    format!(
+        "sslmode={} may not be used with sslrootcert=system: use sslmode=verify-full \
+         (the default with sslrootcert=system), or name the CA's file in sslrootcert",
+        mode.name()
+    )
+}
+
+/// Why `mode` is refused without `sslrootcert`. libpq would read
+/// `~/.postgresql/root.crt` then, and fail without it; that file is not
+/// read here (libpq finds the home directory differently from version to
+/// version, and reads `root.crl` beside it), so the CA must be named.
+fn verify_without_roots(mode: Mode) -> String {
+    let instead = match mode {
+        Mode::VerifyCa => "or use sslmode=verify-full with sslrootcert=system",
+        _ => "or sslrootcert=system for the system's roots",
+    };
+    format!(
+        "sslmode={} needs the CA named: sslrootcert=/path/to/ca.pem, its PEM file, {instead} \
+         (~/.postgresql/root.crt, which libpq would read, is not)",
+        mode.name()
+    )
+}
+
 /// The TLS settings of a URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tls {
-    pub mode: Mode,
-    /// `sslrootcert`: `None` for the system's roots.
-    pub root_cert: Option<PathBuf>,
+    mode: Mode,
+    /// `sslrootcert`, when the URL names one.
+    roots: Option<Roots>,
 }
 
 /// `url` without its `sslmode` and `sslrootcert`, and what they say.
 pub fn split(url: &str) -> Result<(String, Tls), String> {
-    let query_at = query_start(url);
-    let Some(at) = query_at else {
-        return Ok((url.to_owned(), Tls { mode: Mode::Prefer, root_cert: None }));
+    let Some(at) = query_start(url) else {
+        return Ok((url.to_owned(), Tls::new(None, None)?));
     };
-    let (mut mode, mut root_cert) = (Mode::Prefer, None);
+    let (mut mode, mut roots) = (None, None);
     let mut kept = Vec::new();
     for pair in url[at + 1..].split('&') {
         match pair.split_once('=') {
-            Some(("sslmode", value)) => mode = Mode::parse(&decode(value)?)?,
-            Some(("sslrootcert", "system")) => root_cert = None,
-            Some(("sslrootcert", value)) => root_cert = Some(PathBuf::from(decode(value)?)),
+            Some(("sslmode", value)) => mode = Some(Mode::parse(&decode(value)?)?),
+            Some(("sslrootcert", value)) => roots = Roots::parse(&decode(value)?),
             _ => kept.push(pair),
         }
     }
     let rest = if kept.is_empty() { String::new() } else { format!("?{}", kept.join("&")) };
-    Ok((format!("{}{rest}", &url[..at]), Tls { mode, root_cert }))
+    Ok((format!("{}{rest}", &url[..at]), Tls::new(mode, roots)?))
 }
 
 /// Where the query of `url` starts: its first `?` after the user's part,
@@ -106,6 +175,21 @@ fn decode(value: &str) -> Result<String, String> {
 }
 
 impl Tls {
+    /// The settings `sslmode` (if given) and `sslrootcert` make together.
+    fn new(mode: Option<Mode>, roots: Option<Roots>) -> Result<Tls, String> {
+        let mode = match (mode, &roots) {
+            (None, Some(Roots::System)) => Mode::VerifyFull,
+            (Some(weak), Some(Roots::System)) if weak != Mode::VerifyFull => {
+                return Err(weak_with_system(weak));
+            }
+            (Some(mode @ (Mode::VerifyCa | Mode::VerifyFull)), None) => {
+                return Err(verify_without_roots(mode));
+            }
+            (mode, _) => mode.unwrap_or(Mode::Prefer),
+        };
+        Ok(Tls { mode, roots })
+    }
+
     /// What tokio-postgres is to ask the server for.
     pub fn negotiation(&self) -> SslMode {
         match self.mode {
@@ -119,10 +203,13 @@ impl Tls {
     /// checks the mode asks for. Fails when the CA file cannot be read.
     pub fn connector(&self) -> anyhow::Result<MakeRustlsConnect> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier: Arc<dyn ServerCertVerifier> = match self.mode {
-            Mode::Disable | Mode::Prefer | Mode::Require => Arc::new(Unchecked(provider.clone())),
-            Mode::VerifyCa => Arc::new(ChainOnly(self.webpki(&provider)?)),
-            Mode::VerifyFull => self.webpki(&provider)?,
+        // A CA named under prefer or require is checked as under
+        // verify-ca, as libpq checks it.
+        // Only prefer and require come without a CA (see `Tls::new`).
+        let verifier: Arc<dyn ServerCertVerifier> = match (self.mode, &self.roots) {
+            (Mode::Disable, _) | (_, None) => Arc::new(Unchecked(provider.clone())),
+            (Mode::VerifyFull, Some(roots)) => webpki(roots, &provider)?,
+            (_, Some(roots)) => Arc::new(ChainOnly(webpki(roots, &provider)?)),
         };
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -132,20 +219,23 @@ impl Tls {
             .with_no_client_auth();
         Ok(MakeRustlsConnect::new(config))
     }
+}
 
-    /// rustls's own check of chain and name, against the roots.
-    fn webpki(&self, provider: &Arc<CryptoProvider>) -> anyhow::Result<Arc<WebPkiServerVerifier>> {
-        let mut roots = RootCertStore::empty();
-        match &self.root_cert {
-            Some(path) => crate::upstream::add_ca_file(&mut roots, path)?,
-            None => {
-                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-            }
+/// rustls's own check of chain and name, against `roots`.
+fn webpki(
+    roots: &Roots,
+    provider: &Arc<CryptoProvider>,
+) -> anyhow::Result<Arc<WebPkiServerVerifier>> {
+    let mut store = RootCertStore::empty();
+    match roots {
+        Roots::File(path) => crate::upstream::add_ca_file(&mut store, path)?,
+        Roots::System => {
+            store.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
         }
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .context("cannot check PostgreSQL's certificate: no CA to check it against")
     }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
+        .build()
+        .context("cannot check PostgreSQL's certificate: no CA to check it against")
 }
 
 /// The handshake's signatures checked, as they always are.
@@ -153,7 +243,8 @@ fn algorithms(provider: &CryptoProvider) -> &WebPkiSupportedAlgorithms {
     &provider.signature_verification_algorithms
 }
 
-/// `prefer` and `require`: any certificate is taken, as libpq takes it.
+/// `prefer` and `require` without a CA named: any certificate is taken,
+/// as libpq takes it.
 #[derive(Debug)]
 struct Unchecked(Arc<CryptoProvider>);
 
@@ -192,7 +283,8 @@ impl ServerCertVerifier for Unchecked {
     }
 }
 
-/// `verify-ca`: rustls's check, less the name. rustls checks the chain
+/// `verify-ca`, and `prefer` or `require` with a CA named: rustls's check,
+/// less the name. rustls checks the chain
 /// before the name, so a certificate refused only for its name has a
 /// trusted chain.
 #[derive(Debug)]
@@ -249,15 +341,46 @@ mod tests {
         let (rest, tls) = split(url).unwrap();
         assert_eq!(rest, "postgres://ada:p?w@db/x?application_name=a");
         assert_eq!(tls.mode, Mode::VerifyFull);
-        assert_eq!(tls.root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(tls.roots, Some(Roots::File(PathBuf::from("/etc/ca.pem"))));
 
-        let (rest, tls) = split("postgres://db/x?sslmode=verify-ca").unwrap();
+        let (rest, tls) = split("postgres://db/x?sslmode=verify-ca&sslrootcert=ca.pem").unwrap();
         assert_eq!((rest.as_str(), tls.mode), ("postgres://db/x", Mode::VerifyCa));
         let (_, tls) = split("postgres://db/x").unwrap();
-        assert_eq!((tls.mode, tls.root_cert), (Mode::Prefer, None));
-        let (_, tls) = split("postgres://db/x?sslmode=require&sslrootcert=system").unwrap();
+        assert_eq!((tls.mode, tls.roots), (Mode::Prefer, None));
+        let (_, tls) = split("postgres://db/x?sslmode=require&sslrootcert=%2Fca.pem").unwrap();
         assert_eq!(tls.negotiation(), SslMode::Require);
-        assert_eq!((tls.mode, tls.root_cert), (Mode::Require, None));
+        assert_eq!((tls.mode, tls.roots), (Mode::Require, Some(Roots::File("/ca.pem".into()))));
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full_and_refuses_every_weaker_sslmode() {
+        let (rest, tls) = split("postgres://db/x?sslrootcert=system").unwrap();
+        assert_eq!(rest, "postgres://db/x");
+        assert_eq!((tls.mode, tls.roots), (Mode::VerifyFull, Some(Roots::System)));
+        let (_, tls) = split("postgres://db/x?sslrootcert=system&sslmode=verify-full").unwrap();
+        assert_eq!(tls.mode, Mode::VerifyFull);
+
+        for mode in ["disable", "prefer", "require", "verify-ca"] {
+            let url = format!("postgres://db/x?sslmode={mode}&sslrootcert=system");
+            let error = split(&url).unwrap_err();
+            assert!(error.starts_with(&format!("sslmode={mode} may not")), "{error}");
+            assert!(error.contains("use sslmode=verify-full"), "{error}");
+        }
+    }
+
+    #[test]
+    fn verify_ca_and_verify_full_without_sslrootcert_are_refused_and_the_ca_asked_for() {
+        for mode in ["verify-ca", "verify-full"] {
+            for url in [
+                format!("postgres://db/x?sslmode={mode}"),
+                format!("postgres://db/x?sslmode={mode}&sslrootcert="),
+            ] {
+                let error = split(&url).unwrap_err();
+                assert!(error.starts_with(&format!("sslmode={mode} needs")), "{error}");
+                assert!(error.contains("sslrootcert=/path/to/ca.pem"), "{error}");
+                assert!(error.contains("sslrootcert=system"), "{error}");
+            }
+        }
     }
 
     #[test]
