@@ -406,6 +406,24 @@ async fn by_default_usage_remaining_is_sent_when_the_count_down_would_be_wrong()
 }
 
 #[tokio::test]
+async fn the_pools_other_sessions_hear_at_once_when_one_opens_or_ends() {
+    // Ticks far apart: a message that waited for the first session's turn
+    // would come seconds late.
+    let server = TestServer::start_with(|s| s.tick = Duration::from_secs(20)).await;
+    let token = server.mint_seconds("ada", 300.0).await;
+    let mut first = server.connect(&token).await;
+    first.event_of("usage.remaining").await;
+    let soon = Duration::from_millis(300);
+
+    let second = server.connect(&token).await;
+    let joined = tokio::time::timeout(soon, first.event_of("usage.remaining")).await;
+    assert_eq!(joined.expect("not told of the second session")["sessions"], 2);
+    second.close().await;
+    let left = tokio::time::timeout(soon, first.event_of("usage.remaining")).await;
+    assert_eq!(left.expect("not told the second session ended")["sessions"], 1);
+}
+
+#[tokio::test]
 async fn events_none_gives_a_pure_echo() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 5.0).await;

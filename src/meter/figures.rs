@@ -37,6 +37,23 @@ pub struct Told {
     pub update: SessionUpdate,
 }
 
+/// `update` counted down to `now`, as its client counts it: for figures
+/// sent late, so that they are as true when they go out as when they were
+/// worked out.
+pub fn counted_down(update: &SessionUpdate, now: Instant) -> SessionUpdate {
+    let Some(at) = update.at else {
+        return *update;
+    };
+    let elapsed = signed_millis(now, at).max(0);
+    let drained = i64::from(update.sessions) * elapsed;
+    SessionUpdate {
+        remaining_millis: update.remaining_millis.map(|left| (left - drained).max(0)),
+        used_millis: update.used_millis + elapsed,
+        at: Some(now),
+        ..*update
+    }
+}
+
 /// Whether a client that asked for `events` and was last sent `told`
 /// should be sent `update`, the figures at `now`.
 pub fn worth_sending(
@@ -101,6 +118,17 @@ mod tests {
         assert!(!worth_sending(UsageEvents::Changes, Some(&told), &counted_down, later));
         assert!(worth_sending(UsageEvents::EveryTick, Some(&told), &counted_down, later));
         assert!(!worth_sending(UsageEvents::Off, None, &counted_down, later));
+    }
+
+    #[test]
+    fn figures_sent_late_are_counted_down_to_when_they_go_out() {
+        let (told, later) = told(update(Some(10_000), 1_000, 2));
+        let late = counted_down(&SessionUpdate { at: Some(told.at), ..told.update }, later);
+        assert_eq!((late.remaining_millis, late.used_millis), (Some(4_000), 4_000));
+        assert!(!worth_sending(UsageEvents::Changes, Some(&told), &late, later));
+        let dry =
+            counted_down(&SessionUpdate { at: Some(told.at), ..update(Some(1_000), 0, 1) }, later);
+        assert_eq!(dry.remaining_millis, Some(0));
     }
 
     #[test]

@@ -37,7 +37,7 @@ use crate::close::EndReason;
 use crate::limits::LimitType;
 use crate::store::{HumanId, SessionKey, Store};
 
-pub use figures::UsageEvents;
+pub use figures::{UsageEvents, counted_down};
 
 /// How many commands may wait for the meter. Session tasks that find it
 /// full wait their turn; a command takes about a microsecond to handle, so
@@ -137,6 +137,8 @@ pub struct SessionUpdate {
     pub low: bool,
     /// The meter has ended the session; close it with this reason.
     pub close: Option<EndReason>,
+    /// When the figures were worked out; `None` before the first.
+    pub at: Option<Instant>,
 }
 
 /// A session whose upgrade has completed, handed to the meter.

@@ -318,9 +318,10 @@ impl Meter {
         }
         self.schedule(pool_key);
         // A fresh session hears from the commit that follows at once; told
-        // now as well, it would get its first figures twice.
+        // now as well, it would get its first figures twice. Otherwise the
+        // pool's other sessions now drain it faster, and are told too.
         if !fresh {
-            self.notify(r.key, Instant::now());
+            self.notify_pool(pool_key, Instant::now());
         }
     }
 
@@ -391,6 +392,18 @@ impl Meter {
             pool.members.retain(|member| *member != key);
         }
         self.schedule(pool_key);
+        // The others now drain the pool more slowly: told at once, not at
+        // their turn, so that their clients count down at the new rate.
+        self.notify_pool(pool_key, Instant::now());
+    }
+
+    /// Tells every open session of a pool its figures, those whose clients
+    /// are to hear them: the pool's sessions changed.
+    fn notify_pool(&mut self, pool_key: PoolKey, now: Instant) {
+        let members = self.pools.get(&pool_key).map(|pool| pool.members.clone());
+        for key in members.unwrap_or_default() {
+            self.notify(key, now);
+        }
     }
 
     /// What ended sessions of the pool have used that the store has not
@@ -805,6 +818,7 @@ impl Meter {
             sessions: u32::try_from(sessions).unwrap_or(u32::MAX),
             low: remaining.is_some_and(|left| left < self.settings.warn_millis),
             close: None,
+            at: Some(now),
         }
     }
 

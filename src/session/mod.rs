@@ -28,7 +28,7 @@ use tracing::{Instrument, Span, info, warn};
 
 use crate::close::EndReason;
 use crate::limits::SessionKind;
-use crate::meter::{MeterHandle, Registration, SessionUpdate, UsageEvents};
+use crate::meter::{self, MeterHandle, Registration, SessionUpdate, UsageEvents};
 use crate::store::{HumanId, SessionKey};
 use crate::upstream::{OpenUpstream, UpstreamSocket};
 use frames::{UpstreamPart, Verdict};
@@ -253,9 +253,10 @@ struct Session {
     client_full_since: Option<Instant>,
     /// A warning was sent and the pool has not been topped up since.
     low_sent: bool,
-    /// The last figures found no place in the client's queue; they go out
-    /// at the next ping. Every tick sends them again anyway, but by default
-    /// the meter sends them only when they change.
+    /// The last figures, or their warning, found no place in the client's
+    /// queue; they go out at the next ping, counted down to then. By
+    /// default the meter sends figures only when they change, so nothing
+    /// else would.
     figures_skipped: bool,
 }
 
@@ -422,9 +423,11 @@ impl Session {
         if !update.low {
             self.low_sent = false;
         } else if !self.low_sent {
-            // A warning that finds no place goes with the next update.
+            // A warning that finds no place goes out with the figures at
+            // the next ping, or with the next update if that comes first.
             let remaining = remaining.unwrap_or_default();
             self.low_sent = self.send_event(ServerMessage::Warning { remaining }.to_json())?;
+            self.figures_skipped |= !self.low_sent;
         }
         Ok(())
     }
@@ -464,7 +467,7 @@ impl Session {
             let _ = to_upstream.push_own(UpstreamMessage::Ping(Default::default()));
         }
         if self.figures_skipped {
-            let update = *self.updates_rx.borrow();
+            let update = meter::counted_down(&self.updates_rx.borrow(), Instant::now());
             self.send_figures(&update)?;
         }
         self.send_own(Message::Ping(Default::default())).map(|_| ())
