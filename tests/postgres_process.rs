@@ -231,18 +231,7 @@ async fn sessions_are_closed_and_refused_while_postgres_refuses_connections() {
     assert_eq!(api.refused(&path).await.0, 503);
 
     admin.batch_execute(&allow(true)).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let request = format!("{}{path}", api.ws_base);
-        let request =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(request)
-                .unwrap();
-        if api.connect_request(request).await.is_ok() {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "sessions were never admitted again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    admitted_again(&api, &path, Duration::from_secs(10)).await;
     drop(process);
 }
 
@@ -342,18 +331,7 @@ async fn a_frozen_postgres_closes_sessions_and_fails_healthz_in_bounded_time() {
     drop(frozen);
 
     let path = format!("/v1/realtime/session?kind=conversational&token={token}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let request = format!("{}{path}", api.ws_base);
-        let request =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(request)
-                .unwrap();
-        if api.connect_request(request).await.is_ok() {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "sessions were never admitted again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    admitted_again(&api, &path, Duration::from_secs(20)).await;
     assert_eq!(healthz(&api).await, 200);
     drop(process);
 }
@@ -366,6 +344,22 @@ async fn lock_holder(admin: &tokio_postgres::Client) -> (i32, i64) {
                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
     let row = admin.query_one(sql, &[]).await.unwrap();
     (row.get(0), row.get(1))
+}
+
+/// Waits, at most `within`, until a session at `path` is admitted again.
+async fn admitted_again(api: &Api, path: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let request = format!("{}{path}", api.ws_base);
+        let request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(request)
+                .unwrap();
+        if api.connect_request(request).await.is_ok() {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "sessions were never admitted again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn admin_of(db: &FreshDatabase) -> tokio_postgres::Client {
@@ -394,18 +388,7 @@ async fn a_server_whose_lock_breaks_closes_its_sessions_and_serves_once_it_has_i
     assert_eq!(closed.expect("the session stayed open").code, Some(1011));
 
     let path = format!("/v1/realtime/session?kind=conversational&token={token}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let request = format!("{}{path}", api.ws_base);
-        let request =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(request)
-                .unwrap();
-        if api.connect_request(request).await.is_ok() {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "sessions were never admitted again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    admitted_again(&api, &path, Duration::from_secs(10)).await;
     assert_ne!(lock_holder(&admin).await.0, pid, "the lock was not taken again");
     assert_eq!(healthz(&api).await, 200);
     drop(process);
