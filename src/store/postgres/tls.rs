@@ -284,9 +284,8 @@ impl ServerCertVerifier for Unchecked {
 }
 
 /// `verify-ca`, and `prefer` or `require` with a CA named: rustls's check,
-/// less the name. rustls checks the chain
-/// before the name, so a certificate refused only for its name has a
-/// trusted chain.
+/// less the name. rustls checks the chain before the name, so a
+/// certificate refused only for its name has a trusted chain.
 #[derive(Debug)]
 struct ChainOnly(Arc<WebPkiServerVerifier>);
 
