@@ -2,9 +2,14 @@
 -- meaning as schema.sql (whose comments say what each holds) and records the
 -- same version (SCHEMA_VERSION in src/store/sqlite/mod.rs); it differs only
 -- where the two databases do: BIGINT and BOOLEAN columns, BYTEA hashes,
--- identity columns for the ids, and meter_clock's last_batch (see there).
+-- identity columns for the ids, and where several servers share one
+-- database: instances (see there) in place of meter_clock, and the
+-- instance_id of sessions and completions.
 -- It is applied to an empty database at start-up, in one transaction. There
 -- are no upgrade scripts yet: the first PostgreSQL schema is version 4.
+-- What was added to it since comes after the line "Added since version 4"
+-- below, in statements that change nothing when run again: that part is
+-- run again at every start-up, so that a database made before it gains it.
 
 CREATE TABLE schema_version (
     version    BIGINT NOT NULL,
@@ -149,20 +154,47 @@ CREATE TABLE webhook_events (
 CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX webhook_events_by_project ON webhook_events (project_id, status, id);
 
--- Beside schema.sql's columns, meter_clock holds the id of the last usage
--- batch committed (last_batch), written in that batch's transaction: a
--- COMMIT whose answer is lost leaves the meter unsure whether it counted,
--- and the batch it then sends again is recognised and not applied twice.
--- SQLite's commits are never lost that way, and it keeps the id in memory.
--- It also holds the random id of the server that last took the database's
--- lock (owner), written by that server on the connection holding the lock;
--- every batch checks it is still its own, so that a server that lost the
--- lock to another no longer records usage.
-CREATE TABLE meter_clock (
-    id         BIGINT PRIMARY KEY CHECK (id = 1),
-    alive_at   BIGINT NOT NULL,
-    last_batch BIGINT,
-    owner      BIGINT
+-- Added since version 4.
+
+-- Every run of a server on the database, in place of SQLite's one
+-- meter_clock row. Each run has a random id, and its meter writes its row in
+-- every one of its commits (one a tick at least): alive_at is the meter's
+-- clock (schema.sql's meter_clock.alive_at: what the run is known to have
+-- metered up to, on its own clock), seen_at the same moment on the
+-- database's clock, which every server reads alike, and last_batch the id of
+-- its last usage batch: a COMMIT whose answer is lost leaves the meter
+-- unsure whether it counted, and the batch it sends again is recognised and
+-- not applied twice (SQLite's commits are never lost that way, and it keeps
+-- the id in memory). up_since is the database's time since which the run
+-- has committed at least once every two ticks: another run is taken as lost
+-- only once it has been silent for three of its ticks while this one was
+-- up, so that an outage of the database, which silences every run, makes
+-- none of them close out the others.
+--
+-- A run silent that long is closed out by another: its open sessions are
+-- ended (instance_lost) with their usage as of its last commit, its running
+-- completions too, and ended_at is set with lost. A run that stops cleanly
+-- sets ended_at itself. Either way it records nothing more: every batch,
+-- admission and completion of a run checks first that its row has no
+-- ended_at.
+CREATE TABLE IF NOT EXISTS instances (
+    id          BIGINT PRIMARY KEY,
+    started_at  BIGINT NOT NULL,
+    tick_millis BIGINT NOT NULL,
+    alive_at    BIGINT NOT NULL,
+    seen_at     BIGINT NOT NULL,
+    up_since    BIGINT NOT NULL,
+    last_batch  BIGINT,
+    ended_at    BIGINT,
+    lost        BOOLEAN NOT NULL DEFAULT FALSE
 );
 
-INSERT INTO meter_clock (id, alive_at) VALUES (1, 0);
+-- The run metering a session, and the run relaying a completion
+-- (instances.id); none for those of a store opened with no run.
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS instance_id BIGINT;
+ALTER TABLE completions ADD COLUMN IF NOT EXISTS instance_id BIGINT;
+
+CREATE INDEX IF NOT EXISTS sessions_open_by_instance
+    ON sessions (instance_id) WHERE ended_at IS NULL;
+CREATE INDEX IF NOT EXISTS completions_open_by_instance
+    ON completions (instance_id) WHERE ended_at IS NULL;

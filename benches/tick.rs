@@ -91,7 +91,7 @@ async fn time_tick(
     now: i64,
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    store.record_usage(UsageBatch { id: None, charges, ends: Vec::new() }, now).await?;
+    store.record_usage(UsageBatch { charges, ..UsageBatch::default() }, now).await?;
     Ok(started.elapsed())
 }
 

@@ -12,7 +12,7 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::{self, AppState, AuthFailures};
 use crate::config::{Database, LLM_API_KEY_VARIABLE, Settings};
@@ -22,7 +22,7 @@ use crate::meter::{self, Health, MeterSettings};
 use crate::outbound;
 use crate::secret::{Secret, SecretKind};
 use crate::store::Store;
-use crate::store::postgres::{InstanceLock, PostgresStore, Retaken};
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::{SqliteStore, StoreThreads};
 use crate::upstream::{self, UpstreamClient};
 use crate::webhooks;
@@ -34,10 +34,6 @@ pub const DEFAULT_PROJECT: &str = "default";
 /// to finish their closing handshake once their usage is recorded. A client
 /// that never answers cannot hold the process up longer than this.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// How long a server that has lost the database's lock waits between two
-/// attempts to take it again: sessions are refused meanwhile, so not long.
-const RETAKE_EVERY: Duration = Duration::from_secs(1);
 
 /// A server that is listening.
 pub struct RunningServer {
@@ -57,16 +53,16 @@ impl RunningServer {
         self.first_api_key.as_ref()
     }
 
-    /// Resolves once the server is stopping: asked to, or on its own (it
-    /// lost the database to another server); [`RunningServer::shutdown`]
-    /// then says why.
+    /// Resolves once the server is stopping: asked to, or on its own
+    /// (another server sharing the database closed it out as lost);
+    /// [`RunningServer::shutdown`] then says why.
     pub async fn stopping(&self) {
         self.shutdown.cancelled().await;
     }
 
     /// Closes every session with 1001, records their final usage and
     /// stops. Fails if that usage could not be recorded, or if the server
-    /// stopped because another one took its database.
+    /// stopped because another one closed it out of a shared database.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.done.await.context("the server task failed")?
@@ -76,13 +72,14 @@ impl RunningServer {
 /// Opens the database and starts serving.
 pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     let tls = settings.tls.as_ref().map(crate::tls::acceptor).transpose()?;
-    let lock = DatabaseLock::take(&settings.db).await?;
+    let lock = DatabaseLock::take(&settings.db)?;
     crate::metrics::handle();
     let listener = listener::bind(settings.listen)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let local_addr = listener.local_addr()?;
     let max_db_bytes = settings.max_db_mb.map(|mb| mb * 1024 * 1024);
-    let (store, store_threads) = open_store(&settings.db, max_db_bytes, Some(&lock)).await?;
+    let tick = settings.tick;
+    let (store, store_threads) = open_store(&settings.db, max_db_bytes, Some(tick)).await?;
     if let Database::Postgres(url) = &settings.db {
         info!(database = %url, "using PostgreSQL");
     }
@@ -101,9 +98,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
 
     let upstream_client = upstream_client(&settings)?;
     let health = Health::new();
-    let health_of_lock = health.clone();
-    let meter_settings =
-        MeterSettings { tick: settings.tick, warn_millis: settings.warn.as_millis() as i64 };
+    let meter_settings = MeterSettings { tick, warn_millis: settings.warn.as_millis() as i64 };
     let (meter, meter_task) = meter::spawn(store.clone(), meter_settings, health.clone());
     let shutdown = CancellationToken::new();
     let llm = Arc::new(Proxy::new(
@@ -131,11 +126,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     );
     let listening = listener_settings(&state.settings, tls);
     info!(max_connections = listening.max_connections, "connections capped");
+    let store = state.store.clone();
+    let company =
+        tokio::spawn(keep_company(store.clone(), state.health.clone(), tick, shutdown.clone()));
     let router = api::router(state);
     let http = tokio::spawn(listener::serve(listener, router, listening, shutdown.clone()));
-    let parts = Parts { http, meter, meter_task, dispatcher, store_threads };
-    let lock = tokio::spawn(lock.guard(health_of_lock, shutdown.clone()));
-    let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts, lock));
+    let parts = Parts { http, meter, meter_task, dispatcher, store, store_threads, _lock: lock };
+    let done = tokio::spawn(stop_when_asked(shutdown.clone(), parts, company));
     Ok(RunningServer { local_addr, first_api_key, shutdown, done })
 }
 
@@ -183,25 +180,66 @@ struct Parts {
     /// Stops at the shutdown signal; what it was sending is sent again at
     /// the next start.
     dispatcher: JoinHandle<()>,
+    store: Arc<dyn Store>,
     /// SQLite's threads; PostgreSQL has none.
     store_threads: Option<StoreThreads>,
+    /// Dropped once everything else has stopped.
+    _lock: DatabaseLock,
 }
 
 /// Waits for the shutdown signal, then stops in order (see
-/// [`stop_in_order`]), the database's lock held to the end: the task
-/// keeping it (see [`DatabaseLock::guard`]) hands it back at the signal, or
-/// fails, having lost the database to another server, which is then the
-/// error to report.
+/// [`stop_in_order`]). If the server stops because another sharing the
+/// database closed it out (see [`keep_company`]), that is the error to
+/// report.
 async fn stop_when_asked(
     shutdown: CancellationToken,
     parts: Parts,
-    lock: JoinHandle<anyhow::Result<DatabaseLock>>,
+    company: JoinHandle<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     shutdown.cancelled().await;
     let stopped = stop_in_order(parts).await;
-    let lock = lock.await.context("the task keeping the database's lock failed")?;
-    drop(lock?);
+    company.await.context("the task watching the other servers failed")??;
     stopped
+}
+
+/// On a store other servers share: closes out at every `tick` the servers
+/// gone silent (see `instances` in schema.postgres.sql), and stops this one
+/// (the shutdown is cancelled, and the error returned is what the process
+/// exits with) if another has closed it out, having found it silent: its
+/// sessions are ended and charged already, and it records nothing more.
+/// Waits for the shutdown on any other store.
+async fn keep_company(
+    store: Arc<dyn Store>,
+    health: Arc<Health>,
+    tick: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if !store.is_shared() {
+        shutdown.cancelled().await;
+        return Ok(());
+    }
+    let mut every = tokio::time::interval(tick);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = health.superseded() => {
+                shutdown.cancel();
+                anyhow::bail!(
+                    "another tollgate server sharing the database found this one silent and \
+                     closed it out; this one recorded nothing more and stopped"
+                );
+            }
+            _ = every.tick() => {}
+        }
+        match store.close_out_lost().await {
+            Ok((0, 0)) => {}
+            Ok((sessions, completions)) => {
+                info!(sessions, completions, "closed out what silent servers left open");
+            }
+            Err(error) => debug!(%error, "cannot look for silent servers now"),
+        }
+    }
 }
 
 /// Stops in order: the meter ends and records every session, the listener
@@ -218,6 +256,9 @@ async fn stop_in_order(parts: Parts) -> anyhow::Result<()> {
     if parts.dispatcher.await.is_err() {
         warn!("the webhook dispatcher failed");
     }
+    if recorded && let Err(error) = parts.store.leave().await {
+        warn!(%error, "cannot tell the servers sharing the database that this one stopped");
+    }
     if tokio::time::timeout(SHUTDOWN_GRACE, parts.meter_task).await.is_err() {
         warn!("some sessions did not finish closing in time; their usage is recorded");
         return finish(recorded);
@@ -228,119 +269,32 @@ async fn stop_in_order(parts: Parts) -> anyhow::Result<()> {
     finish(recorded)
 }
 
-/// A lock that only one server at a time can hold for a database. A
-/// second server started on the same database would otherwise close the
-/// first one's live sessions as left over from a crash.
-enum DatabaseLock {
-    /// `<db>.lock`, beside the SQLite file.
-    File { _file: File },
-    /// An advisory lock in PostgreSQL.
-    Postgres { lock: Box<InstanceLock> },
+/// A lock that only one server at a time can hold for a SQLite database
+/// (`<db>.lock`, beside the file): a second server started on the same
+/// file would otherwise close the first one's live sessions as left over
+/// from a crash. PostgreSQL needs none: the servers sharing it each know
+/// their own sessions (see `instances` in schema.postgres.sql).
+struct DatabaseLock {
+    _file: Option<File>,
 }
 
 impl DatabaseLock {
-    /// Keeps the lock until `shutdown`, then hands it back to be dropped
-    /// once everything else has stopped.
-    ///
-    /// A PostgreSQL lock is lost if its connection ends (a restart of
-    /// PostgreSQL, a terminated backend, a lost network). The server then
-    /// fails closed, as it does when the store cannot record: `health`
-    /// says so, so that admission refuses new sessions and `/healthz`
-    /// answers 503, and the meter closes the open ones with 1011. It tries
-    /// to take the lock again every [`RETAKE_EVERY`] and serves again once
-    /// it has it, as it does once the store records again. If another
-    /// server holds it by then, or held it meanwhile (the database's owner
-    /// is no longer this server, see [`InstanceLock`]), that one may
-    /// already have closed this one's sessions as abandoned, and the two
-    /// would meter the same database: this one stops instead (the
-    /// shutdown is cancelled, and the error returned is what the process
-    /// exits with), recording nothing more, its batches from before the
-    /// loss dropped. It stops the same way when the meter finds another
-    /// owner while the lock is lost ([`Health::superseded`]). Stopping at
-    /// once, rather than waiting, would take down every server on any
-    /// restart of PostgreSQL.
-    async fn guard(
-        mut self,
-        health: Arc<Health>,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<DatabaseLock> {
-        let DatabaseLock::Postgres { lock } = &mut self else {
-            shutdown.cancelled().await;
-            return Ok(self);
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = health.superseded() => return Err(superseded(&health, &shutdown)),
-                _ = lock.lost() => {}
-            }
-            error!("the database's lock was lost with its connection; refusing sessions");
-            health.set_exclusive(false);
-            let taken = tokio::select! {
-                taken = take_again(lock, &shutdown) => taken,
-                _ = health.superseded() => None,
-            };
-            match taken {
-                Some(true) => {}
-                Some(false) => break,
-                None => return Err(superseded(&health, &shutdown)),
-            }
-            health.set_exclusive(true);
-            info!("the database's lock is held again; sessions are admitted");
-        }
-        Ok(self)
-    }
-
-    async fn take(db: &Database) -> anyhow::Result<DatabaseLock> {
+    fn take(db: &Database) -> anyhow::Result<DatabaseLock> {
         Ok(match db {
-            Database::Sqlite(path) => DatabaseLock::File { _file: lock_database(path)? },
-            Database::Postgres(url) => {
-                let lock = InstanceLock::take(url.expose())
-                    .await
-                    .with_context(|| format!("cannot use the database {url}"))?;
-                DatabaseLock::Postgres { lock: Box::new(lock) }
-            }
+            Database::Sqlite(path) => DatabaseLock { _file: Some(lock_database(path)?) },
+            Database::Postgres(_) => DatabaseLock { _file: None },
         })
     }
 }
 
-/// Stops a server another one has taken the database from, recording
-/// nothing more; the error is what the process exits with.
-fn superseded(health: &Health, shutdown: &CancellationToken) -> anyhow::Error {
-    health.supersede();
-    shutdown.cancel();
-    anyhow::anyhow!(
-        "another tollgate server took the PostgreSQL database while this one had lost its \
-         lock; this one stopped"
-    )
-}
-
-/// Tries every [`RETAKE_EVERY`] to take a lost lock again, until it is
-/// held (`Some(true)`) or the shutdown comes (`Some(false)`); `None` if
-/// another server holds it, or held it meanwhile.
-async fn take_again(lock: &mut InstanceLock, shutdown: &CancellationToken) -> Option<bool> {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Some(false),
-            _ = tokio::time::sleep(RETAKE_EVERY) => {}
-        }
-        match lock.take_again().await {
-            Ok(Retaken::Held) => return Some(true),
-            Ok(Retaken::Refused | Retaken::Superseded) => return None,
-            Err(error) => debug!(error = format!("{error:#}"), "cannot take the lock again yet"),
-        }
-    }
-}
-
 /// Opens the store on the database: SQLite, capped at `max_db_bytes` if
-/// given, with the threads to join once it is dropped; or PostgreSQL.
-///
-/// A PostgreSQL store opened under the server's `lock` records usage only
-/// while the server is the database's owner (see [`InstanceLock`]).
+/// given, with the threads to join once it is dropped; or PostgreSQL, on
+/// which a server metering every `tick` joins as a new instance (a command
+/// of the command line passes none).
 async fn open_store(
     db: &Database,
     max_db_bytes: Option<u64>,
-    lock: Option<&DatabaseLock>,
+    tick: Option<Duration>,
 ) -> anyhow::Result<(Arc<dyn Store>, Option<StoreThreads>)> {
     match db {
         Database::Sqlite(path) => {
@@ -351,8 +305,8 @@ async fn open_store(
             let mut store = PostgresStore::open(url.expose())
                 .await
                 .with_context(|| format!("cannot open the database {url}"))?;
-            if let Some(DatabaseLock::Postgres { lock }) = lock {
-                store = store.owned_by(lock);
+            if let Some(tick) = tick {
+                store = store.join(tick).await.context("cannot join the PostgreSQL database")?;
             }
             Ok((Arc::new(store), None))
         }

@@ -39,6 +39,10 @@ pub enum EndReason {
     /// The server stopped without closing the session (a crash or kill); it
     /// was closed at the next start, with its usage as of the last tick.
     ServerRestart,
+    /// The server metering it went silent (a crash, a kill, a lost
+    /// network), and another server sharing the database closed it, with
+    /// its usage as of that server's last tick.
+    InstanceLost,
     /// The upgrade was accepted but never completed, so nothing was used.
     UpgradeFailed,
 }
@@ -62,6 +66,7 @@ impl EndReason {
             EndReason::ServerShutdown => "server_shutdown",
             EndReason::Internal => "internal",
             EndReason::ServerRestart => "server_restart",
+            EndReason::InstanceLost => "instance_lost",
             EndReason::UpgradeFailed => "upgrade_failed",
         }
     }
@@ -84,6 +89,7 @@ impl EndReason {
             EndReason::ClientClosed
             | EndReason::ClientDisconnected
             | EndReason::ServerRestart
+            | EndReason::InstanceLost
             | EndReason::UpgradeFailed
             | EndReason::UpstreamUnavailable => None,
         }

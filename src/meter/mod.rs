@@ -19,13 +19,25 @@
 //! revocation, so that a top-up, a set-to-zero or a revocation reaches the
 //! human's open sessions as soon as it is made, and usage up to the change
 //! is charged against the limit as it was.
+//!
+//! Where other servers share the store (PostgreSQL), a pool's sessions may
+//! be open on several of them, each metered by its own server. The store
+//! answers each commit with the pool's sessions elsewhere and what they
+//! have used beyond what was recorded, and the meter counts them among
+//! the pool's sessions when it works out the instant the pool runs dry, so
+//! that every server cuts its own sessions off at about the same instant.
+//! Such pools are charged at every tick, so that what each server reads of
+//! the others is at most a tick old, and every other pool is watched at
+//! every tick (read, not charged), so that a change made through another
+//! server (a top-up, a set-to-zero, a revocation, a first session
+//! elsewhere) reaches this one's sessions within a tick.
 
 mod figures;
 mod pool;
 mod task;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -52,66 +64,40 @@ pub struct MeterSettings {
 }
 
 /// Whether usage can be recorded: the last commit succeeded (cleared when
-/// one fails, set again by the next that succeeds), the server holds the
-/// database's lock (see [`Health::set_exclusive`]), and no other server has
-/// taken the database over (see [`Health::supersede`]). Admission refuses
-/// new sessions meanwhile.
+/// one fails, set again by the next that succeeds), and no other server
+/// has closed this one out of a shared store (see [`Health::supersede`]).
+/// Admission refuses new sessions meanwhile.
 #[derive(Debug)]
 pub struct Health {
     recording: AtomicBool,
-    exclusive: AtomicBool,
-    /// How many times the lock was lost: a loss closes the sessions even
-    /// when the lock is held again before the meter's next tick.
-    losses: AtomicU64,
     superseded: watch::Sender<bool>,
 }
 
 impl Health {
     pub fn new() -> Arc<Health> {
-        let (recording, exclusive) = (AtomicBool::new(true), AtomicBool::new(true));
         let superseded = watch::Sender::new(false);
-        Arc::new(Health { recording, exclusive, losses: AtomicU64::new(0), superseded })
+        Arc::new(Health { recording: AtomicBool::new(true), superseded })
     }
 
     pub fn is_recording(&self) -> bool {
-        self.commits() && self.is_exclusive() && !self.is_superseded()
+        self.commits() && !self.is_superseded()
     }
 
-    /// Says that another server has taken the database over: this one
-    /// records nothing more, and stops (see [`Health::superseded`]).
+    /// Says that another server sharing the store has closed this one out
+    /// as lost, and ended its sessions: this one records nothing more, and
+    /// stops (see [`Health::superseded`]).
     pub fn supersede(&self) {
         self.superseded.send_replace(true);
     }
 
-    /// Whether another server has taken the database over.
+    /// Whether another server has closed this one out.
     pub fn is_superseded(&self) -> bool {
         *self.superseded.borrow()
     }
 
-    /// Resolves once another server has taken the database over.
+    /// Resolves once another server has closed this one out.
     pub async fn superseded(&self) {
         let _ = self.superseded.subscribe().wait_for(|superseded| *superseded).await;
-    }
-
-    /// Whether this server holds the database's lock.
-    pub fn is_exclusive(&self) -> bool {
-        self.exclusive.load(Ordering::Relaxed)
-    }
-
-    /// Says whether this server holds the database's lock. While it does
-    /// not, another server may start on the database and close this one's
-    /// sessions as left over from a crash: the meter closes every session
-    /// (1011) at its next tick, and admission refuses new ones.
-    pub fn set_exclusive(&self, held: bool) {
-        if !held {
-            self.losses.fetch_add(1, Ordering::Relaxed);
-        }
-        self.exclusive.store(held, Ordering::Relaxed);
-    }
-
-    /// How many times the lock was lost.
-    fn losses(&self) -> u64 {
-        self.losses.load(Ordering::Relaxed)
     }
 
     /// Whether the last commit succeeded.

@@ -70,8 +70,15 @@ struct Metered {
 
 /// The open sessions of one pool and what the store last said remains.
 struct Pool {
+    /// What the store last said remains, less what the pool's sessions on
+    /// other servers had used by then and not recorded (see [`Foreign`]).
     remaining: Option<i64>,
     members: Vec<SessionKey>,
+    /// The pool's open sessions on other servers sharing the store, as of
+    /// `foreign_from`: each drains the pool from then on, as this server's
+    /// own sessions do from their last charge.
+    foreign: u32,
+    foreign_from: Instant,
     deadline: Option<delay_queue::Key>,
     /// Time is being given back to a dead client and the store has not yet
     /// said how much (its refund floor may cap it): until it has, the pool
@@ -123,6 +130,7 @@ type Charged = Vec<(SessionKey, i64)>;
 struct Unsettled {
     batch: UsageBatch,
     wall: UnixMillis,
+    at: BatchAt,
     ending: Vec<Ending>,
     /// How many times it has been sent again.
     resent: u64,
@@ -135,8 +143,8 @@ struct Unsettled {
 const RESEND_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl Unsettled {
-    fn new(batch: UsageBatch, wall: UnixMillis, ending: Vec<Ending>) -> Unsettled {
-        Unsettled { batch, wall, ending, resent: 0, warned_at: None }
+    fn new(batch: UsageBatch, wall: UnixMillis, at: BatchAt, ending: Vec<Ending>) -> Unsettled {
+        Unsettled { batch, wall, at, ending, resent: 0, warned_at: None }
     }
 
     /// Counts a refused resend, and logs it unless one was logged within
@@ -158,6 +166,10 @@ impl Unsettled {
 
 /// Pools that ran dry while a commit waited for the store, and when.
 type Dry = Vec<(PoolKey, Instant)>;
+
+/// A batch's moment, on the meter's clock: what the store answers of
+/// other servers' sessions is reckoned up to it.
+type BatchAt = Instant;
 
 /// Each session's figures are looked at once a tick, in one of this many
 /// turns spread evenly over the tick, chosen by its key, and sent if the
@@ -190,9 +202,6 @@ pub struct Meter {
     /// as their first.
     fresh: Vec<SessionKey>,
     draining: bool,
-    /// The losses of the database's lock seen so far (see
-    /// [`Health::set_exclusive`]).
-    lock_losses: u64,
 }
 
 impl Meter {
@@ -217,7 +226,6 @@ impl Meter {
             unsettled: None,
             fresh: Vec::new(),
             draining: false,
-            lock_losses: 0,
         }
     }
 
@@ -307,6 +315,8 @@ impl Meter {
         let pool = self.pools.entry(pool_key).or_insert_with(|| Pool {
             remaining: r.remaining,
             members: Vec::new(),
+            foreign: 0,
+            foreign_from: r.started,
             deadline: None,
             refund_pending: false,
             low_line: None,
@@ -428,9 +438,10 @@ impl Meter {
     fn dry_at(&self, pool_key: PoolKey) -> Option<Instant> {
         let pool = self.pools.get(&pool_key)?;
         let remaining = pool.remaining? - self.unrecorded(pool_key);
-        let committed: Vec<Instant> =
-            pool.members.iter().map(|key| self.sessions[key].committed_to).collect();
-        (!committed.is_empty()).then(|| pool::exhaustion(remaining, &committed))
+        let own = pool.members.iter().map(|key| self.sessions[key].committed_to);
+        let foreign = std::iter::repeat_n(pool.foreign_from, pool.foreign as usize);
+        let committed: Vec<Instant> = own.chain(foreign).collect();
+        (!pool.members.is_empty()).then(|| pool::exhaustion(remaining, &committed))
     }
 
     /// Sets the pool's cut-off timer, or drops the pool when none of its
@@ -497,25 +508,20 @@ impl Meter {
         }
     }
 
-    /// Records the sessions that are due and the meter's clock; first
-    /// closes every session if the server has lost the database's lock
-    /// since the last tick, or does not hold it.
+    /// Records the sessions that are due and the meter's clock. On a store
+    /// other servers share, it does so even with no session open, which
+    /// tells them this server is alive, and watches every pool it has open
+    /// for what the others changed.
     async fn tick(&mut self) {
         self.fresh.clear();
-        let losses = self.health.losses();
-        if losses != self.lock_losses || !self.health.is_exclusive() {
-            self.lock_losses = losses;
-            let now = Instant::now();
-            for key in self.open_keys() {
-                self.end_and_close(key, now, EndReason::Internal);
-            }
-        }
-        if self.sessions.is_empty() && !self.has_unrecorded() {
+        let shared = self.store.is_shared();
+        if self.sessions.is_empty() && !self.has_unrecorded() && !shared {
             return;
         }
         let started = std::time::Instant::now();
         let due = self.due(Instant::now());
-        self.commit_with(due, true).await;
+        let watch = if shared { self.pools.keys().copied().collect() } else { Vec::new() };
+        self.commit_with(due, watch, true).await;
         metrics::histogram!(crate::metrics::TICK_SECONDS).record(started.elapsed().as_secs_f64());
     }
 
@@ -531,22 +537,24 @@ impl Meter {
     }
 
     /// The open sessions whose usage is to be recorded at this tick: those
-    /// last recorded [`RECORD_EVERY`] ago, and those of pools that have
-    /// fallen below their low line.
+    /// last recorded [`RECORD_EVERY`] ago, those of pools that have fallen
+    /// below their low line, and those of pools that sessions on other
+    /// servers draw on too, whose figures every server then reckons with.
     fn due(&self, now: Instant) -> Vec<SessionKey> {
-        let below_line: HashSet<PoolKey> = self
+        let below_line = |pool_key: PoolKey, pool: &Pool| {
+            pool.low_line.is_some_and(|line| {
+                self.live_remaining(pool_key, now).is_some_and(|left| left < line)
+            })
+        };
+        let every_tick: HashSet<PoolKey> = self
             .pools
             .iter()
-            .filter(|(pool_key, pool)| {
-                pool.low_line.is_some_and(|line| {
-                    self.live_remaining(**pool_key, now).is_some_and(|left| left < line)
-                })
-            })
+            .filter(|(pool_key, pool)| pool.foreign > 0 || below_line(**pool_key, pool))
             .map(|(pool_key, _)| *pool_key)
             .collect();
         let is_due = |session: &Metered| {
             now.saturating_duration_since(session.committed_to) >= RECORD_EVERY
-                || below_line.contains(&session.pool)
+                || every_tick.contains(&session.pool)
         };
         self.sessions.iter().filter(|(_, session)| is_due(session)).map(|(key, _)| *key).collect()
     }
@@ -563,12 +571,18 @@ impl Meter {
     /// every pending ending, then acts on what the store says remains.
     /// Returns whether the store took it.
     async fn commit(&mut self, keys: Vec<SessionKey>) -> bool {
-        self.commit_with(keys, false).await
+        self.commit_with(keys, Vec::new(), false).await
     }
 
-    /// As [`Meter::commit`]; with `always`, the transaction goes to the
+    /// As [`Meter::commit`], with the pools `watch` reported on too (see
+    /// [`UsageBatch::watch`]); with `always`, the transaction goes to the
     /// store even with nothing in it but the meter's clock.
-    async fn commit_with(&mut self, keys: Vec<SessionKey>, always: bool) -> bool {
+    async fn commit_with(
+        &mut self,
+        keys: Vec<SessionKey>,
+        watch: Vec<PoolKey>,
+        always: bool,
+    ) -> bool {
         if self.health.is_superseded() {
             self.drop_unrecorded();
             return false;
@@ -580,7 +594,8 @@ impl Meter {
         // with the instant they run to, so that the two say the same moment
         // (what a crash leaves is charged from the one to the other).
         let (now, wall) = (Instant::now(), clock::now_millis());
-        let (batch, charged) = self.batch(keys, now);
+        let (mut batch, charged) = self.batch(keys, now);
+        batch.watch = watch;
         let ending = std::mem::take(&mut self.ending);
         let batch = with_endings(batch, &ending);
         if batch.charges.is_empty() && batch.ends.is_empty() && !always {
@@ -592,7 +607,7 @@ impl Meter {
         ending.iter().for_each(Ending::close_session);
         match result {
             Ok(recorded) => {
-                self.committed(charged, ending, recorded, dry);
+                self.committed(charged, ending, recorded, dry, now);
                 true
             }
             Err(StoreError::Superseded) => {
@@ -603,7 +618,7 @@ impl Meter {
                 for (key, amount) in charged {
                     self.recorded_charge(key, amount);
                 }
-                self.unsettled = Some(Unsettled::new(batch, wall, ending));
+                self.unsettled = Some(Unsettled::new(batch, wall, now, ending));
                 self.cut_off_all(dry);
                 self.fail_closed(err);
                 false
@@ -623,7 +638,7 @@ impl Meter {
         self.in_flight.clear();
         match result {
             Ok(recorded) => {
-                self.committed(Vec::new(), unsettled.ending, recorded, dry);
+                self.committed(Vec::new(), unsettled.ending, recorded, dry, unsettled.at);
                 true
             }
             Err(StoreError::Superseded) => {
@@ -640,14 +655,14 @@ impl Meter {
         }
     }
 
-    /// Another server has taken the database over (see
-    /// [`Health::supersede`]): it has charged this one's open sessions up
-    /// to the meter's clock and ended them, or will, so nothing of theirs
-    /// is recorded here any more. Every session is closed and what was
-    /// waiting to be recorded is dropped.
+    /// Another server sharing the store has closed this one out as lost
+    /// (see [`Health::supersede`]): it has charged this one's open sessions
+    /// up to the meter's last clock and ended them, so nothing of theirs is
+    /// recorded here any more. Every session is closed and what was waiting
+    /// to be recorded is dropped.
     fn superseded(&mut self) {
         if !self.health.is_superseded() {
-            error!("another server has taken over the database; recording nothing more");
+            error!("another server closed this one out as lost; recording nothing more");
             self.health.supersede();
         }
         self.drop_unrecorded();
@@ -734,6 +749,7 @@ impl Meter {
         ending: Vec<Ending>,
         recorded: UsageRecorded,
         dry: Dry,
+        at: BatchAt,
     ) {
         if !self.health.commits() {
             info!("usage is being recorded again");
@@ -751,7 +767,7 @@ impl Meter {
         }
         self.cut_off_all(dry);
         for state in recorded.pools {
-            self.apply(state);
+            self.apply(state, at);
         }
     }
 
@@ -769,23 +785,27 @@ impl Meter {
         }
     }
 
-    /// Acts on a pool's state after a commit: closes what was revoked or has
-    /// run dry, reschedules the cut-off, and tells the sessions.
-    fn apply(&mut self, state: PoolState) {
+    /// Acts on a pool's state after the commit of the batch of moment `at`:
+    /// closes what was revoked or has run dry, reschedules the cut-off, and
+    /// tells the sessions.
+    fn apply(&mut self, state: PoolState, at: BatchAt) {
         let pool_key = (state.human, state.limit_type);
         let refunds = |c: &Charge| (c.human, c.limit_type) == pool_key && c.amount < 0;
         let refund_pending = self.queued_charges().any(refunds);
         let Some(pool) = self.pools.get_mut(&pool_key) else {
             return;
         };
-        pool.remaining = state.remaining;
+        pool.remaining = state.remaining.map(|left| left - state.foreign.unrecorded);
+        pool.foreign = state.foreign.sessions;
+        pool.foreign_from = at;
         pool.low_line = state.low_line;
         pool.refund_pending = refund_pending;
         let now = Instant::now();
+        let dry = pool.remaining.is_some_and(|remaining| remaining <= 0);
         for key in pool.members.clone() {
             if self.sessions[&key].revocation_epoch < state.revocation_epoch {
                 self.end_and_close(key, now, EndReason::TokenRevoked);
-            } else if state.remaining.is_some_and(|remaining| remaining <= 0) {
+            } else if dry {
                 self.end_and_close(key, now, EndReason::UsageLimitExceeded);
             } else {
                 self.notify(key, now);
@@ -811,7 +831,8 @@ impl Meter {
         let session = &self.sessions[&key];
         let remaining = self.live_remaining(session.pool, now);
         let running = pool::signed_millis(now, session.committed_to).max(0);
-        let sessions = self.pools.get(&session.pool).map_or(0, |pool| pool.members.len());
+        let pool = self.pools.get(&session.pool);
+        let sessions = pool.map_or(0, |pool| pool.members.len() + pool.foreign as usize);
         SessionUpdate {
             remaining_millis: remaining,
             used_millis: session.used_millis + running,
@@ -832,7 +853,8 @@ impl Meter {
             .iter()
             .map(|key| pool::signed_millis(now, self.sessions[key].committed_to).max(0))
             .sum();
-        Some((pool.remaining? - self.unrecorded(pool_key) - running).max(0))
+        let foreign = i64::from(pool.foreign) * pool::signed_millis(now, pool.foreign_from).max(0);
+        Some((pool.remaining? - self.unrecorded(pool_key) - running - foreign).max(0))
     }
 
     /// The store could not record usage: close every session rather than

@@ -85,6 +85,12 @@ pub fn crossing(hook: &Hook, limit_type: LimitType, was: Notified, balance: i64)
     Crossing { events, notified, armed_line }
 }
 
+/// The "running low" line still armed for a pool whose marks are
+/// `notified`, as [`crossing`] leaves it, without a new balance.
+pub fn armed_line(hook: &Hook, limit_type: LimitType, notified: Notified) -> Option<i64> {
+    hook.threshold(limit_type).filter(|_| hook.wants(LIMIT_LOW) && !notified.low)
+}
+
 /// A webhook's lines as its `thresholds` column keeps them: a JSON object
 /// of limit type to value, `None` for no lines.
 pub fn thresholds_text(thresholds: &[Limit]) -> Option<String> {

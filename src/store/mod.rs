@@ -131,6 +131,11 @@ pub struct UsageBatch {
     pub id: Option<BatchId>,
     pub charges: Vec<Charge>,
     pub ends: Vec<SessionEnd>,
+    /// Pools to report on as they stand, without charging them: a store
+    /// that other servers share ([`Store::is_shared`]) answers with their
+    /// state, changes made through the others included; other stores
+    /// leave them out.
+    pub watch: Vec<(HumanId, LimitType)>,
 }
 
 /// A [`UsageBatch`]'s id: random, so that no two runs of the meter share
@@ -150,14 +155,14 @@ impl UsageBatch {
     /// What a repeated batch is answered with.
     pub fn as_repeated(&self) -> UsageBatch {
         let charges = self.charges.iter().map(|charge| Charge { amount: 0, ..*charge }).collect();
-        UsageBatch { id: self.id, charges, ends: self.ends.clone() }
+        UsageBatch { id: self.id, charges, ends: self.ends.clone(), watch: self.watch.clone() }
     }
 }
 
 /// What the store did with a [`UsageBatch`].
 #[derive(Clone, Debug, Default)]
 pub struct UsageRecorded {
-    /// The state of every pool the batch charged.
+    /// The state of every pool the batch charged, and of those it watched.
     pub pools: Vec<PoolState>,
     /// Each session the batch ended, with all it was charged in the end
     /// (which a pool that ran dry may have cut below the time it ran), in
@@ -177,6 +182,19 @@ pub struct PoolState {
     /// pool's usage recorded as soon as the remaining value falls below it,
     /// so that the event fires on time.
     pub low_line: Option<i64>,
+    /// The pool's sessions that other servers sharing the store meter.
+    pub foreign: Foreign,
+}
+
+/// The sessions of a pool that other servers meter, as a shared store
+/// ([`Store::is_shared`]) sees them at the moment of a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Foreign {
+    /// How many are open; each drains the pool at wall-clock rate.
+    pub sessions: u32,
+    /// What they have used up to the batch's moment beyond what their
+    /// servers have recorded.
+    pub unrecorded: i64,
 }
 
 /// A chat completion's key in the store.
@@ -249,6 +267,9 @@ pub enum CompletionOutcome {
     ServerShutdown,
     /// A previous run of the server stopped while it was running.
     ServerRestart,
+    /// The server relaying it went silent, and another sharing the store
+    /// ended it.
+    InstanceLost,
 }
 
 impl CompletionOutcome {
@@ -259,6 +280,7 @@ impl CompletionOutcome {
             CompletionOutcome::UpstreamFailed => "upstream_failed",
             CompletionOutcome::ServerShutdown => "server_shutdown",
             CompletionOutcome::ServerRestart => "server_restart",
+            CompletionOutcome::InstanceLost => "instance_lost",
         }
     }
 }
@@ -563,6 +585,29 @@ pub trait Store: Send + Sync + 'static {
     /// Answers when the store can be read and has room to be written.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Whether other servers may share the store (PostgreSQL). The meter
+    /// of a shared store commits at every tick, which tells the others it
+    /// is alive, charges at every tick the pools other servers' sessions
+    /// draw on too, and watches the rest (see [`UsageBatch::watch`]).
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Ends, on a shared store, the sessions and completions of other
+    /// servers gone silent (see `instances` in schema.postgres.sql);
+    /// returns how many of each. Nothing on a store no other server
+    /// shares.
+    async fn close_out_lost(&self) -> StoreResult<(u64, u64)> {
+        Ok((0, 0))
+    }
+
+    /// Says that this server has stopped, every session's usage recorded,
+    /// so that the servers sharing the store need not wait for it to fall
+    /// silent. Nothing on a store no other server shares.
+    async fn leave(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
     /// Creates the project if it does not exist and adds an API key to it.
     async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()>;
 
@@ -629,7 +674,9 @@ pub trait Store: Send + Sync + 'static {
     async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded>;
 
     /// Ends the sessions a previous run left open (reason `server_restart`),
-    /// their usage as of the last recorded tick. Returns how many.
+    /// their usage as of the last recorded tick. Returns how many. On a
+    /// shared store, only those no run meters (see
+    /// [`Store::close_out_lost`] for the rest).
     async fn close_abandoned_sessions(&self) -> StoreResult<u64>;
 
     /// Starts a chat completion, holding tokens for it if `token_cnt` is

@@ -4,6 +4,7 @@
 use deadpool_postgres::{Client, GenericClient};
 
 use super::accounts::{self, DebitOf, TokenRefusal};
+use super::instances::{self, Instance};
 use super::outbox;
 use super::query::{all, one, run};
 use crate::limits::{LimitType, completion_allowance};
@@ -15,11 +16,15 @@ use crate::webhooks::events::{self, Event};
 
 const POOL: LimitType = LimitType::TokenCnt;
 
+/// Starts a completion relayed by this server's run `instance` (`None`
+/// for a store with no run).
 pub async fn start(
     client: &mut Client,
     completion: NewCompletion,
+    instance: Option<Instance>,
 ) -> StoreResult<CompletionAdmission> {
     let tx = client.transaction().await?;
+    instances::check_live(&tx, instance).await?;
     match accounts::token_refusal(&tx, completion.token, completion.now).await? {
         Some(TokenRefusal::Revoked) => return Ok(CompletionAdmission::TokenRevoked),
         Some(TokenRefusal::Expired) => return Ok(CompletionAdmission::TokenExpired),
@@ -49,9 +54,9 @@ pub async fn start(
 
     let key: i64 = one(
         &tx,
-        "INSERT INTO completions
-             (public_id, human_id, token_id, model, reserved, started_at, prompt_estimate)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        "INSERT INTO completions (public_id, human_id, token_id, model, reserved, started_at,
+                                  prompt_estimate, instance_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
         &[
             &completion.public_id,
             &completion.human.0,
@@ -60,6 +65,7 @@ pub async fn start(
             &reserved,
             &completion.now,
             &completion.prompt_estimate,
+            &instance.map(|instance| instance.id),
         ],
     )
     .await?
@@ -79,8 +85,15 @@ async fn held(db: &impl GenericClient, human: HumanId) -> StoreResult<i64> {
 /// left as it is. Returns the remaining `token_cnt`, `None` when unlimited.
 pub async fn end(client: &mut Client, end: CompletionEnd) -> StoreResult<Option<i64>> {
     let tx = client.transaction().await?;
+    let remaining = end_in(&tx, end).await?;
+    tx.commit().await?;
+    Ok(remaining)
+}
+
+/// [`end`], in the transaction `tx`.
+async fn end_in(tx: &impl GenericClient, end: CompletionEnd) -> StoreResult<Option<i64>> {
     let ended = run(
-        &tx,
+        tx,
         "UPDATE completions SET ended_at = $2, end_reason = $3, reserved = 0,
              prompt_tokens = $4, completion_tokens = $5, usage_source = $6
          WHERE id = $1 AND ended_at IS NULL",
@@ -97,11 +110,10 @@ pub async fn end(client: &mut Client, end: CompletionEnd) -> StoreResult<Option<
     let total = end.prompt_tokens + end.completion_tokens;
     if ended == 1 && total > 0 {
         let of = DebitOf::Completion(end.key.0);
-        let balance = accounts::debit(&tx, end.human, POOL, total, of, end.now).await?;
-        announce(&tx, &end, total, balance).await?;
+        let balance = accounts::debit(tx, end.human, POOL, total, of, end.now).await?;
+        announce(tx, &end, total, balance).await?;
     }
-    let (balance, limited) = accounts::ensure_pool(&tx, end.human, POOL, end.now).await?;
-    tx.commit().await?;
+    let (balance, limited) = accounts::ensure_pool(tx, end.human, POOL, end.now).await?;
     Ok(limited.then_some(balance))
 }
 
@@ -126,14 +138,38 @@ async fn announce(
     outbox::debited(tx, end.human, &event, balance, end.now).await
 }
 
-/// Ends the completions a stopped server left running, each charged its
-/// prompt's estimate: the upstream had the prompt, and may have billed for
-/// it; what it answered was never seen. As with sessions, every running
-/// completion in the database is taken as a dead run's.
+/// Ends the completions a server without a run left running
+/// (`server_restart`). Those of runs are ended as their runs are found
+/// lost (see [`super::instances::close_out_lost`]).
 pub async fn close_abandoned(client: &mut Client, now: UnixMillis) -> StoreResult<u64> {
+    let tx = client.transaction().await?;
+    let closed = close_running(&tx, None, CompletionOutcome::ServerRestart, now).await?;
+    tx.commit().await?;
+    Ok(closed)
+}
+
+/// Ends, in the transaction `tx`, the completions the lost run `instance`
+/// left running (`instance_lost`).
+pub async fn close_running_of(
+    tx: &impl GenericClient,
+    instance: Option<i64>,
+    now: UnixMillis,
+) -> StoreResult<u64> {
+    close_running(tx, instance, CompletionOutcome::InstanceLost, now).await
+}
+
+/// Ends the completions of the run `instance` (of no run, for `None`),
+/// each charged its prompt's estimate: the upstream had the prompt, and
+/// may have billed for it; what it answered was never seen.
+async fn close_running(
+    tx: &impl GenericClient,
+    instance: Option<i64>,
+    outcome: CompletionOutcome,
+    now: UnixMillis,
+) -> StoreResult<u64> {
     let sql = "SELECT id, human_id, prompt_estimate FROM completions
-               WHERE ended_at IS NULL ORDER BY id";
-    let open = all(&*client, sql, &[]).await?;
+               WHERE ended_at IS NULL AND instance_id IS NOT DISTINCT FROM $1 ORDER BY id";
+    let open = all(tx, sql, &[&instance]).await?;
     for row in &open {
         let left = CompletionEnd {
             key: CompletionKey(row.get(0)),
@@ -141,10 +177,10 @@ pub async fn close_abandoned(client: &mut Client, now: UnixMillis) -> StoreResul
             prompt_tokens: row.get(2),
             completion_tokens: 0,
             source: UsageSource::Counted,
-            outcome: CompletionOutcome::ServerRestart,
+            outcome,
             now,
         };
-        end(client, left).await?;
+        end_in(tx, left).await?;
     }
     Ok(open.len() as u64)
 }

@@ -26,11 +26,14 @@
 //! own statements: the call fails as unavailable and its connection is
 //! closed, not given back to the pool.
 //!
-//! Only one server at a time may use a database for now: see
-//! [`InstanceLock`].
+//! Any number of servers may share one database. Each run of a server
+//! joins it as an instance ([`instances`]), whose meter tells the others
+//! it is alive at every tick; the others close out its sessions once it
+//! falls silent.
 
 mod accounts;
 mod completions;
+mod instances;
 mod listings;
 mod outbox;
 mod query;
@@ -48,6 +51,7 @@ use tokio_postgres::Config;
 use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use self::instances::Instance;
 use super::sqlite::SCHEMA_VERSION;
 use super::{
     Admission, ApiKeyRecord, AttemptOutcome, CompletionAdmission, CompletionEnd, Delivery,
@@ -101,8 +105,9 @@ const CLEANUP_LIMIT: Duration = Duration::from_secs(120);
 /// starting at once: the text "tollgate" read as a number.
 const SCHEMA_LOCK: i64 = 0x746f_6c6c_6761_7465;
 
-/// The advisory lock key held by the one server using the database.
-const INSTANCE_LOCK: i64 = SCHEMA_LOCK + 1;
+/// Where the part of the schema added since version 4 starts (see
+/// schema.postgres.sql's opening comment).
+const ADDED_SINCE_4: &str = "-- Added since version 4.";
 
 /// A handle on the pools; cheap to clone.
 #[derive(Clone)]
@@ -110,11 +115,10 @@ pub struct PostgresStore {
     pool: Pool,
     /// The meter's: see [`METER_POOL_SIZE`].
     meter_pool: Pool,
-    /// The id a usage batch must find as the database's owner to be
-    /// applied: this server's (see [`InstanceLock`]), or none for a store
-    /// opened without the lock, which records usage only in a database no
-    /// server has taken.
-    owner: Option<i64>,
+    /// This server's run, once it has joined ([`PostgresStore::join`]).
+    /// A store with none (a command of the command line) records sessions
+    /// and completions that no run owns, and no meter's heartbeat.
+    instance: Option<Instance>,
 }
 
 impl PostgresStore {
@@ -125,19 +129,11 @@ impl PostgresStore {
         let (config, tls) = connection_config(url)?;
         let pool = pool_of(config.clone(), tls.clone(), POOL_SIZE)?;
         let meter_pool = pool_of(config, tls, METER_POOL_SIZE)?;
-        let store = PostgresStore { pool, meter_pool, owner: None };
+        let store = PostgresStore { pool, meter_pool, instance: None };
         let mut client = store.pool.get().await.context("cannot connect to PostgreSQL")?;
         let migrating = tokio::time::timeout(CALL_LIMIT * 4, migrate(&mut client));
         migrating.await.context("PostgreSQL did not answer while the schema was checked")??;
         Ok(store)
-    }
-}
-
-impl PostgresStore {
-    /// The same store, recording usage only while `lock`'s server is the
-    /// database's owner.
-    pub fn owned_by(self, lock: &InstanceLock) -> PostgresStore {
-        PostgresStore { owner: Some(lock.owner), ..self }
     }
 }
 
@@ -188,6 +184,18 @@ fn settle<T>(
             let limit = limit.as_millis();
             Err(StoreError::Unavailable(format!("PostgreSQL did not answer within {limit} ms")))
         }
+    }
+}
+
+impl PostgresStore {
+    /// The same store, as a new run of a server metering every `tick`
+    /// beside any others on the database (see `instances` in
+    /// schema.postgres.sql).
+    pub async fn join(self, tick: Duration) -> StoreResult<PostgresStore> {
+        let now = crate::clock::now_millis();
+        let instance = bounded!(&self.pool, |client| instances::join(&client, tick, now).await)?;
+        tracing::info!(instance = instance.id, "joined the database as a new instance");
+        Ok(PostgresStore { instance: Some(instance), ..self })
     }
 }
 
@@ -248,7 +256,7 @@ async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
     let version: Option<i64> =
         tx.query_one("SELECT MAX(version) FROM schema_version", &[]).await?.get(0);
     match version {
-        Some(SCHEMA_VERSION) => add_owner(tx).await,
+        Some(SCHEMA_VERSION) => upgrade_in_place(tx).await,
         None => anyhow::bail!("the database has a schema_version table with no version in it"),
         Some(version) => anyhow::bail!(
             "the database has schema version {version}, and this build of Tollgate only \
@@ -257,134 +265,21 @@ async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
     }
 }
 
-/// Adds `meter_clock.owner` to a database of version 4 made before it
-/// was there, within `tx`, which holds the schema's lock.
-async fn add_owner(tx: tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
-    let sql = "SELECT 1 FROM information_schema.columns
-               WHERE table_name = 'meter_clock' AND column_name = 'owner'
-                 AND table_schema = current_schema()";
-    if tx.query_opt(sql, &[]).await?.is_none() {
-        tx.execute("ALTER TABLE meter_clock ADD COLUMN owner BIGINT", &[]).await?;
-        tx.commit().await?;
+/// Adds what the schema gained since version 4 (see schema.postgres.sql)
+/// to a database made before, within `tx`, which holds the schema's lock.
+/// It all came at once, with `instances`: a database that has that table
+/// has all of it, and is left alone, so that a start-up does not lock
+/// tables other servers are using.
+async fn upgrade_in_place(tx: tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
+    let sql = "SELECT to_regclass('instances') IS NOT NULL";
+    if tx.query_one(sql, &[]).await?.get::<_, bool>(0) {
+        return Ok(());
     }
+    let added = SCHEMA.split_once(ADDED_SINCE_4).map(|(_, added)| added);
+    let added = added.context("schema.postgres.sql has no part added since version 4")?;
+    tx.batch_execute(added).await.context("cannot add the schema's new part")?;
+    tx.commit().await?;
     Ok(())
-}
-
-/// The database's lock for one server: a session-level advisory lock on a
-/// connection of its own, outside the pool, held while it is open.
-///
-/// A server cleans up at start what a crashed run left open (sessions,
-/// completions), and it cannot yet tell another live server's sessions
-/// from a dead one's; so a second server on the same database is refused,
-/// as a second one on the same SQLite file is. If the connection breaks,
-/// the lock goes with it: [`InstanceLock::lost`] says so, and
-/// [`InstanceLock::take_again`] tries to get it back.
-///
-/// The lock alone does not keep a server that lost it from writing: its
-/// pools' connections may still work, and another server may have taken
-/// the lock meanwhile. So the server taking it writes its own random id,
-/// on the lock's connection, into `meter_clock.owner`, and every usage
-/// batch of its store ([`PostgresStore::owned_by`]) is applied only while
-/// the id there is still its own. The id is the same for the whole run: a
-/// new one at each retake would leave a batch in flight checked against
-/// the other of two ids, both this server's, and would tell nothing more.
-pub struct InstanceLock {
-    config: Config,
-    tls: MakeRustlsConnect,
-    owner: i64,
-    client: tokio_postgres::Client,
-    /// The task driving the connection; `None` once it has ended.
-    connection: Option<tokio::task::JoinHandle<()>>,
-}
-
-/// What trying to take the lock again found.
-pub enum Retaken {
-    Held,
-    /// Another server holds it now.
-    Refused,
-    /// Another server took it while this one had lost it, and may have
-    /// closed this one's sessions as abandoned; it is not held.
-    Superseded,
-}
-
-impl InstanceLock {
-    /// Takes the lock, or fails at once if another server holds it; then
-    /// applies the schema to an empty database, and writes a new owner id
-    /// (see above) over whatever run had it before.
-    pub async fn take(url: &str) -> anyhow::Result<InstanceLock> {
-        let (config, tls) = connection_config(url)?;
-        let owner = rand::random();
-        let taking = tokio::time::timeout(CALL_LIMIT, InstanceLock::try_take(config, tls, owner));
-        let taken = taking.await.context("PostgreSQL did not answer while its lock was taken")?;
-        let mut lock =
-            taken?.context("another tollgate server is already using this PostgreSQL database")?;
-        let claiming = tokio::time::timeout(CALL_LIMIT * 4, lock.claim());
-        claiming.await.context("PostgreSQL did not answer while the lock was claimed")??;
-        Ok(lock)
-    }
-
-    /// Writes this server's id as the database's owner.
-    async fn claim(&mut self) -> anyhow::Result<()> {
-        migrate(&mut self.client).await?;
-        let sql = "UPDATE meter_clock SET owner = $1 WHERE id = 1";
-        self.client.execute(sql, &[&self.owner]).await?;
-        Ok(())
-    }
-
-    /// Whether the database's owner is still this server, written again to
-    /// wait for a batch in progress (see `is_repeat` in usage.rs).
-    async fn still_owner(&self) -> anyhow::Result<bool> {
-        let sql = "UPDATE meter_clock SET owner = $1 WHERE id = 1 AND owner = $1";
-        Ok(self.client.execute(sql, &[&self.owner]).await? == 1)
-    }
-
-    /// Resolves once the connection holding the lock has ended, and the
-    /// lock with it; at once if it already had.
-    pub async fn lost(&mut self) {
-        if let Some(connection) = self.connection.as_mut() {
-            let _ = connection.await;
-            self.connection = None;
-        }
-    }
-
-    /// Tries once, on a new connection, to take the lost lock again, and
-    /// keeps it only if the database's owner is still this server. Fails
-    /// when the database cannot be reached.
-    pub async fn take_again(&mut self) -> anyhow::Result<Retaken> {
-        let again = async {
-            let config = self.config.clone();
-            let Some(lock) = InstanceLock::try_take(config, self.tls.clone(), self.owner).await?
-            else {
-                return Ok(Retaken::Refused);
-            };
-            if !lock.still_owner().await? {
-                return Ok(Retaken::Superseded);
-            }
-            *self = lock;
-            Ok(Retaken::Held)
-        };
-        let taking = tokio::time::timeout(CALL_LIMIT, again);
-        taking.await.context("PostgreSQL did not answer while its lock was taken")?
-    }
-
-    /// The lock, or `None` if another server holds it.
-    async fn try_take(
-        config: Config,
-        tls: MakeRustlsConnect,
-        owner: i64,
-    ) -> anyhow::Result<Option<InstanceLock>> {
-        let (client, connection) =
-            config.connect(tls.clone()).await.context("cannot connect to PostgreSQL")?;
-        let connection = tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%error, "the connection holding the database's lock broke");
-            }
-        });
-        let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&INSTANCE_LOCK]).await?;
-        let taken = row.get::<_, bool>(0);
-        let connection = Some(connection);
-        Ok(taken.then(|| InstanceLock { config, tls, owner, client, connection }))
-    }
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -484,6 +379,30 @@ impl Store for PostgresStore {
         bounded!(&self.pool, |client| writable(&client).await)
     }
 
+    fn is_shared(&self) -> bool {
+        self.instance.is_some()
+    }
+
+    async fn close_out_lost(&self) -> StoreResult<(u64, u64)> {
+        let Some(instance) = self.instance else {
+            return Ok((0, 0));
+        };
+        let now = crate::clock::now_millis();
+        bounded!(&self.meter_pool, CLEANUP_LIMIT, |client| {
+            let tx = client.transaction().await?;
+            let closed = instances::close_out_lost(&tx, instance, now).await?;
+            tx.commit().await?;
+            Ok(closed)
+        })
+    }
+
+    async fn leave(&self) -> StoreResult<()> {
+        let Some(instance) = self.instance else {
+            return Ok(());
+        };
+        bounded!(&self.pool, |client| instances::leave(&client, instance).await)
+    }
+
     async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()> {
         bounded!(&self.pool, |client| accounts::add_api_key(&mut client, project, key).await)
     }
@@ -573,12 +492,13 @@ impl Store for PostgresStore {
     }
 
     async fn open_session(&self, session: NewSession) -> StoreResult<Admission> {
-        bounded!(&self.pool, |client| usage::open_session(&mut client, session).await)
+        let instance = self.instance;
+        bounded!(&self.pool, |client| usage::open_session(&mut client, session, instance).await)
     }
 
     async fn record_usage(&self, batch: UsageBatch, now: UnixMillis) -> StoreResult<UsageRecorded> {
-        let owner = self.owner;
-        bounded!(&self.meter_pool, |client| usage::record(&mut client, batch, now, owner).await)
+        let instance = self.instance;
+        bounded!(&self.meter_pool, |client| usage::record(&mut client, batch, now, instance).await)
     }
 
     async fn close_abandoned_sessions(&self) -> StoreResult<u64> {
@@ -590,7 +510,8 @@ impl Store for PostgresStore {
         &self,
         completion: NewCompletion,
     ) -> StoreResult<CompletionAdmission> {
-        bounded!(&self.pool, |client| completions::start(&mut client, completion).await)
+        let instance = self.instance;
+        bounded!(&self.pool, |client| completions::start(&mut client, completion, instance).await)
     }
 
     async fn end_completion(&self, end: CompletionEnd) -> StoreResult<Option<i64>> {

@@ -5,6 +5,8 @@
 //! webhook comes with the pool's locked row, so a tick pays nothing more
 //! for projects without one.
 
+use std::collections::HashMap;
+
 use deadpool_postgres::GenericClient;
 
 use super::query::{all, one, opt, run};
@@ -59,32 +61,47 @@ pub async fn lock_pools(
     tx: &impl GenericClient,
     keys: &[(HumanId, LimitType)],
 ) -> StoreResult<Vec<Pool>> {
+    let sql = format!("{POOLS} ORDER BY l.human_id, l.limit_type FOR NO KEY UPDATE OF l");
+    let pools = pools_of(tx, &sql, keys).await?;
+    keys.iter()
+        .map(|key| pools.get(key).cloned().ok_or_else(|| missing_pool(key.0, key.1)))
+        .collect()
+}
+
+/// Reads several pools as they stand, without a lock, in the order of
+/// `keys`; pools that do not exist are left out.
+pub async fn read_pools(
+    db: &impl GenericClient,
+    keys: &[(HumanId, LimitType)],
+) -> StoreResult<Vec<Pool>> {
+    let mut pools = pools_of(db, POOLS, keys).await?;
+    Ok(keys.iter().filter_map(|key| pools.remove(key)).collect())
+}
+
+/// The pools `keys` name, each with the columns [`pool_of`] reads.
+const POOLS: &str = "SELECT l.balance, l.limited, l.low_notified, l.exhausted_notified,
+                            h.revocation_epoch, w.project_id IS NOT NULL, w.events,
+                            w.thresholds, l.human_id, l.limit_type
+                     FROM limits l
+                     JOIN humans h ON h.id = l.human_id
+                     LEFT JOIN webhooks w ON w.project_id = h.project_id
+                     WHERE (l.human_id, l.limit_type) IN
+                           (SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[]))";
+
+async fn pools_of(
+    db: &impl GenericClient,
+    sql: &str,
+    keys: &[(HumanId, LimitType)],
+) -> StoreResult<HashMap<(HumanId, LimitType), Pool>> {
     let humans: Vec<i64> = keys.iter().map(|(human, _)| human.0).collect();
     let types: Vec<&str> = keys.iter().map(|(_, limit_type)| limit_type.as_str()).collect();
-    let rows = all(
-        tx,
-        "SELECT l.balance, l.limited, l.low_notified, l.exhausted_notified,
-                h.revocation_epoch, w.project_id IS NOT NULL, w.events, w.thresholds,
-                l.human_id, l.limit_type
-         FROM limits l
-         JOIN humans h ON h.id = l.human_id
-         LEFT JOIN webhooks w ON w.project_id = h.project_id
-         WHERE (l.human_id, l.limit_type) IN
-               (SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[]))
-         ORDER BY l.human_id, l.limit_type
-         FOR NO KEY UPDATE OF l",
-        &[&humans, &types],
-    )
-    .await?;
-    let mut found = std::collections::HashMap::new();
+    let rows = all(db, sql, &[&humans, &types]).await?;
+    let mut found = HashMap::with_capacity(rows.len());
     for row in &rows {
         let key = (HumanId(row.get(8)), super::accounts::limit_type(row.get(9))?);
         found.insert(key, pool_of(key.0, key.1, row));
     }
-    let pool = |&(human, limit_type)| {
-        found.remove(&(human, limit_type)).ok_or_else(|| missing_pool(human, limit_type))
-    };
-    keys.iter().map(pool).collect()
+    Ok(found)
 }
 
 /// A pool from a row of the statements above.
@@ -191,4 +208,11 @@ pub async fn crossed(
         .await?;
     }
     Ok(crossing.armed_line)
+}
+
+/// The "running low" line of a pool as it stands: the balance below which
+/// the store must be told of it again, so that its event fires on time.
+pub fn armed_line(pool: &Pool) -> Option<i64> {
+    let hook = pool.hook.as_ref().filter(|_| pool.limited)?;
+    hooks::armed_line(hook, pool.limit_type, pool.notified)
 }

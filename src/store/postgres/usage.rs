@@ -8,14 +8,17 @@
 use deadpool_postgres::{Client, GenericClient};
 
 use super::accounts;
+use super::instances::{self, Instance};
 use super::outbox::{self, Pool};
 use super::query::{all, one, run};
 use crate::close::EndReason;
-use crate::limits::SessionKind;
+use crate::limits::{LimitType, SessionKind};
 use crate::store::{
-    Admission, BatchId, Charge, HumanId, NewSession, PoolState, SessionKey, StoreError,
+    Admission, BatchId, Charge, Foreign, HumanId, NewSession, PoolState, SessionKey, StoreError,
     StoreResult, UnixMillis, UsageBatch, UsageRecorded,
 };
+
+type PoolKey = (HumanId, LimitType);
 use crate::webhooks::events::{Event, UsageSource};
 
 /// A debit row stays open for this long of wall-clock time, growing with
@@ -23,10 +26,17 @@ use crate::webhooks::events::{Event, UsageSource};
 /// SQLite's, so that both ledgers read alike.
 const SEGMENT_MILLIS: i64 = 60_000;
 
-pub async fn open_session(client: &mut Client, session: NewSession) -> StoreResult<Admission> {
+/// Admits a session for this server's run `instance` (`None` for a store
+/// with no run, whose sessions no server meters).
+pub async fn open_session(
+    client: &mut Client,
+    session: NewSession,
+    instance: Option<Instance>,
+) -> StoreResult<Admission> {
     let tx = client.transaction().await?;
-    // The human's row is locked first: admissions of one human then run
-    // one after another, on every server, and the cap counts them all. A
+    instances::check_live(&tx, instance).await?;
+    // The human's row is locked next: admissions of one human then run one
+    // after another, on every server, and the cap counts them all. A
     // revocation changes that row too, so the token is read after the
     // lock: either the revocation committed before it, and the token is
     // seen revoked, or it waits for this admission and then changes the
@@ -51,14 +61,15 @@ pub async fn open_session(client: &mut Client, session: NewSession) -> StoreResu
 
     let key: i64 = one(
         &tx,
-        "INSERT INTO sessions (public_id, human_id, kind, token_id, started_at)
-         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        "INSERT INTO sessions (public_id, human_id, kind, token_id, started_at, instance_id)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         &[
             &session.public_id,
             &session.human.0,
             &session.kind.as_str(),
             &session.token,
             &session.now,
+            &instance.map(|instance| instance.id),
         ],
     )
     .await?
@@ -88,57 +99,35 @@ async fn open_sessions(db: &impl GenericClient, human: HumanId) -> StoreResult<i
     Ok(one(db, sql, &[&human.0]).await?.get(0))
 }
 
-/// Sets the meter's clock (see `meter_clock` in schema.sql) to `now`, and
-/// records the batch's id there, in the batch's own transaction. It is the
-/// last statement of a batch.
-async fn advance_clock(
-    db: &impl GenericClient,
-    batch: Option<BatchId>,
-    now: UnixMillis,
-) -> StoreResult<()> {
-    let sql = "UPDATE meter_clock
-               SET alive_at = GREATEST(alive_at, $1), last_batch = COALESCE($2, last_batch)
-               WHERE id = 1";
-    run(db, sql, &[&now, &batch.map(|id| id.0)]).await?;
-    Ok(())
-}
-
-/// Whether `batch` is the last one committed, sent again because its
-/// commit's answer was lost; fails with [`StoreError::Superseded`] if the
-/// database's owner (see `meter_clock` in schema.postgres.sql) is not
-/// `owner`, another server having taken the database since. The clock's
-/// row is locked first, before any pool (nothing else locks it): a first
-/// attempt whose connection this side has given up on may still be running
-/// on the server, and is then waited for, its id read once it has
-/// committed or rolled back, rather than both attempts applying the batch;
-/// and a server taking the lock writes its id into the row, so that it
-/// waits for a batch in progress and every later batch sees the new owner.
+/// Whether `batch` is the last one `instance` committed, sent again
+/// because its commit's answer was lost; fails with
+/// [`StoreError::Superseded`] if the run has ended (see
+/// [`instances::last_batch`]). A store with no run recognises no repeats.
 async fn is_repeat(
     db: &impl GenericClient,
     batch: Option<BatchId>,
-    owner: Option<i64>,
+    instance: Option<Instance>,
 ) -> StoreResult<bool> {
-    let sql = "SELECT last_batch, owner FROM meter_clock WHERE id = 1 FOR UPDATE";
-    let row = one(db, sql, &[]).await?;
-    if row.get::<_, Option<i64>>(1) != owner {
-        return Err(StoreError::Superseded);
-    }
-    let last: Option<i64> = row.get(0);
+    let Some(instance) = instance else {
+        return Ok(false);
+    };
+    let last = instances::last_batch(db, instance).await?;
     Ok(batch.is_some_and(|id| last == Some(id.0)))
 }
 
 /// Applies one batch in one transaction, its pools locked in lock order,
 /// or answers a repeat of the last one committed without applying it again
-/// (see [`UsageBatch::id`]). Applies nothing unless the database's owner is
-/// `owner` (see [`is_repeat`]).
+/// (see [`UsageBatch::id`]). Applies nothing once `instance` has ended
+/// (see [`is_repeat`]). Beside the pools it charges, it reports the ones
+/// it is to watch, and of each the sessions other runs meter.
 pub async fn record(
     client: &mut Client,
     batch: UsageBatch,
     now: UnixMillis,
-    owner: Option<i64>,
+    instance: Option<Instance>,
 ) -> StoreResult<UsageRecorded> {
     let tx = client.transaction().await?;
-    let repeat = is_repeat(&tx, batch.id, owner).await?;
+    let repeat = is_repeat(&tx, batch.id, instance).await?;
     let batch = if repeat { batch.as_repeated() } else { batch };
     let mut recorded = UsageRecorded::default();
     // Every pool is locked first, in lock order, by one statement; then the
@@ -166,9 +155,70 @@ pub async fn record(
         charged.insert(end.session, end_session(&tx, end.session, end.reason, now).await?);
     }
     recorded.ended = batch.ends.iter().map(|end| (end.session, charged[&end.session])).collect();
-    advance_clock(&tx, batch.id, now).await?;
+    if let Some(instance) = instance {
+        let watched = batch.watch.iter().filter(|key| !keys.contains(key)).copied();
+        recorded.pools.extend(watch(&tx, &watched.collect::<Vec<_>>()).await?);
+        with_foreign(&tx, &mut recorded.pools, instance, now).await?;
+        instances::beat(&tx, instance, batch.id.map(|id| id.0), now).await?;
+    }
     tx.commit().await?;
     Ok(recorded)
+}
+
+/// The state of pools the batch did not charge, read without a lock:
+/// changes made through other servers (a top-up, a revocation, another's
+/// charges) reach this one's meter this way.
+async fn watch(db: &impl GenericClient, keys: &[PoolKey]) -> StoreResult<Vec<PoolState>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pools = outbox::read_pools(db, keys).await?;
+    Ok(pools.iter().map(|pool| pool_state(pool, pool.balance, outbox::armed_line(pool))).collect())
+}
+
+/// Fills in, for each of `pools`, the sessions other runs than `instance`
+/// have open on it and what they have used up to `now` beyond what their
+/// runs recorded (each from its last recorded charge, or its start), so
+/// that this run's meter reckons with them when it works out the pool's
+/// end. One statement for every pool.
+async fn with_foreign(
+    db: &impl GenericClient,
+    pools: &mut [PoolState],
+    instance: Instance,
+    now: UnixMillis,
+) -> StoreResult<()> {
+    let humans: Vec<i64> = pools.iter().map(|pool| pool.human.0).collect();
+    if humans.is_empty() {
+        return Ok(());
+    }
+    let rows = all(
+        db,
+        "SELECT s.human_id, s.kind, COUNT(*),
+                COALESCE(SUM(GREATEST(0, $3 - GREATEST(s.started_at,
+                    (SELECT MAX(l.updated_at) FROM ledger l WHERE l.session_id = s.id)))), 0)
+                    ::BIGINT
+         FROM sessions s
+         WHERE s.human_id = ANY($1) AND s.ended_at IS NULL
+           AND s.instance_id IS DISTINCT FROM $2
+         GROUP BY s.human_id, s.kind",
+        &[&humans, &instance.id, &now],
+    )
+    .await?;
+    for row in rows {
+        let kind: &str = row.get(1);
+        let Some(kind) = SessionKind::parse(kind) else {
+            return Err(StoreError::Other(format!("unknown session kind {kind:?} stored")));
+        };
+        let key = (HumanId(row.get(0)), kind.limit_type());
+        let foreign = Foreign {
+            sessions: u32::try_from(row.get::<_, i64>(2)).unwrap_or(u32::MAX),
+            unrecorded: row.get(3),
+        };
+        for pool in pools.iter_mut().filter(|pool| (pool.human, pool.limit_type) == key) {
+            pool.foreign = foreign;
+        }
+    }
+    Ok(())
 }
 
 /// The charges of one batch grouped by pool, the pools in the order of
@@ -192,7 +242,6 @@ async fn charge_pool(
     charges: Vec<Charge>,
     now: UnixMillis,
 ) -> StoreResult<PoolState> {
-    let (human, limit_type) = (pool.human, pool.limit_type);
     let mut balance = pool.balance;
     for charge in charges {
         if charge.amount >= 0 {
@@ -205,9 +254,19 @@ async fn charge_pool(
         }
     }
     let low_line = outbox::crossed(tx, &pool, balance, now).await?;
-    let remaining = pool.limited.then_some(balance);
-    let revocation_epoch = pool.revocation_epoch;
-    Ok(PoolState { human, limit_type, remaining, revocation_epoch, low_line })
+    Ok(pool_state(&pool, balance, low_line))
+}
+
+/// What the meter is told of a pool whose balance is now `balance`.
+fn pool_state(pool: &Pool, balance: i64, low_line: Option<i64>) -> PoolState {
+    PoolState {
+        human: pool.human,
+        limit_type: pool.limit_type,
+        remaining: pool.limited.then_some(balance),
+        revocation_epoch: pool.revocation_epoch,
+        low_line,
+        foreign: Foreign::default(),
+    }
 }
 
 /// Takes a session's charge from its pool, cut to what remains of an
@@ -401,32 +460,42 @@ async fn announce_end(
     outbox::emit(tx, facts.human, &event, now).await
 }
 
-/// Ends every session still open in the database. Each is first charged
-/// from its last recorded usage up to the meter's clock, the last moment
-/// the run that left it open is known to have metered, and that is taken
-/// as its end.
-///
-/// Every session open in the database is taken as left by a dead run: with
-/// two servers on one database this would end the other's live sessions,
-/// which is why a second server is refused (see `InstanceLock`).
+/// Ends the sessions a server without a run left open (`server_restart`),
+/// charged up to their last recorded usage: a store opened with no run
+/// records sessions under none, and nothing says how long they ran after
+/// that. The sessions of runs are closed out as their runs are found lost
+/// (see [`super::instances::close_out_lost`]).
 pub async fn close_abandoned(client: &mut Client) -> StoreResult<u64> {
     let tx = client.transaction().await?;
-    let sql = "SELECT alive_at FROM meter_clock WHERE id = 1";
-    let alive_at: UnixMillis = one(&tx, sql, &[]).await?.get(0);
-    let open = abandoned_sessions(&tx).await?;
+    let closed = close_sessions_of(&tx, None, 0, EndReason::ServerRestart).await?;
+    tx.commit().await?;
+    Ok(closed)
+}
+
+/// Ends, in the transaction `tx`, every open session of the run `instance`
+/// (of no run, for `None`) for `reason`. Each is first charged from its
+/// last recorded usage up to `alive_at`, the last moment its run is known
+/// to have metered, and that is taken as its end.
+pub async fn close_sessions_of(
+    tx: &impl GenericClient,
+    instance: Option<i64>,
+    alive_at: UnixMillis,
+    reason: EndReason,
+) -> StoreResult<u64> {
+    let open = abandoned_sessions(tx, instance).await?;
     for session in &open {
         let owed = alive_at - session.recorded_to;
         if owed > 0 {
             let charge = Charge { amount: owed, ..session.charge };
-            let pool = outbox::lock_pool(&tx, charge.human, charge.limit_type).await?;
-            charge_pool(&tx, pool, vec![charge], alive_at).await?;
+            let pool = outbox::lock_pool(tx, charge.human, charge.limit_type).await?;
+            charge_pool(tx, pool, vec![charge], alive_at).await?;
         }
     }
-    let reason = EndReason::ServerRestart.as_str();
+    let reason = reason.as_str();
     for session in &open {
         let id = session.charge.session.0;
         let ended_at: i64 = one(
-            &tx,
+            tx,
             "UPDATE sessions SET
                  end_reason = $2,
                  charged = (SELECT -COALESCE(SUM(amount), 0)::BIGINT FROM ledger
@@ -438,27 +507,31 @@ pub async fn close_abandoned(client: &mut Client) -> StoreResult<u64> {
         )
         .await?
         .get(0);
-        announce_end(&tx, SessionKey(id), reason, ended_at).await?;
+        announce_end(tx, SessionKey(id), reason, ended_at).await?;
     }
-    tx.commit().await?;
     Ok(open.len() as u64)
 }
 
-/// A session a previous run left open, and when its usage was last
-/// recorded (its start, if it never was).
+/// A session a run left open, and when its usage was last recorded (its
+/// start, if it never was).
 struct Abandoned {
     charge: Charge,
     recorded_to: UnixMillis,
 }
 
-async fn abandoned_sessions(db: &impl GenericClient) -> StoreResult<Vec<Abandoned>> {
+async fn abandoned_sessions(
+    db: &impl GenericClient,
+    instance: Option<i64>,
+) -> StoreResult<Vec<Abandoned>> {
     let rows = all(
         db,
         "SELECT id, human_id, kind,
                 GREATEST(started_at, (SELECT MAX(updated_at) FROM ledger
                                       WHERE ledger.session_id = sessions.id))
-         FROM sessions WHERE ended_at IS NULL ORDER BY id",
-        &[],
+         FROM sessions
+         WHERE ended_at IS NULL AND instance_id IS NOT DISTINCT FROM $1
+         ORDER BY id",
+        &[&instance],
     )
     .await?;
     let mut open = Vec::new();

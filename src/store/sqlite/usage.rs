@@ -11,7 +11,7 @@ use super::outbox::{self, Hooks, PoolMarks};
 use crate::close::EndReason;
 use crate::limits::{LimitType, SessionKind};
 use crate::store::{
-    Admission, Charge, HumanId, NewSession, PoolState, ProjectId, SessionKey, StoreError,
+    Admission, Charge, Foreign, HumanId, NewSession, PoolState, ProjectId, SessionKey, StoreError,
     StoreResult, UnixMillis, UsageBatch, UsageRecorded,
 };
 use crate::webhooks::events::{Event, UsageSource};
@@ -185,7 +185,8 @@ impl Charging<'_> {
             .execute(params![human.0, limit_type.as_str(), balance, self.now])?;
         let low_line = outbox::crossed(self.conn, self.hooks, marks, balance, self.now)?;
         let remaining = limited.then_some(balance);
-        Ok(PoolState { human, limit_type, remaining, revocation_epoch, low_line })
+        let foreign = Foreign::default();
+        Ok(PoolState { human, limit_type, remaining, revocation_epoch, low_line, foreign })
     }
 
     /// Debits a session's current segment, or a new one when it is a

@@ -1,0 +1,152 @@
+//! The runs of the servers sharing the database (`instances` in
+//! schema.postgres.sql): a run joining, the check that keeps a run another
+//! has closed out from recording anything, the heartbeat each meter commit
+//! writes, and the close-out of runs that have gone silent.
+//!
+//! Liveness is read on the database's clock, never a server's own, so that
+//! servers whose clocks disagree still agree on who is silent. The usage a
+//! closed-out run's sessions are charged up to is its meter's own clock
+//! (`alive_at`), the one their charges were reckoned on.
+
+use std::time::Duration;
+
+use deadpool_postgres::GenericClient;
+
+use super::query::{all, opt, run};
+use super::{completions, usage};
+use crate::close::EndReason;
+use crate::store::{StoreError, StoreResult, UnixMillis};
+
+/// The database's clock in Unix milliseconds, as SQL. `clock_timestamp()`,
+/// not `now()`, which stands still for a whole transaction.
+const DB_NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// A run is closed out once it has been silent for this many of its own
+/// ticks while the run closing it out was up.
+pub const SILENT_TICKS: i64 = 3;
+
+/// This server's run on the database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub id: i64,
+    pub tick_millis: i64,
+}
+
+/// Records a new run, with a random id, metering every `tick`.
+pub async fn join(
+    db: &impl GenericClient,
+    tick: Duration,
+    now: UnixMillis,
+) -> StoreResult<Instance> {
+    let instance = Instance {
+        id: rand::random(),
+        tick_millis: i64::try_from(tick.as_millis()).unwrap_or(i64::MAX).max(1),
+    };
+    let sql = format!(
+        "INSERT INTO instances (id, started_at, tick_millis, alive_at, seen_at, up_since)
+         VALUES ($1, $2, $3, 0, {DB_NOW}, {DB_NOW})"
+    );
+    run(db, &sql, &[&instance.id, &now, &instance.tick_millis]).await?;
+    Ok(instance)
+}
+
+/// Fails with [`StoreError::Superseded`] if the run has ended, closed out
+/// by another as lost; otherwise holds a share of its row's lock until the
+/// transaction ends, so that a close-out that would miss what the
+/// transaction adds (a session, a completion) waits for it, or rather
+/// skips the run for now (see [`close_out_lost`]). A store with no run (a
+/// command of the command line) is not checked.
+pub async fn check_live(db: &impl GenericClient, instance: Option<Instance>) -> StoreResult<()> {
+    let Some(instance) = instance else {
+        return Ok(());
+    };
+    let sql = "SELECT ended_at IS NULL FROM instances WHERE id = $1 FOR KEY SHARE";
+    match opt(db, sql, &[&instance.id]).await? {
+        Some(row) if row.get::<_, bool>(0) => Ok(()),
+        _ => Err(StoreError::Superseded),
+    }
+}
+
+/// The id of the run's last usage batch, its row locked until the
+/// transaction ends, before any pool (the meter's batches are the only
+/// writers that lock it this way); fails with [`StoreError::Superseded`]
+/// if the run has ended. A first attempt of the batch whose connection
+/// this side has given up on may still be running on the server: it is
+/// waited for, and its id read once it has committed or rolled back,
+/// rather than both attempts applying the batch. A close-out skips a run
+/// whose batch is in progress.
+pub async fn last_batch(db: &impl GenericClient, instance: Instance) -> StoreResult<Option<i64>> {
+    let sql = "SELECT last_batch, ended_at IS NULL FROM instances
+               WHERE id = $1 FOR NO KEY UPDATE";
+    match opt(db, sql, &[&instance.id]).await? {
+        Some(row) if row.get::<_, bool>(1) => Ok(row.get(0)),
+        _ => Err(StoreError::Superseded),
+    }
+}
+
+/// The run's heartbeat, the last statement of each of its usage batches:
+/// its meter's clock set to `now`, the database's clock read, and the
+/// batch's id recorded. A run silent for two ticks or more is up again only
+/// from now (`up_since`).
+pub async fn beat(
+    db: &impl GenericClient,
+    instance: Instance,
+    batch: Option<i64>,
+    now: UnixMillis,
+) -> StoreResult<()> {
+    let sql = format!(
+        "UPDATE instances SET
+             alive_at = GREATEST(alive_at, $2),
+             up_since = CASE WHEN {DB_NOW} - seen_at > 2 * tick_millis THEN {DB_NOW}
+                             ELSE up_since END,
+             seen_at = {DB_NOW},
+             last_batch = COALESCE($3, last_batch)
+         WHERE id = $1"
+    );
+    run(db, &sql, &[&instance.id, &now, &batch]).await?;
+    Ok(())
+}
+
+/// Records that the run stopped cleanly, every session's usage recorded.
+pub async fn leave(db: &impl GenericClient, instance: Instance) -> StoreResult<()> {
+    let sql = format!("UPDATE instances SET ended_at = {DB_NOW} WHERE id = $1");
+    run(db, &sql, &[&instance.id]).await?;
+    Ok(())
+}
+
+/// Closes out, in the transaction `tx`, every other run silent for
+/// [`SILENT_TICKS`] of its ticks while `instance` was up: its open sessions
+/// end (`instance_lost`) charged up to its meter's last clock, its running
+/// completions end charged their prompts, and it is marked lost, so that
+/// it records nothing more should it come back. Nothing is closed out
+/// while `instance` itself is not up (its last commit two ticks old or
+/// more): an outage of the database silences every run alike. A run whose
+/// row is locked (a batch of its own, an admission) is alive, and skipped.
+/// Returns the sessions and completions ended.
+pub async fn close_out_lost(
+    tx: &impl GenericClient,
+    instance: Instance,
+    now: UnixMillis,
+) -> StoreResult<(u64, u64)> {
+    let sql = format!(
+        "SELECT o.id, o.alive_at FROM instances o, instances me
+         WHERE me.id = $1 AND me.ended_at IS NULL
+           AND {DB_NOW} - me.seen_at < 2 * me.tick_millis
+           AND o.id <> me.id AND o.ended_at IS NULL
+           AND {DB_NOW} - GREATEST(o.seen_at, me.up_since) > $2 * o.tick_millis
+         FOR UPDATE OF o SKIP LOCKED"
+    );
+    let lost = all(tx, &sql, &[&instance.id, &SILENT_TICKS]).await?;
+    let (mut sessions, mut completions) = (0, 0);
+    for row in lost {
+        let (id, alive_at): (i64, UnixMillis) = (row.get(0), row.get(1));
+        let reason = EndReason::InstanceLost;
+        let ended = usage::close_sessions_of(tx, Some(id), alive_at, reason).await?;
+        completions += completions::close_running_of(tx, Some(id), now).await?;
+        let sql = format!("UPDATE instances SET ended_at = {DB_NOW}, lost = TRUE WHERE id = $1");
+        run(tx, &sql, &[&id]).await?;
+        tracing::warn!(instance = id, sessions = ended, "closed out a server gone silent");
+        sessions += ended;
+    }
+    Ok((sessions, completions))
+}
