@@ -266,12 +266,17 @@ impl Chaos {
     /// Everything checked after a restart.
     async fn check(&self, round: usize, outcome: Round) {
         let context = format!("round {round}");
+        let db = &self.db;
+        if matches!(db, Db::Postgres(_)) {
+            // The new run closes out the killed one's sessions once it has
+            // been silent for three of its ticks.
+            until_closed_out(db, &context).await;
+        }
         let logged = self.server().stderr().join("\n");
         if outcome.left_open > 0 {
             let line = format!("left open sessions={}", outcome.left_open);
             assert!(logged.contains(&line), "{context}: {line} not logged: {logged}");
         }
-        let db = &self.db;
         assert_eq!(open_sessions(db), 0, "{context}: sessions left open after the restart");
         assert_ledger_identity(db);
         assert_no_pool_below_zero(db, &context);
@@ -444,7 +449,7 @@ fn check_sessions(db: &Db, outcome: &Round, context: &str) {
         let Some(id) = &seen.id else { continue };
         let row = rows.remove(id).unwrap_or_else(|| panic!("{context}: no {id}"));
         let (reason, charged, from) = row;
-        let reasons = ["server_restart", "usage_limit_exceeded"];
+        let reasons = ["server_restart", "instance_lost", "usage_limit_exceeded"];
         assert!(reasons.contains(&reason.as_str()), "{context}: {id} ended with {reason}");
         let charged = charged as f64 / 1000.0;
         let from = from.map(|ms| instant_of(ms, outcome.killed_from, outcome.killed_at));
@@ -496,7 +501,7 @@ fn bounds(seen: &Seen, reason: &str, from: Option<Instant>, outcome: &Round) -> 
     let most = (seen.ended.min(outcome.killed_by) - seen.asked).as_secs_f64();
     let rich = seen.human.starts_with("rich-");
     let least = match (reason, from) {
-        ("server_restart", Some(from)) if rich => {
+        ("server_restart" | "instance_lost", Some(from)) if rich => {
             outcome.last_tick.saturating_duration_since(opened.max(from))
         }
         _ => return (most + CLOCKS, 0.0),
@@ -558,9 +563,25 @@ fn sessions_after(db: &Db, id: i64) -> HashMap<String, SessionRow> {
     .collect()
 }
 
-/// The last time the meter committed, in Unix milliseconds.
+/// The last time the meter committed, in Unix milliseconds: on
+/// PostgreSQL, the meter of the newest run, which is the one just killed.
 fn meter_clock(db: &Db) -> i64 {
-    db.query_i64("SELECT alive_at FROM meter_clock", &[])
+    match db {
+        Db::Sqlite(_) => db.query_i64("SELECT alive_at FROM meter_clock", &[]),
+        Db::Postgres(_) => {
+            db.query_i64("SELECT alive_at FROM instances ORDER BY started_at DESC, id LIMIT 1", &[])
+        }
+    }
+}
+
+/// Waits until no session is left open, as the close-out of a run gone
+/// silent leaves none, for at most ten seconds.
+async fn until_closed_out(db: &Db, context: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_sessions(db) > 0 {
+        assert!(Instant::now() < deadline, "{context}: the killed run was never closed out");
+        sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The instant of `unix_ms`, by the instant `at` that was `at_ms`.

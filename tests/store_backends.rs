@@ -13,11 +13,11 @@ use common::postgres::{self, FreshDatabase};
 use tollgate::close::EndReason;
 use tollgate::limits::{ChangeMode, Limit, LimitType, SessionKind};
 use tollgate::secret::{Secret, SecretKind};
-use tollgate::store::postgres::{InstanceLock, PostgresStore, Retaken};
+use tollgate::store::postgres::PostgresStore;
 use tollgate::store::sqlite::SqliteStore;
 use tollgate::store::{
     Admission, AttemptOutcome, BatchId, Charge, CompletionAdmission, CompletionEnd,
-    CompletionOutcome, DeliveryStatus, HumanId, LedgerFilter, MintRequest, NewCompletion,
+    CompletionOutcome, DeliveryStatus, Foreign, HumanId, LedgerFilter, MintRequest, NewCompletion,
     NewReport, NewSession, Page, ProjectId, ReportOutcome, SessionEnd, SessionFilter, SessionKey,
     Store, StoreError, UsageBatch, UsageSource, WebhookChange,
 };
@@ -40,6 +40,13 @@ enum Rows {
 
 /// A store of each backend there is, each on an empty database.
 async fn backends(case: &str) -> Vec<Backend> {
+    backends_joined(case, None).await
+}
+
+/// As [`backends`], the PostgreSQL store joined as a server's run metering
+/// every `tick` (see [`PostgresStore::join`]), as a server's store is; a
+/// store with no run is a command's, whose sessions no server meters.
+async fn backends_joined(case: &str, tick: Option<std::time::Duration>) -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
     let (sqlite, _threads) = SqliteStore::open(&path).unwrap();
@@ -50,7 +57,10 @@ async fn backends(case: &str) -> Vec<Backend> {
     }];
     if let Some(server) = postgres::server(case) {
         let db = FreshDatabase::create(&server).await;
-        let store = PostgresStore::open(&db.url).await.unwrap();
+        let mut store = PostgresStore::open(&db.url).await.unwrap();
+        if let Some(tick) = tick {
+            store = store.join(tick).await.unwrap();
+        }
         backends.push(Backend {
             name: "postgres",
             store: Arc::new(store),
@@ -58,6 +68,19 @@ async fn backends(case: &str) -> Vec<Backend> {
         });
     }
     backends
+}
+
+/// A conversational session of the human opened with the token at NOW,
+/// under no cap.
+fn new_session(human: HumanId, token: i64, id: &str) -> NewSession {
+    NewSession {
+        human,
+        kind: SessionKind::Conversational,
+        public_id: id.into(),
+        token: Some(token),
+        max_sessions_per_human: None,
+        now: NOW,
+    }
 }
 
 /// Pools whose balance differs from the sum of their ledger rows:
@@ -114,14 +137,7 @@ impl Backend {
     }
 
     async fn open(&self, human: HumanId, token: i64, id: &str, cap: Option<u32>) -> Admission {
-        let session = NewSession {
-            human,
-            kind: SessionKind::Conversational,
-            public_id: id.into(),
-            token: Some(token),
-            max_sessions_per_human: cap,
-            now: NOW,
-        };
+        let session = NewSession { max_sessions_per_human: cap, ..new_session(human, token, id) };
         self.store.open_session(session).await.unwrap()
     }
 
@@ -134,7 +150,7 @@ impl Backend {
 
     async fn charge(&self, human: HumanId, session: SessionKey, amount: i64) -> Option<i64> {
         let charge = Charge { session, human, limit_type: CONVERSATIONAL, amount };
-        let batch = UsageBatch { id: None, charges: vec![charge], ends: vec![] };
+        let batch = UsageBatch { id: None, charges: vec![charge], ..UsageBatch::default() };
         let recorded = self.store.record_usage(batch, NOW + 1000).await.unwrap();
         recorded.pools[0].remaining
     }
@@ -221,7 +237,7 @@ async fn usage_is_debited_cut_at_zero_and_the_end_records_what_the_session_was_c
         assert_eq!(b.charge(human, session, 3_000).await, Some(7_000), "{}", b.name);
         assert_eq!(b.charge(human, session, 9_000).await, Some(0), "{}", b.name);
         let end = SessionEnd { session, reason: EndReason::UsageLimitExceeded };
-        let batch = UsageBatch { id: None, charges: vec![], ends: vec![end] };
+        let batch = UsageBatch { ends: vec![end], ..UsageBatch::default() };
         let recorded = b.store.record_usage(batch, NOW + 2000).await.unwrap();
         assert_eq!(recorded.ended, vec![(session, 10_000)], "{}", b.name);
 
@@ -273,7 +289,7 @@ async fn a_grant_or_a_debit_too_large_for_a_balance_is_refused_and_changes_nothi
 
 #[tokio::test]
 async fn a_batch_sent_again_under_its_id_is_answered_as_committed_and_not_charged_twice() {
-    for b in backends("a_batch_sent_again").await {
+    for b in backends_joined("a_batch_sent_again", Some(RUN_TICK)).await {
         let project = b.project("acme").await;
         let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
         let (ended, open) =
@@ -284,6 +300,7 @@ async fn a_batch_sent_again_under_its_id_is_answered_as_committed_and_not_charge
             id: Some(BatchId::random()),
             charges: vec![charge(ended, 2_000), charge(open, 3_000)],
             ends: vec![SessionEnd { session: ended, reason: EndReason::ClientClosed }],
+            watch: vec![],
         };
         let first = b.store.record_usage(batch.clone(), NOW + 1000).await.unwrap();
         let again = b.store.record_usage(batch, NOW + 1000).await.unwrap();
@@ -312,7 +329,7 @@ async fn the_meter_charges_once_a_batch_whose_commits_answer_was_lost() {
     use tokio::time::Instant;
     use tollgate::meter::{Health, MeterSettings, Registration, SessionUpdate, UsageEvents};
 
-    for b in backends("the_meter_charges_once").await {
+    for b in backends_joined("the_meter_charges_once", Some(RUN_TICK)).await {
         let project = b.project("acme").await;
         let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
         let Admission::Admitted { key, revocation_epoch, .. } =
@@ -379,7 +396,7 @@ async fn the_ends_of_a_batch_are_answered_in_the_batchs_order() {
         let reason = EndReason::ClientClosed;
         let ends =
             vec![SessionEnd { session: second, reason }, SessionEnd { session: first, reason }];
-        let batch = UsageBatch { id: None, charges: vec![], ends };
+        let batch = UsageBatch { ends, ..UsageBatch::default() };
         let recorded = b.store.record_usage(batch, NOW + 2000).await.unwrap();
         assert_eq!(recorded.ended, vec![(second, 2_000), (first, 1_000)], "{}", b.name);
         b.assert_ledger_identity().await;
@@ -397,7 +414,7 @@ async fn a_charge_for_a_session_never_admitted_fails_and_not_as_unavailable() {
             limit_type: CONVERSATIONAL,
             amount: -1000,
         };
-        let batch = UsageBatch { id: None, charges: vec![charge], ends: vec![] };
+        let batch = UsageBatch { id: None, charges: vec![charge], ..UsageBatch::default() };
         let failed = b.store.record_usage(batch, NOW + 1000).await;
         assert!(matches!(failed, Err(StoreError::Other(_))), "{}: {failed:?}", b.name);
         b.store.ping().await.unwrap();
@@ -434,7 +451,8 @@ async fn concurrent_debits_of_one_human_never_lose_an_update() {
             tokio::spawn(async move {
                 for _ in 0..ROUNDS {
                     let charge = Charge { session, human, limit_type: CONVERSATIONAL, amount };
-                    let batch = UsageBatch { id: None, charges: vec![charge], ends: vec![] };
+                    let batch =
+                        UsageBatch { id: None, charges: vec![charge], ..UsageBatch::default() };
                     store.record_usage(batch, NOW + 1000).await.unwrap();
                 }
             })
@@ -648,34 +666,47 @@ async fn on_postgres_a_dropped_connection_is_replaced_and_a_refusing_database_is
     }
 }
 
+/// The tick of the runs the PostgreSQL cases below join as: short, so that
+/// a run falls silent soon.
+const RUN_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
 #[tokio::test]
-async fn on_postgres_a_server_that_lost_its_lock_to_another_records_nothing_more() {
-    let Some(server) = postgres::server("on_postgres_a_server_that_lost_its_lock") else {
+async fn on_postgres_a_run_closed_out_as_silent_records_nothing_more() {
+    let Some(server) = postgres::server("on_postgres_a_run_closed_out_as_silent") else {
         return;
     };
     let db = FreshDatabase::create(&server).await;
-    let mut lock_a = InstanceLock::take(&db.url).await.unwrap();
-    let store_a = PostgresStore::open(&db.url).await.unwrap().owned_by(&lock_a);
+    let store_a = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
+    let store_b = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
     let b = Backend { name: "postgres", store: Arc::new(store_a), rows: Rows::Postgres { db } };
     let project = b.project("acme").await;
     let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
     let session = b.admitted(human, token, "s1").await;
     let charge = |amount| Charge { session, human, limit_type: CONVERSATIONAL, amount };
-    let batch = |charges, ends| UsageBatch { id: Some(BatchId::random()), charges, ends };
+    let batch = |charges, ends| UsageBatch {
+        id: Some(BatchId::random()),
+        charges,
+        ends,
+        ..UsageBatch::default()
+    };
     b.store.record_usage(batch(vec![charge(1_000)], vec![]), NOW + 1_000).await.unwrap();
     // A tick of the meter's clock alone: the session was not due.
     b.store.record_usage(batch(vec![], vec![]), NOW + 31_000).await.unwrap();
 
-    // A loses its lock; B takes it and closes A's session as abandoned,
-    // charging it up to the clock.
-    let Rows::Postgres { db } = &b.rows else { unreachable!() };
-    terminate_lock_holder(&server, db).await;
-    lock_a.lost().await;
-    let lock_b = take_when_free(&db.url).await;
-    let store_b = PostgresStore::open(&db.url).await.unwrap().owned_by(&lock_b);
-    assert_eq!(store_b.close_abandoned_sessions().await.unwrap(), 1);
+    // A falls silent; B, up all along, closes it out once three of its
+    // ticks have passed, charging its session up to A's clock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        store_b.record_usage(UsageBatch::default(), NOW).await.unwrap();
+        if store_b.close_out_lost().await.unwrap() == (1, 0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "A was never closed out");
+        tokio::time::sleep(RUN_TICK / 2).await;
+    }
 
-    // A's next batch, charging the same half minute, changes nothing.
+    // A's next batch, charging the same half minute, changes nothing; nor
+    // may A admit another session.
     let end = SessionEnd { session, reason: EndReason::Internal };
     let late = b.store.record_usage(batch(vec![charge(30_000)], vec![end]), NOW + 31_000).await;
     assert!(matches!(late, Err(StoreError::Superseded)), "{late:?}");
@@ -683,40 +714,75 @@ async fn on_postgres_a_server_that_lost_its_lock_to_another_records_nothing_more
     let filter = SessionFilter { project, human: None, state: None };
     let listed = b.store.sessions(filter, Page { after: None, limit: 10 }).await.unwrap();
     let row = &listed.unwrap().rows[0];
-    assert_eq!((row.charged, row.end_reason.as_deref()), (31_000, Some("server_restart")));
+    assert_eq!((row.charged, row.end_reason.as_deref()), (31_000, Some("instance_lost")));
+    let again = b.store.open_session(new_session(human, token, "s2")).await;
+    assert!(matches!(again, Err(StoreError::Superseded)), "{again:?}");
     b.assert_ledger_identity().await;
+}
 
-    // Nor may A take the lock back once B has let it go.
-    assert!(matches!(lock_a.take_again().await, Ok(Retaken::Refused)));
-    drop(lock_b);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !matches!(lock_a.take_again().await, Ok(Retaken::Superseded)) {
-        assert!(std::time::Instant::now() < deadline, "A took the lock back");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+#[tokio::test]
+async fn on_postgres_no_run_is_closed_out_while_the_one_looking_is_not_up_itself() {
+    let Some(server) = postgres::server("on_postgres_no_run_is_closed_out_while") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let store_a = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
+    let store_b = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
+    let b = Backend { name: "postgres", store: Arc::new(store_a), rows: Rows::Postgres { db } };
+    let project = b.project("acme").await;
+    let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
+    b.admitted(human, token, "s1").await;
+
+    // Both fall silent, as an outage of the database silences every run;
+    // then B commits again, and finds A silent, but B was not up meanwhile.
+    tokio::time::sleep(RUN_TICK * 8).await;
+    store_b.record_usage(UsageBatch::default(), NOW).await.unwrap();
+    assert_eq!(store_b.close_out_lost().await.unwrap(), (0, 0));
+    // A comes back within three ticks of B's return, and is not closed out.
+    b.store.record_usage(UsageBatch::default(), NOW).await.unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(RUN_TICK / 2).await;
+        store_b.record_usage(UsageBatch::default(), NOW).await.unwrap();
+        b.store.record_usage(UsageBatch::default(), NOW).await.unwrap();
+        assert_eq!(store_b.close_out_lost().await.unwrap(), (0, 0));
     }
 }
 
-/// Ends the connection holding the database's lock.
-async fn terminate_lock_holder(server: &str, db: &FreshDatabase) {
-    let (admin, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let name = db.url.rsplit('/').next().unwrap().to_owned();
-    let terminate = "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
-                     JOIN pg_database d ON d.oid = l.database
-                     WHERE l.locktype = 'advisory' AND l.granted AND d.datname = $1";
-    assert_eq!(admin.execute(terminate, &[&name]).await.unwrap(), 1);
-}
+#[tokio::test]
+async fn on_postgres_a_batch_reports_the_pools_sessions_on_other_runs() {
+    let Some(server) = postgres::server("on_postgres_a_batch_reports_the_pools_sessions") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let store_a = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
+    let store_b =
+        Arc::new(PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap());
+    let b = Backend { name: "postgres", store: Arc::new(store_a), rows: Rows::Postgres { db } };
+    let project = b.project("acme").await;
+    let voice = Limit { limit_type: LimitType::VoiceSynthesisSeconds, value: 30_000 };
+    let (human, token) = b.mint(project, "ada", &[seconds(60), voice]).await;
+    let on_a = b.admitted(human, token, "s1").await;
+    let Ok(Admission::Admitted { key: on_b, .. }) =
+        store_b.open_session(new_session(human, token, "s2")).await
+    else {
+        panic!("B's session was refused");
+    };
+    // B charges its session 2 s, up to NOW + 2 s.
+    let charge = Charge { session: on_b, human, limit_type: CONVERSATIONAL, amount: 2_000 };
+    let batch = UsageBatch { charges: vec![charge], ..UsageBatch::default() };
+    store_b.record_usage(batch, NOW + 2_000).await.unwrap();
 
-/// The database's lock, taken as soon as the server has let go of it.
-async fn take_when_free(url: &str) -> InstanceLock {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match InstanceLock::take(url).await {
-            Ok(lock) => return lock,
-            Err(error) => assert!(std::time::Instant::now() < deadline, "{error:#}"),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // A charges its own and hears of B's: one session, unrecorded since
+    // NOW + 2 s; and a pool it only watches comes back too.
+    let charge = Charge { session: on_a, human, limit_type: CONVERSATIONAL, amount: 1_000 };
+    let voice = (human, LimitType::VoiceSynthesisSeconds);
+    let batch = UsageBatch { charges: vec![charge], watch: vec![voice], ..UsageBatch::default() };
+    let recorded = b.store.record_usage(batch, NOW + 5_000).await.unwrap();
+    let pool = recorded.pools.iter().find(|p| p.limit_type == CONVERSATIONAL).unwrap();
+    assert_eq!(pool.remaining, Some(57_000));
+    assert_eq!(pool.foreign, Foreign { sessions: 1, unrecorded: 3_000 });
+    let watched = recorded.pools.iter().find(|p| p.limit_type == voice.1).unwrap();
+    assert_eq!((watched.remaining, watched.foreign), (Some(30_000), Foreign::default()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -799,7 +865,7 @@ async fn on_postgres_the_meter_commits_while_every_handler_connection_is_busy() 
     assert!(store.ping().await.is_err(), "the handlers' connections were not all busy");
 
     let charge = Charge { session, human: bob, limit_type: CONVERSATIONAL, amount: 1000 };
-    let batch = UsageBatch { id: None, charges: vec![charge], ends: vec![] };
+    let batch = UsageBatch { id: None, charges: vec![charge], ..UsageBatch::default() };
     // Under the two seconds a caller waits for one of the handlers'.
     let limit = std::time::Duration::from_millis(1900);
     let recorded = tokio::time::timeout(limit, store.record_usage(batch, NOW + 1000)).await;
@@ -943,21 +1009,22 @@ async fn on_postgres_a_batch_sent_again_while_its_first_attempt_commits_is_appli
         return;
     };
     let db = FreshDatabase::create(&server).await;
-    let store = Arc::new(PostgresStore::open(&db.url).await.unwrap());
+    let store = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
+    let store = Arc::new(store);
     let b = Backend { name: "postgres", store: store.clone(), rows: Rows::Postgres { db } };
     let project = b.project("acme").await;
     let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
     let session = b.admitted(human, token, "s1").await;
 
     // The first attempt, on a connection this side gave up on, is about to
-    // commit: it has recorded the batch's id, and holds the clock's row.
+    // commit: it has recorded the batch's id, and holds its run's row.
     let id = BatchId::random();
     let Rows::Postgres { db } = &b.rows else { unreachable!() };
     let (mut first, connection) =
         tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let attempt = first.transaction().await.unwrap();
-    let sql = "UPDATE meter_clock SET last_batch = $1 WHERE id = 1";
+    let sql = "UPDATE instances SET last_batch = $1";
     attempt.execute(sql, &[&id.0]).await.unwrap();
     let sql = "UPDATE limits SET balance = balance - 3000 WHERE human_id = $1";
     attempt.execute(sql, &[&human.0]).await.unwrap();
@@ -967,7 +1034,7 @@ async fn on_postgres_a_batch_sent_again_while_its_first_attempt_commits_is_appli
     attempt.execute(sql, &[&human.0, &session.0]).await.unwrap();
 
     let charge = Charge { session, human, limit_type: CONVERSATIONAL, amount: 3_000 };
-    let batch = UsageBatch { id: Some(id), charges: vec![charge], ends: vec![] };
+    let batch = UsageBatch { id: Some(id), charges: vec![charge], ..UsageBatch::default() };
     let again = tokio::spawn(async move { store.record_usage(batch, NOW + 1000).await });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     attempt.commit().await.unwrap();
@@ -1082,7 +1149,7 @@ async fn one_batch_charges_many_pools_each_cut_at_its_own_zero() {
             humans.push(human);
         }
         charges.reverse();
-        let batch = UsageBatch { id: None, charges, ends: vec![] };
+        let batch = UsageBatch { id: None, charges, ..UsageBatch::default() };
         let recorded = b.store.record_usage(batch, NOW + 1000).await.unwrap();
         assert_eq!(recorded.pools.len(), 20, "{}", b.name);
         for (n, human) in humans.into_iter().enumerate() {

@@ -46,6 +46,32 @@ pub fn sqlite_only(test: &str, why: &str) -> bool {
     false
 }
 
+/// The reason a session (or the outcome a completion) a killed server left
+/// open ends with, and what is logged when it does: on SQLite, at the next
+/// start; on PostgreSQL, which several servers may share, once another
+/// server has found the killed one silent for three ticks (see
+/// `instances` in schema.postgres.sql).
+pub fn left_open_reason() -> &'static str {
+    match backend() {
+        Backend::Sqlite => "server_restart",
+        Backend::Postgres => "instance_lost",
+    }
+}
+
+/// Waits, at most ten seconds, until no session or completion is left
+/// open, as they are once what a killed server left is closed (see
+/// [`left_open_reason`]).
+#[allow(dead_code)]
+pub async fn until_nothing_left_open(db: &Db) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let open = "SELECT (SELECT COUNT(*) FROM sessions WHERE ended_at IS NULL)
+                     + (SELECT COUNT(*) FROM completions WHERE ended_at IS NULL)";
+    while db.query_i64(open, &[]) > 0 {
+        assert!(std::time::Instant::now() < deadline, "what a killed server left stayed open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A database made for one test, on the chosen backend, removed when this
 /// is dropped.
 pub struct TestDatabase {
