@@ -116,7 +116,13 @@ async fn a_short_soak_ends_every_session_as_it_should_and_leaves_no_file_open() 
     assert!(report.ends.errors.is_empty(), "{}", report.ends.errors);
     assert!(report.ends.closed_by_client >= config.clients as u64, "{report}");
     assert!(report.ends.cut_off >= config.clients as u64, "{report}");
-    assert!(report.fds_after <= report.fds_before, "{report}");
+    // On PostgreSQL the server opens connections as it needs them, up to
+    // its pools' sizes (16 and 2): those may come after the first count.
+    let pool_growth = match common::database::backend() {
+        common::database::Backend::Sqlite => 0,
+        common::database::Backend::Postgres => 18,
+    };
+    assert!(report.fds_after <= report.fds_before + pool_growth, "{report}");
     assert_positive(&[report.rss_warm_kib as f64, report.rss_end_kib as f64]);
 
     let db = database.db();

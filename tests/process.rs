@@ -169,6 +169,10 @@ async fn an_empty_variable_for_an_upstream_header_stops_start_up_with_its_name()
 
 #[tokio::test]
 async fn a_second_server_on_the_same_database_is_refused_and_disturbs_nothing() {
+    let why = "several servers share a PostgreSQL database (tests/instances.rs)";
+    if !common::database::sqlite_only("a_second_server_on_the_same_database", why) {
+        return;
+    }
     let database = TestDatabase::create().await;
     let db = database.setting();
     let first = binary::spawn(&db, &[], "info");

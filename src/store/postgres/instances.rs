@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 
-use super::query::{all, opt, run};
+use super::query::{all, one, opt, run};
 use super::{completions, usage};
 use crate::close::EndReason;
 use crate::store::{StoreError, StoreResult, UnixMillis};
@@ -107,6 +107,13 @@ pub async fn beat(
     Ok(())
 }
 
+/// Whether any run but `instance` has not ended: one that is up, or one
+/// gone silent and not yet closed out, whose sessions still count.
+pub async fn others_live(db: &impl GenericClient, instance: Instance) -> StoreResult<bool> {
+    let sql = "SELECT EXISTS (SELECT 1 FROM instances WHERE ended_at IS NULL AND id <> $1)";
+    Ok(one(db, sql, &[&instance.id]).await?.get(0))
+}
+
 /// Records that the run stopped cleanly, every session's usage recorded.
 pub async fn leave(db: &impl GenericClient, instance: Instance) -> StoreResult<()> {
     let sql = format!("UPDATE instances SET ended_at = {DB_NOW} WHERE id = $1");
@@ -118,8 +125,9 @@ pub async fn leave(db: &impl GenericClient, instance: Instance) -> StoreResult<(
 /// [`SILENT_TICKS`] of its ticks while `instance` was up: its open sessions
 /// end (`instance_lost`) charged up to its meter's last clock, its running
 /// completions end charged their prompts, and it is marked lost, so that
-/// it records nothing more should it come back. Nothing is closed out
-/// while `instance` itself is not up (its last commit two ticks old or
+/// it records nothing more should it come back; and the rows of runs
+/// ended a week ago are removed. Nothing is closed out while `instance`
+/// itself is not up (its last commit two ticks old or
 /// more): an outage of the database silences every run alike. A run whose
 /// row is locked (a batch of its own, an admission) is alive, and skipped.
 /// Returns the sessions and completions ended.
@@ -148,5 +156,11 @@ pub async fn close_out_lost(
         tracing::warn!(instance = id, sessions = ended, "closed out a server gone silent");
         sessions += ended;
     }
+    let sql = format!("DELETE FROM instances WHERE ended_at < {DB_NOW} - $1");
+    run(tx, &sql, &[&KEEP_ENDED_MILLIS]).await?;
     Ok((sessions, completions))
 }
+
+/// How long the row of a run that has ended is kept, for an operator
+/// looking into what happened: every start adds one.
+const KEEP_ENDED_MILLIS: i64 = 7 * 24 * 3600 * 1000;

@@ -388,7 +388,9 @@ impl Store for PostgresStore {
             return Ok((0, 0));
         };
         let now = crate::clock::now_millis();
-        bounded!(&self.meter_pool, CLEANUP_LIMIT, |client| {
+        // On the shared pool, not the meter's: a close-out may take a while
+        // and nothing waits on it.
+        bounded!(&self.pool, CLEANUP_LIMIT, |client| {
             let tx = client.transaction().await?;
             let closed = instances::close_out_lost(&tx, instance, now).await?;
             tx.commit().await?;

@@ -156,9 +156,13 @@ pub async fn record(
     }
     recorded.ended = batch.ends.iter().map(|end| (end.session, charged[&end.session])).collect();
     if let Some(instance) = instance {
-        let watched = batch.watch.iter().filter(|key| !keys.contains(key)).copied();
-        recorded.pools.extend(watch(&tx, &watched.collect::<Vec<_>>()).await?);
-        with_foreign(&tx, &mut recorded.pools, instance, now).await?;
+        // With no other run on the database, nothing but this server's own
+        // API changes a pool, and those reach its meter at once (a settle).
+        if instances::others_live(&tx, instance).await? {
+            let watched = batch.watch.iter().filter(|key| !keys.contains(key)).copied();
+            recorded.pools.extend(watch(&tx, &watched.collect::<Vec<_>>()).await?);
+            with_foreign(&tx, &mut recorded.pools, instance, now).await?;
+        }
         instances::beat(&tx, instance, batch.id.map(|id| id.0), now).await?;
     }
     tx.commit().await?;
