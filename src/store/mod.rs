@@ -405,9 +405,9 @@ pub struct DueEvent {
 /// stays claimed by the server it was handed to: no other server finds it
 /// due until then. A minute holds the dispatcher's whole attempt with room
 /// to spare: the claim and the record of the outcome are store calls of a
-/// few seconds each at worst, the attempt's own timeout is ten seconds,
-/// and what is left covers a stalled process or the clocks of two servers
-/// a little apart. It is also how long the events of a server that
+/// few seconds each at worst, the attempt's own timeout is cut to half the
+/// lease, and what is left covers a stalled process or the clocks of two
+/// servers a little apart. It is also how long the events of a server that
 /// died mid-attempt wait before another server attempts them again, which
 /// is short next to the retries' backoff of up to an hour.
 pub const DELIVERY_LEASE: Duration = Duration::from_secs(60);
@@ -720,7 +720,8 @@ pub trait Store: Send + Sync + 'static {
     /// marks it delivered (the other attempt's outcome then finds it so and
     /// is dropped, and the endpoint has it twice under one id), and a
     /// failure sets its next attempt, which may end the other server's
-    /// claim early.
+    /// claim early. For that reason the dispatcher keeps its attempts well
+    /// inside the lease, and records no failure once the lease has run out.
     async fn record_attempt(
         &self,
         seq: i64,
