@@ -544,3 +544,50 @@ async fn urls_that_cannot_be_delivered_to_are_refused_and_events_named_once() {
     let (status, body) = set_webhook(&server, twice).await;
     assert_eq!((status, &body["events"]), (StatusCode::CREATED, &json!(["usage.tracked"])));
 }
+
+/// Two servers on one PostgreSQL database, each with its dispatcher: each
+/// event is delivered by one of them, once. Ignored while a second server
+/// on a database is refused by the first's instance lock; it runs under
+/// `TOLLGATE_TEST_BACKEND=postgres` once several servers may share one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs several instances on one database"]
+async fn two_servers_sharing_a_database_deliver_each_event_exactly_once() {
+    if common::database::backend() != common::database::Backend::Postgres {
+        let why = "it needs TOLLGATE_TEST_BACKEND=postgres";
+        common::postgres::say(&format!("skipped two_servers_sharing_a_database: {why}"));
+        return;
+    }
+    let receiver = Receiver::start().await;
+    let database = common::TestDatabase::create().await;
+    let first = start_sharing(&database).await;
+    let second = start_sharing(&database).await;
+    let key = first.first_api_key().unwrap().expose().to_owned();
+    let api = Api::new(&first.local_addr().to_string(), key);
+    hook(&api, &receiver.url, json!({"events": ["usage_token.revoked"]})).await;
+    for n in 0..40 {
+        let human = format!("h{n}");
+        api.mint_seconds(&human, 10.0).await;
+        api.post("/v1/usage/token/revoke", json!({"human": human})).await;
+    }
+
+    receiver.until(|events| events.len() >= 40).await;
+    // Time for a second delivery of any event to arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = receiver.got();
+    let mut ids: Vec<&str> = got.iter().map(|delivered| delivered.header("webhook-id")).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((got.len(), ids.len()), (40, 40));
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+}
+
+/// A server on `database`, which another may be using, whose dispatcher
+/// reads the outbox often.
+async fn start_sharing(database: &common::TestDatabase) -> tollgate::RunningServer {
+    let mut settings = tollgate::config::Settings::new(database.database());
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    settings.tick = common::TEST_TICK;
+    settings.webhooks = DispatchSettings { poll: Duration::from_millis(20), ..Default::default() };
+    tollgate::start(settings).await.unwrap()
+}
