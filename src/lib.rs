@@ -22,7 +22,7 @@ mod listener;
 pub mod llm;
 pub mod meter;
 pub mod metrics;
-mod outbound;
+pub mod outbound;
 pub mod secret;
 pub mod session;
 pub mod store;
