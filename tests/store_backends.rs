@@ -17,9 +17,9 @@ use tollgate::store::postgres::PostgresStore;
 use tollgate::store::sqlite::SqliteStore;
 use tollgate::store::{
     Admission, AttemptOutcome, BatchId, Charge, CompletionAdmission, CompletionEnd,
-    CompletionOutcome, DeliveryStatus, Foreign, HumanId, LedgerFilter, MintRequest, NewCompletion,
-    NewReport, NewSession, Page, ProjectId, ReportOutcome, SessionEnd, SessionFilter, SessionKey,
-    Store, StoreError, UsageBatch, UsageSource, WebhookChange,
+    CompletionOutcome, DELIVERY_LEASE, DeliveryStatus, Foreign, HumanId, LedgerFilter, MintRequest,
+    NewCompletion, NewReport, NewSession, Page, ProjectId, ReportOutcome, SessionEnd,
+    SessionFilter, SessionKey, Store, StoreError, UsageBatch, UsageSource, WebhookChange,
 };
 
 const CONVERSATIONAL: LimitType = LimitType::ConversationalSeconds;
@@ -606,9 +606,12 @@ async fn the_outbox_hands_out_due_events_and_records_each_attempt() {
         assert!(due.iter().all(|event| event.url.as_deref() == Some("http://127.0.0.1:9/hook")));
         assert_eq!(due[0].secrets, vec!["whsec_test".to_owned()]);
 
+        // SQLite leaves out only the busy event; PostgreSQL has claimed
+        // every event the first read handed out.
         let busy = vec![due[0].seq];
         let rest = b.store.due_events(NOW + 5000, busy, 10, 10).await.unwrap();
-        assert_eq!(rest.len(), due.len() - 1, "{}", b.name);
+        let left = if b.name == "postgres" { 0 } else { due.len() - 1 };
+        assert_eq!(rest.len(), left, "{}", b.name);
 
         b.store.record_attempt(due[0].seq, AttemptOutcome::Delivered, NOW + 6000).await.unwrap();
         let retry = AttemptOutcome::Failed { error: "503".into(), retry_at: Some(NOW + 60_000) };
@@ -627,6 +630,112 @@ async fn the_outbox_hands_out_due_events_and_records_each_attempt() {
         assert_eq!(again.unwrap().status, DeliveryStatus::Pending, "{}", b.name);
         b.assert_ledger_identity().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_two_servers_claim_disjoint_due_events_and_an_unrecorded_one_comes_back() {
+    let Some(server) = postgres::server("on_postgres_two_servers_claim_disjoint") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let url = db.url.clone();
+    let b = Backend {
+        name: "postgres",
+        store: Arc::new(PostgresStore::open(&url).await.unwrap()),
+        rows: Rows::Postgres { db },
+    };
+    let other: Arc<dyn Store> = Arc::new(PostgresStore::open(&url).await.unwrap());
+    let mut projects = Vec::new();
+    for name in ["acme", "bolt", "cask"] {
+        projects.push(outbox_with_sessions(&b, name, 6).await);
+    }
+    let all = pending_events(&url).await;
+    assert_eq!(all.len(), 18);
+
+    // A project's events being attempted take up its room.
+    let claim_at = NOW + 5000;
+    let acme = b.store.deliveries(projects[0], None, None, 10).await.unwrap();
+    let first = b.store.due_events(claim_at, vec![acme[0].seq], 2, 256).await.unwrap();
+    let of = |project| first.iter().filter(|event| event.project == project).count();
+    let counts: Vec<usize> = projects.iter().map(|project| of(*project)).collect();
+    assert_eq!(counts, vec![1, 2, 2]);
+    assert!(first.iter().all(|event| event.seq != acme[0].seq));
+    let mut handed: Vec<(String, i64)> =
+        first.iter().map(|event| (event.id.clone(), event.seq)).collect();
+
+    // Both claim at once, two of each project at a time, until nothing is
+    // due: every event is handed out, and to one of them only.
+    for round in 0.. {
+        assert!(round < 10, "events are still due after {round} rounds");
+        let (one, two) = tokio::join!(
+            b.store.due_events(claim_at, vec![], 2, 256),
+            other.due_events(claim_at, vec![], 2, 256)
+        );
+        let (one, two) = (one.unwrap(), two.unwrap());
+        if one.is_empty() && two.is_empty() {
+            break;
+        }
+        handed.extend(one.iter().chain(&two).map(|event| (event.id.clone(), event.seq)));
+    }
+    let mut ids: Vec<String> = handed.iter().map(|(id, _)| id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, all, "each due event is handed out exactly once");
+
+    // A claimed event is not made due by a retry, and nothing is due until
+    // the lease runs out without an outcome.
+    let (project, (id, seq)) = (projects[0], handed[0].clone());
+    let retried = b.store.retry_delivery(project, &id, claim_at + 1000).await.unwrap();
+    assert_eq!(retried.unwrap().next_attempt_at, Some(claim_at + LEASE_MILLIS));
+    assert!(
+        other.due_events(claim_at + LEASE_MILLIS - 1, vec![], 10, 256).await.unwrap().is_empty()
+    );
+
+    // Then every one is due again, under its same id, to either server.
+    let again = other.due_events(claim_at + LEASE_MILLIS, vec![], 10, 256).await.unwrap();
+    let mut again_ids: Vec<String> = again.iter().map(|event| event.id.clone()).collect();
+    again_ids.sort();
+    assert_eq!(again_ids, all);
+    assert!(again.iter().all(|event| event.attempts == 0));
+
+    // An outcome recorded by the server that claimed it first still counts.
+    b.store.record_attempt(seq, AttemptOutcome::Delivered, claim_at + 2000).await.unwrap();
+    let delivered = b.store.deliveries(project, Some(DeliveryStatus::Delivered), None, 10).await;
+    let delivered = delivered.unwrap();
+    assert_eq!((delivered.len(), &delivered[0].id, delivered[0].attempts), (1, &id, 1));
+}
+
+/// [`DELIVERY_LEASE`] as the store's times count.
+const LEASE_MILLIS: i64 = DELIVERY_LEASE.as_millis() as i64;
+
+/// A project whose webhook takes every event, with `sessions` sessions
+/// opened: one event each in the outbox.
+async fn outbox_with_sessions(b: &Backend, name: &str, sessions: usize) -> ProjectId {
+    let project = b.project(name).await;
+    let change = WebhookChange {
+        project,
+        url: "http://127.0.0.1:9/hook".into(),
+        events: None,
+        thresholds: vec![],
+        secret: "whsec_test".into(),
+        now: NOW,
+    };
+    b.store.set_webhook(change).await.unwrap();
+    let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
+    for n in 0..sessions {
+        b.admitted(human, token, &format!("{name}-{n}")).await;
+    }
+    project
+}
+
+/// The public ids of the outbox's pending events, sorted.
+async fn pending_events(url: &str) -> Vec<String> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let sql = "SELECT public_id FROM webhook_events WHERE status = 'pending'";
+    let rows = client.query(sql, &[]).await.unwrap();
+    let mut ids: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    ids.sort();
+    ids
 }
 
 #[tokio::test]

@@ -11,6 +11,8 @@ mod hooks;
 pub mod postgres;
 pub mod sqlite;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::close::EndReason;
@@ -421,6 +423,17 @@ pub struct DueEvent {
     pub secrets: Vec<String>,
 }
 
+/// How long an event handed out by [`Store::due_events`] on PostgreSQL
+/// stays claimed by the server it was handed to: no other server finds it
+/// due until then. A minute holds the dispatcher's whole attempt with room
+/// to spare: the claim and the record of the outcome are store calls of a
+/// few seconds each at worst, the attempt's own timeout is cut to half the
+/// lease, and what is left covers a stalled process or the clocks of two
+/// servers a little apart. It is also how long the events of a server that
+/// died mid-attempt wait before another server attempts them again, which
+/// is short next to the retries' backoff of up to an hour.
+pub const DELIVERY_LEASE: Duration = Duration::from_secs(60);
+
 /// How an attempt went.
 #[derive(Clone, Debug)]
 pub enum AttemptOutcome {
@@ -719,8 +732,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool>;
 
     /// Pending events whose next attempt is due, oldest first, leaving out
-    /// `busy` (those being attempted), at most `per_project` of each
-    /// project beside its busy ones.
+    /// `busy` (those this server is attempting), at most `limit` of them.
+    ///
+    /// On PostgreSQL, which several servers may share, the events returned
+    /// are claimed for this server: their next attempt is put off by
+    /// [`DELIVERY_LEASE`] from `now` in the statement that selects them,
+    /// and rows another server is claiming at that moment are skipped, so
+    /// two servers never get the same event. The caller is expected to
+    /// attempt every event returned and record its outcome; an event whose
+    /// outcome is never recorded (its server died) is due again when the
+    /// lease runs out, and is attempted again under the same id (the lost
+    /// attempt is not counted in `attempts`, which counts outcomes). Since
+    /// each one returned is claimed, a project gets at most `per_project`
+    /// less its `busy` ones.
+    ///
+    /// On SQLite, which one server uses alone, nothing is claimed: `busy`
+    /// alone keeps an event from being handed out twice, and a project
+    /// gets at most `per_project` beside its busy ones.
     async fn due_events(
         &self,
         now: UnixMillis,
@@ -729,6 +757,18 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Vec<DueEvent>>;
 
+    /// Records an attempt's outcome, and counts the attempt, if the event is
+    /// still pending; an event delivered, given up on or failed by the
+    /// removal of its webhook in the meantime is left as it is.
+    ///
+    /// On PostgreSQL nothing tells one claim of an event from the next, so
+    /// the outcome of an attempt that outlived its lease is recorded even
+    /// if another server has claimed the event again since: a delivery
+    /// marks it delivered (the other attempt's outcome then finds it so and
+    /// is dropped, and the endpoint has it twice under one id), and a
+    /// failure sets its next attempt, which may end the other server's
+    /// claim early. For that reason the dispatcher keeps its attempts well
+    /// inside the lease, and records no failure once the lease has run out.
     async fn record_attempt(
         &self,
         seq: i64,
@@ -746,7 +786,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<Delivery>>;
 
     /// Makes a failed or pending event due now again. Returns it, or
-    /// `None` for no such event of the project.
+    /// `None` for no such event of the project. On PostgreSQL a pending
+    /// event due within [`DELIVERY_LEASE`] anyway is left as it is: it may
+    /// be claimed by a server attempting it right now, and making it due
+    /// would let a second server attempt it at the same time.
     async fn retry_delivery(
         &self,
         project: ProjectId,

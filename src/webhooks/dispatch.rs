@@ -12,6 +12,12 @@
 //! and never the meter or the API, which only write rows to the outbox.
 //! Events of one project may arrive out of order (a few are in flight at
 //! once, and retries come later); each carries the time it happened.
+//!
+//! Servers sharing a PostgreSQL database share its outbox: the store hands
+//! each due event to one dispatcher at a time, claimed for
+//! [`DELIVERY_LEASE`], and an event whose server died mid-attempt is
+//! attempted again by another once the lease runs out. An attempt is kept
+//! well inside its lease ([`LONGEST_ATTEMPT`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +32,7 @@ use tracing::{debug, warn};
 
 use super::signature::{self, WebhookSecret};
 use crate::outbound::HttpsClient;
-use crate::store::{AttemptOutcome, DueEvent, Store, UnixMillis};
+use crate::store::{AttemptOutcome, DELIVERY_LEASE, DueEvent, Store, UnixMillis};
 
 /// How the dispatcher paces itself.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +40,8 @@ pub struct DispatchSettings {
     /// How often the outbox is read for due events. A new event waits at
     /// most this long for its first attempt.
     pub poll: Duration,
+    /// How long one attempt waits for the endpoint's answer; at most
+    /// [`LONGEST_ATTEMPT`].
     pub attempt_timeout: Duration,
     /// The wait after the first failure; each further one doubles it.
     pub first_retry: Duration,
@@ -42,6 +50,21 @@ pub struct DispatchSettings {
     pub give_up_after: Duration,
     /// Attempts in flight for one endpoint at once.
     pub per_endpoint: usize,
+}
+
+impl DispatchSettings {
+    /// These settings with the attempt timeout cut to [`LONGEST_ATTEMPT`].
+    fn within_lease(self) -> DispatchSettings {
+        if self.attempt_timeout <= LONGEST_ATTEMPT {
+            return self;
+        }
+        warn!(
+            asked = ?self.attempt_timeout,
+            used = ?LONGEST_ATTEMPT,
+            "the webhook attempt timeout is cut to fit the delivery lease"
+        );
+        DispatchSettings { attempt_timeout: LONGEST_ATTEMPT, ..self }
+    }
 }
 
 impl Default for DispatchSettings {
@@ -60,17 +83,24 @@ impl Default for DispatchSettings {
 /// How many due events one read of the outbox takes.
 const BATCH: u32 = 256;
 
+/// The longest attempt timeout the dispatcher uses; a longer one set is cut
+/// to this. Half the lease, so that the claim, the attempt and the record
+/// of its outcome all end before another server may claim the event again.
+pub const LONGEST_ATTEMPT: Duration = Duration::from_secs(DELIVERY_LEASE.as_secs() / 2);
+
 /// The longest error text kept for an attempt.
 const MAX_ERROR_CHARS: usize = 500;
 
 /// Starts the dispatcher; it stops when `shutdown` is cancelled, leaving
-/// attempts in flight to be made again at the next start.
+/// attempts in flight to be made again at the next start (on PostgreSQL,
+/// by whichever server claims them once their lease has run out).
 pub fn spawn(
     store: Arc<dyn Store>,
     client: HttpsClient,
     settings: DispatchSettings,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
+    let settings = settings.within_lease();
     let dispatcher =
         Dispatcher { store, client, settings, in_flight: HashMap::new(), tasks: HashMap::new() };
     tokio::spawn(dispatcher.run(shutdown))
@@ -115,7 +145,10 @@ impl Dispatcher {
         attempts.abort_all();
     }
 
-    /// Starts an attempt for each due event whose endpoint has room.
+    /// Starts an attempt for each due event whose endpoint has room. On
+    /// PostgreSQL the store hands out no more than there is room for, since
+    /// an event handed out is claimed and one left here would wait out its
+    /// lease.
     async fn start_due(&mut self, attempts: &mut JoinSet<i64>) {
         let busy: Vec<i64> = self.in_flight.keys().copied().collect();
         let per_project = self.settings.per_endpoint as u32;
@@ -137,6 +170,7 @@ impl Dispatcher {
                 store: self.store.clone(),
                 client: self.client.clone(),
                 settings: self.settings,
+                lease_ends: now + DELIVERY_LEASE.as_millis() as i64,
             };
             let seq = event.seq;
             let task = attempts.spawn(attempt.run(event)).id();
@@ -150,6 +184,9 @@ struct Attempt {
     store: Arc<dyn Store>,
     client: HttpsClient,
     settings: DispatchSettings,
+    /// When the event's claim runs out (PostgreSQL's; SQLite claims
+    /// nothing, and its attempts end long before this anyway).
+    lease_ends: UnixMillis,
 }
 
 impl Attempt {
@@ -162,7 +199,15 @@ impl Attempt {
                 AttemptOutcome::Failed { error, retry_at: self.retry_at(&event) }
             }
         };
-        let recorded = self.store.record_attempt(event.seq, outcome, crate::clock::now_millis());
+        let now = crate::clock::now_millis();
+        if now >= self.lease_ends && matches!(outcome, AttemptOutcome::Failed { .. }) {
+            // Another server may have claimed the event since; a failure
+            // recorded now would cut that claim short. Unrecorded, the
+            // event is due again as the lease left it.
+            warn!(event = %event.id, "a webhook attempt outlived its lease; its failure is dropped");
+            return event.seq;
+        }
+        let recorded = self.store.record_attempt(event.seq, outcome, now);
         if let Err(error) = recorded.await {
             warn!(%error, event = %event.id, "a webhook attempt could not be recorded");
         }
@@ -217,4 +262,17 @@ fn signed_request(url: &str, event: &DueEvent) -> Result<Request<Full<Bytes>>, S
         .map_err(|error| format!("the webhook URL cannot be used: {error}"))?;
     signed.insert_into(request.headers_mut()).map_err(|error| error.to_string())?;
     Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attempt_timeout_past_half_the_lease_is_cut_to_half_the_lease() {
+        let long = DispatchSettings { attempt_timeout: DELIVERY_LEASE, ..Default::default() };
+        assert_eq!(long.within_lease().attempt_timeout, LONGEST_ATTEMPT);
+        let default = DispatchSettings::default();
+        assert_eq!(default.within_lease().attempt_timeout, default.attempt_timeout);
+    }
 }

@@ -88,7 +88,17 @@ impl Receiver {
 
     /// Waits until `done` holds for the deliveries so far, for up to 20 s.
     pub async fn until(&self, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        for _ in 0..400 {
+        self.until_within(Duration::from_secs(20), done).await
+    }
+
+    /// Waits until `done` holds for the deliveries so far, for up to `wait`.
+    pub async fn until_within(
+        &self,
+        wait: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline {
             let events = self.events();
             if done(&events) {
                 return events;

@@ -1,6 +1,10 @@
 //! Projects' webhooks and the outbox's deliveries on PostgreSQL: what the
-//! dispatcher reads and records, and what the backend reads and changes
-//! over the API.
+//! dispatcher claims and records, and what the backend reads and changes
+//! over the API. Several servers may share the outbox: an event handed to
+//! one server's dispatcher is claimed by it for [`DELIVERY_LEASE`], as its
+//! `next_attempt_at` put off by that much, so that only one server at a
+//! time attempts it, and any server attempts it again once the lease runs
+//! out without an outcome.
 
 use deadpool_postgres::{Client, GenericClient};
 use tokio_postgres::Row;
@@ -8,8 +12,8 @@ use tokio_postgres::Row;
 use super::query::{all, opt, run};
 use crate::store::hooks::{parse_thresholds, thresholds_text};
 use crate::store::{
-    AttemptOutcome, Delivery, DeliveryStatus, DueEvent, ProjectId, StoreError, StoreResult,
-    UnixMillis, Webhook, WebhookChange,
+    AttemptOutcome, DELIVERY_LEASE, Delivery, DeliveryStatus, DueEvent, ProjectId, StoreError,
+    StoreResult, UnixMillis, Webhook, WebhookChange,
 };
 
 pub async fn set(client: &mut Client, change: WebhookChange) -> StoreResult<(Webhook, bool)> {
@@ -66,6 +70,8 @@ pub async fn delete(client: &mut Client, project: ProjectId) -> StoreResult<bool
     let tx = client.transaction().await?;
     let sql = "DELETE FROM webhooks WHERE project_id = $1";
     let deleted = run(&tx, sql, &[&project.0]).await? == 1;
+    // Events claimed by an attempt in flight are failed too; the outcome of
+    // that attempt then finds them failed and is not recorded.
     run(
         &tx,
         "UPDATE webhook_events SET status = 'failed', next_attempt_at = NULL,
@@ -96,6 +102,56 @@ pub async fn rotate(
     Ok(rotated == 1)
 }
 
+/// [`DELIVERY_LEASE`] as the store's times count.
+const LEASE_MILLIS: i64 = DELIVERY_LEASE.as_millis() as i64;
+
+/// The due events the dispatcher is handed, claimed for it in one
+/// statement (see [`crate::store::Store::due_events`]).
+///
+/// The oldest few of each project, so that one project's backlog never
+/// keeps another's events out of the batch: as many as the project has
+/// room for beside its events this server is attempting (`busy`, which are
+/// left out, though claimed and so not due anyway). Every row returned is claimed, so none is
+/// taken that would then wait for a free slot. Each project's rows are
+/// locked with `SKIP LOCKED` as they are picked, so that a server claiming
+/// at the same moment passes over them to the next ones rather than
+/// waiting, and only the rows claimed are locked.
+const CLAIM_DUE: &str = "
+    WITH due_projects AS (
+        SELECT DISTINCT project_id FROM webhook_events
+        WHERE status = 'pending' AND next_attempt_at <= $1
+    ),
+    rooms AS (
+        SELECT p.project_id, $3 - COUNT(b.id) AS room
+        FROM due_projects p
+        LEFT JOIN webhook_events b ON b.project_id = p.project_id AND b.id = ANY($4)
+        GROUP BY p.project_id
+    ),
+    chosen AS (
+        SELECT d.id, d.next_attempt_at AS was_due
+        FROM rooms r
+        CROSS JOIN LATERAL (
+            SELECT id, next_attempt_at FROM webhook_events
+            WHERE project_id = r.project_id AND status = 'pending' AND next_attempt_at <= $1
+              AND id <> ALL($4)
+            ORDER BY next_attempt_at, id
+            LIMIT GREATEST(r.room, 0)
+            FOR UPDATE SKIP LOCKED
+        ) d
+        ORDER BY d.next_attempt_at, d.id
+        LIMIT $2
+    ),
+    claimed AS (
+        UPDATE webhook_events e SET next_attempt_at = $5
+        FROM chosen c WHERE e.id = c.id
+        RETURNING e.id, e.public_id, e.project_id, e.body, e.attempts, e.created_at, c.was_due
+    )
+    SELECT c.id, c.public_id, c.project_id, c.body, c.attempts, c.created_at,
+           w.url, w.secret, w.previous_secret, w.previous_until
+    FROM claimed c
+    LEFT JOIN webhooks w ON w.project_id = c.project_id
+    ORDER BY c.was_due, c.id";
+
 pub async fn due(
     db: &impl GenericClient,
     now: UnixMillis,
@@ -103,28 +159,11 @@ pub async fn due(
     per_project: u32,
     limit: u32,
 ) -> StoreResult<Vec<DueEvent>> {
-    // The oldest few of each project, so that one project's backlog never
-    // keeps another's events out of the batch. The events being attempted
-    // are still pending, so each project gets room for them and as many
-    // again.
-    let rows = all(
-        db,
-        "SELECT e.id, e.public_id, e.project_id, e.body, e.attempts, e.created_at,
-                w.url, w.secret, w.previous_secret, w.previous_until
-         FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY project_id
-                                             ORDER BY next_attempt_at, id) AS place
-               FROM webhook_events
-               WHERE status = 'pending' AND next_attempt_at <= $1) r
-         JOIN webhook_events e ON e.id = r.id
-         LEFT JOIN webhooks w ON w.project_id = e.project_id
-         WHERE r.place <= $3
-         ORDER BY e.next_attempt_at, e.id LIMIT $2",
-        &[&now, &(i64::from(limit) + busy.len() as i64), &(2 * i64::from(per_project))],
-    )
-    .await?;
-    let events = rows.iter().map(|row| due_event(row, now));
-    let waiting = events.filter(|event| !busy.contains(&event.seq));
-    Ok(waiting.take(limit as usize).collect())
+    let leased_until = now + LEASE_MILLIS;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&now, &i64::from(limit), &i64::from(per_project), &busy, &leased_until];
+    let rows = all(db, CLAIM_DUE, &params).await?;
+    Ok(rows.iter().map(|row| due_event(row, now)).collect())
 }
 
 fn due_event(row: &Row, now: UnixMillis) -> DueEvent {
@@ -148,6 +187,10 @@ fn due_event(row: &Row, now: UnixMillis) -> DueEvent {
     }
 }
 
+/// Records an outcome while the event is still pending. Nothing tells this
+/// attempt's claim from a later one, so an outcome that comes after the
+/// lease ran out is written all the same: see
+/// [`crate::store::Store::record_attempt`] for what that does.
 pub async fn record_attempt(
     db: &impl GenericClient,
     seq: i64,
@@ -226,11 +269,14 @@ pub async fn retry(
     id: &str,
     now: UnixMillis,
 ) -> StoreResult<Option<Delivery>> {
+    // A pending event due within a lease from now may be claimed, with an
+    // attempt in flight: it is left to that attempt, and is due soon if not.
     run(
         db,
         "UPDATE webhook_events SET status = 'pending', next_attempt_at = $3
-         WHERE project_id = $1 AND public_id = $2 AND status != 'delivered'",
-        &[&project.0, &id, &now],
+         WHERE project_id = $1 AND public_id = $2
+           AND (status = 'failed' OR (status = 'pending' AND next_attempt_at > $4))",
+        &[&project.0, &id, &now, &(now + LEASE_MILLIS)],
     )
     .await?;
     let sql = format!(
