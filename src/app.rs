@@ -197,8 +197,11 @@ async fn stop_when_asked(
     company: JoinHandle<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     shutdown.cancelled().await;
+    // It ends at the signal, and lets go of its handle on the store, which
+    // must all be gone before SQLite's threads can stop.
+    let company = company.await.context("the task watching the other servers failed")?;
     let stopped = stop_in_order(parts).await;
-    company.await.context("the task watching the other servers failed")??;
+    company?;
     stopped
 }
 
@@ -256,10 +259,15 @@ async fn stop_in_order(parts: Parts) -> anyhow::Result<()> {
     if parts.dispatcher.await.is_err() {
         warn!("the webhook dispatcher failed");
     }
+    let meter_done = tokio::time::timeout(SHUTDOWN_GRACE, parts.meter_task).await.is_ok();
+    // Once the meter has made its last commit: a commit after it would find
+    // this run ended.
     if recorded && let Err(error) = parts.store.leave().await {
         warn!(%error, "cannot tell the servers sharing the database that this one stopped");
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, parts.meter_task).await.is_err() {
+    // SQLite's threads stop once every handle on the store is gone.
+    drop(parts.store);
+    if !meter_done {
         warn!("some sessions did not finish closing in time; their usage is recorded");
         return finish(recorded);
     }

@@ -892,6 +892,14 @@ async fn on_postgres_a_batch_reports_the_pools_sessions_on_other_runs() {
     assert_eq!(pool.foreign, Foreign { sessions: 1, unrecorded: 3_000 });
     let watched = recorded.pools.iter().find(|p| p.limit_type == voice.1).unwrap();
     assert_eq!((watched.remaining, watched.foreign), (Some(30_000), Foreign::default()));
+
+    // A batch of A's made before B's last one, committed after it: B's
+    // session was recorded a second past A's moment, and that second,
+    // already in the balance, counts back.
+    let charge = Charge { amount: 0, ..charge };
+    let batch = UsageBatch { charges: vec![charge], ..UsageBatch::default() };
+    let recorded = b.store.record_usage(batch, NOW + 1_000).await.unwrap();
+    assert_eq!(recorded.pools[0].foreign, Foreign { sessions: 1, unrecorded: -1_000 });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1289,6 +1297,18 @@ mod lossy {
 
     #[async_trait]
     impl Store for LosesAnAnswer {
+        fn is_shared(&self) -> bool {
+            self.inner.is_shared()
+        }
+
+        async fn close_out_lost(&self) -> StoreResult<(u64, u64)> {
+            self.inner.close_out_lost().await
+        }
+
+        async fn leave(&self) -> StoreResult<()> {
+            self.inner.leave().await
+        }
+
         async fn record_usage(
             &self,
             batch: UsageBatch,

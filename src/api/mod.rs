@@ -64,8 +64,8 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Fails while usage cannot be recorded (a failed commit, the
-    /// database's lock lost or taken by another server, the meter gone) or
+    /// Fails while usage cannot be recorded (a failed commit, this server
+    /// closed out by another sharing the database, the meter gone) or
     /// the server is shutting down: what would use anything is refused.
     pub fn check_recording(&self) -> Result<(), ApiError> {
         if self.health.is_recording() && self.meter.is_running() && !self.shutdown.is_cancelled() {

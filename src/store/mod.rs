@@ -195,7 +195,8 @@ pub struct Foreign {
     /// How many are open; each drains the pool at wall-clock rate.
     pub sessions: u32,
     /// What they have used up to the batch's moment beyond what their
-    /// servers have recorded.
+    /// servers have recorded; negative where a server has recorded a
+    /// session beyond that moment (its batch came later).
     pub unrecorded: i64,
 }
 

@@ -185,6 +185,12 @@ async fn watch(db: &impl GenericClient, keys: &[PoolKey]) -> StoreResult<Vec<Poo
 /// runs recorded (each from its last recorded charge, or its start), so
 /// that this run's meter reckons with them when it works out the pool's
 /// end. One statement for every pool.
+///
+/// A run may have recorded a session past `now`: its batch, made after
+/// this one, took the pool's lock first. The balance read here has that
+/// charge in it, so the session's share counts negative, giving back what
+/// the balance holds beyond `now`. Were it cut at zero, that charge would
+/// count twice, and the servers sharing a pool would end it early.
 async fn with_foreign(
     db: &impl GenericClient,
     pools: &mut [PoolState],
@@ -198,8 +204,8 @@ async fn with_foreign(
     let rows = all(
         db,
         "SELECT s.human_id, s.kind, COUNT(*),
-                COALESCE(SUM(GREATEST(0, $3 - GREATEST(s.started_at,
-                    (SELECT MAX(l.updated_at) FROM ledger l WHERE l.session_id = s.id)))), 0)
+                COALESCE(SUM($3 - GREATEST(s.started_at,
+                    (SELECT MAX(l.updated_at) FROM ledger l WHERE l.session_id = s.id))), 0)
                     ::BIGINT
          FROM sessions s
          WHERE s.human_id = ANY($1) AND s.ended_at IS NULL
