@@ -128,7 +128,7 @@ pub async fn run(config: &Config) -> Result<SessionsReport> {
     let what = format!("{} sessions", thousands(config.sessions));
     fds::check("this process", &what, config.sessions, fds::raise_own_limit())?;
     let max_session_seconds = config.limit().as_secs() + 60;
-    let options = ServerOptions { db: config.db.clone(), max_session_seconds };
+    let options = ServerOptions { db: config.db.clone().into(), max_session_seconds };
     let server = Server::start(&options).await?;
     let server_files = server.open_files_limit()?;
     fds::check("the server", &what, config.sessions, server_files)?;
