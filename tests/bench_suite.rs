@@ -33,13 +33,12 @@ async fn every_session_is_cut_off_with_4001_at_its_limit_and_the_ledger_adds_up(
     assert!(report.errors.is_empty(), "{}", report.errors);
     assert_eq!(report.opened, config.sessions);
     assert_eq!(report.open_at_peak, config.sessions);
-    assert_eq!(report.open_at_peak_server, Some(config.sessions as f64));
+    assert_eq!(report.server.open_at_peak, Some(config.sessions as f64));
     assert_eq!(report.closed_at_limit, config.sessions);
     assert_eq!(report.cut_off.measured, config.sessions);
     assert!(report.cut_off.max < CUT_OFF_SANITY, "a cut-off {:?} off", report.cut_off.max);
     assert!(report.messages >= 2 * config.sessions, "{} usage messages", report.messages);
-    let ticks = [report.tick_p50, report.tick_p99].map(|tick| tick.unwrap().as_secs_f64());
-    assert_positive(&[report.rss_per_session_kib, report.cpu_percent, ticks[0], ticks[1]]);
+    assert_server_figures(&report.server);
 
     let db = database.db();
     common::assert_ledger_identity(&db);
@@ -128,6 +127,13 @@ async fn a_short_soak_ends_every_session_as_it_should_and_leaves_no_file_open() 
     assert_eq!(ended("usage_limit_exceeded") as u64, warm_up.cut_off + run.cut_off);
     let sessions = warm_up.sessions() + run.sessions();
     assert_eq!(rows.len() as u64, sessions, "sessions ended otherwise: {rows:?}");
+}
+
+/// A server's memory, CPU and ticks were all measured.
+#[track_caller]
+fn assert_server_figures(server: &sessions::ServerFigures) {
+    let ticks = [server.tick_p50, server.tick_p99].map(|tick| tick.unwrap().as_secs_f64());
+    assert_positive(&[server.rss_per_session_kib, server.cpu_percent, ticks[0], ticks[1]]);
 }
 
 #[track_caller]
