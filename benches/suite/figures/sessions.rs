@@ -104,6 +104,8 @@ pub struct Precision {
 /// What one server showed over the hold.
 #[derive(Debug)]
 pub struct ServerFigures {
+    /// The sessions it held.
+    pub sessions: u64,
     /// `tollgate_open_sessions` at the end of the hold.
     pub open_at_peak: Option<f64>,
     pub rss_before_kib: u64,
@@ -482,6 +484,7 @@ impl ServerFigures {
         let growth = hold.rss_full_kib as f64 - rss_before_kib as f64;
         let ticks = hold.ticks.quantile(0.5).zip(hold.ticks.quantile(0.99));
         ServerFigures {
+            sessions,
             open_at_peak: hold.open_gauge,
             rss_before_kib,
             rss_full_kib: hold.rss_full_kib,
