@@ -1,7 +1,9 @@
 //! The benchmark suite of `benches/suite`, run once at a small size for
 //! correctness only: every figure completes without an error, every
 //! session ends as it should, and the database adds up afterwards. Speeds
-//! are printed, never asserted; a shared CI machine makes them noise.
+//! are printed, never asserted; a shared CI machine makes them noise. The
+//! pair figure needs a PostgreSQL server and is skipped, saying so,
+//! without `TOLLGATE_TEST_POSTGRES` (see tests/common/postgres.rs).
 
 mod common;
 
@@ -12,7 +14,7 @@ mod suite;
 
 use std::time::Duration;
 
-use suite::figures::{mints, relay, sessions, soak, upgrades};
+use suite::figures::{mints, pair, relay, sessions, soak, upgrades};
 
 /// The figures load the whole machine: one at a time, so that one's load
 /// cannot push another's cut-offs late.
@@ -33,13 +35,12 @@ async fn every_session_is_cut_off_with_4001_at_its_limit_and_the_ledger_adds_up(
     assert!(report.errors.is_empty(), "{}", report.errors);
     assert_eq!(report.opened, config.sessions);
     assert_eq!(report.open_at_peak, config.sessions);
-    assert_eq!(report.open_at_peak_server, Some(config.sessions as f64));
+    assert_eq!(report.server.open_at_peak, Some(config.sessions as f64));
     assert_eq!(report.closed_at_limit, config.sessions);
     assert_eq!(report.cut_off.measured, config.sessions);
     assert!(report.cut_off.max < CUT_OFF_SANITY, "a cut-off {:?} off", report.cut_off.max);
     assert!(report.messages >= 2 * config.sessions, "{} usage messages", report.messages);
-    let ticks = [report.tick_p50, report.tick_p99].map(|tick| tick.unwrap().as_secs_f64());
-    assert_positive(&[report.rss_per_session_kib, report.cpu_percent, ticks[0], ticks[1]]);
+    assert_server_figures(&report.server);
 
     let db = database.db();
     common::assert_ledger_identity(&db);
@@ -134,6 +135,78 @@ async fn a_short_soak_ends_every_session_as_it_should_and_leaves_no_file_open() 
     assert_eq!(ended("usage_limit_exceeded") as u64, warm_up.cut_off + run.cut_off);
     let sessions = warm_up.sessions() + run.sessions();
     assert_eq!(rows.len() as u64, sessions, "sessions ended otherwise: {rows:?}");
+}
+
+/// A server's memory, CPU and ticks were all measured.
+#[track_caller]
+fn assert_server_figures(server: &sessions::ServerFigures) {
+    let ticks = [server.tick_p50, server.tick_p99].map(|tick| tick.unwrap().as_secs_f64());
+    assert_positive(&[server.rss_per_session_kib, server.cpu_percent, ticks[0], ticks[1]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgresql_database_cut_off_every_pool_where_it_runs_dry() {
+    let Some(server) = common::postgres::server("the pair figure of bench_suite") else {
+        return;
+    };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let database = common::postgres::FreshDatabase::create(&server).await;
+    let config = pair::Config::small(database.url.clone());
+    let report = pair::run(&config).await.unwrap();
+    println!("{report}");
+
+    assert!(report.errors.is_empty(), "{}", report.errors);
+    assert_eq!(report.opened, config.sessions);
+    assert_eq!(report.open_at_peak, config.sessions);
+    for server in &report.servers {
+        assert_eq!(server.open_at_peak, Some(server.sessions as f64));
+        assert_server_figures(server);
+    }
+    assert_eq!(report.servers[0].sessions + report.servers[1].sessions, config.sessions);
+    assert_eq!(report.closed_at_limit, config.sessions);
+    for cut_off in [&report.cut_off_shared, &report.cut_off_one_server] {
+        assert_eq!(cut_off.measured, config.sessions / 2);
+        assert!(cut_off.max < CUT_OFF_SANITY, "a cut-off {:?} off", cut_off.max);
+    }
+    let (commits, rows) = (report.database.commits as f64, report.database.rows as f64);
+    assert_positive(&[commits, rows]);
+
+    let db = common::Db::Postgres(database.url.clone());
+    common::assert_ledger_identity(&db);
+    assert_eq!(ended_sessions(&db, "usage_limit_exceeded").len() as u64, config.sessions);
+    assert_pools_drained_exactly(&db, config.limit());
+    let open = "SELECT (SELECT COUNT(*) FROM sessions WHERE ended_at IS NULL)
+                     + (SELECT COUNT(*) FROM instances WHERE ended_at IS NULL)";
+    assert_eq!(db.query_i64(open, &[]), 0, "a session or a server's run was left open");
+}
+
+#[test]
+fn the_pair_figure_names_its_database_in_the_url_it_was_given() {
+    let cases = [
+        ("postgres://u@h:5432/postgres", "postgres://u@h:5432/run"),
+        ("postgres://u@h", "postgres://u@h/run"),
+        ("postgres://u:p/?x@h/db?sslmode=require", "postgres://u:p/?x@h/run?sslmode=require"),
+        ("postgresql://h?sslmode=disable", "postgresql://h/run?sslmode=disable"),
+    ];
+    for (url, expected) in cases {
+        assert_eq!(suite::postgres::with_database(url, "run").unwrap(), expected, "{url}");
+    }
+}
+
+/// Every human's pool is at zero, charged its whole limit between its two
+/// sessions and not a millisecond more.
+#[track_caller]
+fn assert_pools_drained_exactly(db: &common::Db, limit: Duration) {
+    let pools = db.rows(
+        "SELECT l.balance, (SELECT CAST(SUM(s.charged) AS BIGINT) FROM sessions s
+                            WHERE s.human_id = l.human_id), h.external_id
+         FROM limits l JOIN humans h ON h.id = l.human_id",
+        &[],
+    );
+    let limit = limit.as_millis() as i64;
+    let drained = |pool: &&common::database::Row| (pool.get(0), pool.get(1)) == (0i64, limit);
+    let wrong: Vec<_> = pools.iter().filter(|pool| !drained(pool)).map(|pool| &pool.0).collect();
+    assert!(wrong.is_empty(), "pools not drained to 0 by {limit} ms of sessions: {wrong:?}");
 }
 
 #[track_caller]

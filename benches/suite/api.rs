@@ -1,5 +1,5 @@
 //! Tollgate's HTTP API as the suite uses it: minting usage tokens with the
-//! API key, and scraping `/metrics`.
+//! API key, asking `/healthz`, and scraping `/metrics`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -33,6 +33,18 @@ impl Api {
     /// connections close when it and its clones are dropped.
     pub fn fresh(&self) -> Result<Api> {
         Ok(Api { base: self.base.clone(), key: self.key.clone(), http: http_client()? })
+    }
+
+    /// The same key on another server sharing this one's database.
+    pub fn at(&self, addr: SocketAddr) -> Result<Api> {
+        Api::new(addr, self.key.clone())
+    }
+
+    /// Whether `/healthz` answers 200: the store answers and usage is
+    /// being recorded.
+    pub async fn healthy(&self) -> bool {
+        let response = self.http.get(format!("{}/healthz", self.base)).send().await;
+        response.is_ok_and(|response| response.status() == reqwest::StatusCode::OK)
     }
 
     /// Mints a usage token for `human`, setting their `conversational_seconds`.

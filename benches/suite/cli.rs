@@ -1,16 +1,19 @@
 //! The command line: `cargo bench --bench suite -- <figure> [options]`.
 //! Every figure runs at its full size unless `--small` (the CI test's
 //! sizes) or an option says otherwise, against databases in a temporary
-//! directory removed at the end.
+//! directory removed at the end; the pair figure against a database it
+//! makes in the PostgreSQL server given, dropped at the end.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
 
-use crate::suite::figures::{mints, relay, sessions, soak, upgrades};
+use crate::suite::figures::{mints, pair, relay, sessions, soak, upgrades};
+use crate::suite::postgres::FreshDatabase;
 use crate::suite::targets::{self, Row};
 
 #[derive(Parser)]
@@ -41,6 +44,9 @@ enum Figure {
     /// Sessions opening and closing for an hour; memory and open files
     /// before and after (not part of `all`).
     Soak(SoakArgs),
+    /// Idle sessions on two servers sharing one PostgreSQL database, half
+    /// the humans on both (not part of `all`).
+    Pair(PairArgs),
 }
 
 #[derive(Args, Default)]
@@ -57,6 +63,29 @@ struct SessionsArgs {
     /// Send a 640-byte frame every 20 ms per session and read its echo.
     #[arg(long)]
     frames: bool,
+    /// Open the sessions with `events=none`.
+    #[arg(long)]
+    no_events: bool,
+    /// Source addresses to rotate through, from 127.0.0.2 [16].
+    #[arg(long)]
+    sources: Option<u32>,
+}
+
+#[derive(Args, Default)]
+struct PairArgs {
+    /// The PostgreSQL server to make the run's database in, as a URL of
+    /// any of its databases; `.ci/postgres` starts one and sets the variable.
+    #[arg(long, value_name = "URL", env = "TOLLGATE_TEST_POSTGRES", hide_env_values = true)]
+    postgres: Option<String>,
+    /// Sessions to open on the two servers, two a human [full: 2000; small: 200].
+    #[arg(long)]
+    n: Option<u64>,
+    /// Sessions opened per second [full: 500; small: 100].
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds every session is open together [full: 300; small: 3].
+    #[arg(long)]
+    hold_secs: Option<f64>,
     /// Open the sessions with `events=none`.
     #[arg(long)]
     no_events: bool,
@@ -141,6 +170,7 @@ async fn run(figure: Figure, small: bool) -> Result<()> {
         Figure::Relay(args) => println!("{}", relay::run(&args.config(small, db)).await?),
         Figure::Mints(args) => println!("{}", mints::run(&args.config(small, db)).await?),
         Figure::Soak(args) => println!("{}", soak::run(&args.config(small, db)).await?),
+        Figure::Pair(args) => println!("{}", run_pair(args, small).await?),
         Figure::All => println!("{}", targets::markdown(&all(small, dir.path()).await)),
     }
     Ok(())
@@ -164,6 +194,35 @@ async fn all(small: bool, dir: &Path) -> Vec<Row> {
     let report = mints::run(&config).await;
     rows.extend(outcome(report, "mints", &targets::MINTS, targets::mints));
     rows
+}
+
+/// The pair figure, on a database made for it and dropped afterwards,
+/// even when the run fails or is interrupted: a signal ends the run (and
+/// its servers with it) before the database is dropped.
+async fn run_pair(args: PairArgs, small: bool) -> Result<pair::PairReport> {
+    let Some(server) = args.postgres.clone() else {
+        bail!(
+            "the pair figure needs a PostgreSQL server: give --postgres URL or set \
+             TOLLGATE_TEST_POSTGRES, or run it beside a throw-away one with \
+             `.ci/postgres cargo bench --bench suite -- pair`"
+        );
+    };
+    let database = FreshDatabase::create(&server).await?;
+    let config = args.config(small, database.url.clone());
+    tokio::select! {
+        report = pair::run(&config) => report,
+        signal = interrupted() => bail!("stopped by {}", signal?),
+    }
+}
+
+/// Resolves with the signal's name on SIGINT or SIGTERM.
+async fn interrupted() -> Result<&'static str> {
+    let mut terminate = signal(SignalKind::terminate()).context("cannot wait for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot wait for SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => Ok("SIGTERM"),
+        _ = interrupt.recv() => Ok("SIGINT"),
+    }
 }
 
 fn outcome<R: std::fmt::Display>(
@@ -237,6 +296,18 @@ impl SoakArgs {
         let mut config = if small { soak::Config::small(db) } else { soak::Config::full(db) };
         config.clients = self.clients.unwrap_or(config.clients);
         config.duration = self.secs.map_or(config.duration, seconds);
+        config
+    }
+}
+
+impl PairArgs {
+    fn config(self, small: bool, db: String) -> pair::Config {
+        let mut config = if small { pair::Config::small(db) } else { pair::Config::full(db) };
+        config.sessions = self.n.unwrap_or(config.sessions);
+        config.rate = self.rate.unwrap_or(config.rate);
+        config.hold = self.hold_secs.map_or(config.hold, seconds);
+        config.events = !self.no_events;
+        config.sources = self.sources.unwrap_or(config.sources);
         config
     }
 }

@@ -10,6 +10,7 @@ pub mod baseline;
 pub mod clients;
 pub mod fds;
 pub mod figures;
+pub mod postgres;
 pub mod procfs;
 pub mod prometheus;
 pub mod server;

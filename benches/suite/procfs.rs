@@ -1,6 +1,6 @@
 //! What the kernel says about a process under `/proc`: its resident memory,
-//! the CPU time it has used, its open files and their limit, and the TCP
-//! port it listens on.
+//! the CPU time it has used, its open files and their limit, the TCP port
+//! it listens on, its name, its parent and its children.
 
 use std::fs;
 use std::path::PathBuf;
@@ -27,17 +27,54 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
 /// CPU over a window of a few seconds is only good to a few tenths of a
 /// percent.
 pub fn cpu_time(pid: u32) -> Result<Duration> {
+    clock_ticks(&stat(pid)?, &[14, 15])
+}
+
+/// [`cpu_time`], and that of the process's children that have ended and
+/// been waited for (`cutime` and `cstime`), which the kernel adds to the
+/// parent's as it reaps each one.
+pub fn cpu_time_with_reaped(pid: u32) -> Result<Duration> {
+    clock_ticks(&stat(pid)?, &[14, 15, 16, 17])
+}
+
+/// The parent's pid (`ppid` of `/proc/<pid>/stat`).
+pub fn parent(pid: u32) -> Result<u32> {
+    Ok(field(&stat(pid)?, 4)?.try_into()?)
+}
+
+/// The command's name (`/proc/<pid>/comm`), such as `postgres`.
+pub fn command(pid: u32) -> Result<String> {
+    Ok(read(pid, "comm")?.trim_end().to_owned())
+}
+
+/// The processes whose parent is `pid`, as they are listed at this
+/// instant: one may end before it is looked at.
+pub fn children(pid: u32) -> Result<Vec<u32>> {
+    let entries = fs::read_dir("/proc").context("cannot list /proc")?;
+    let pids = entries.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok());
+    Ok(pids.filter(|&child: &u32| parent(child).is_ok_and(|ppid| ppid == pid)).collect())
+}
+
+/// The fields of `/proc/<pid>/stat` from field 3 (the state) on. The
+/// command name before them, in parentheses, may itself hold spaces.
+fn stat(pid: u32) -> Result<Vec<String>> {
     let stat = read(pid, "stat")?;
-    // The command name, in parentheses, may itself hold spaces: the
-    // fields worth counting start after its closing parenthesis, with
-    // field 3 (the state).
     let Some((_, rest)) = stat.rsplit_once(')') else { bail!("cannot parse {stat:?}") };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |number: usize| -> Result<u64> {
-        let text = fields.get(number - 3).context("/proc/<pid>/stat is too short")?;
-        Ok(text.parse()?)
-    };
-    let ticks = field(14)? + field(15)?;
+    Ok(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Field `number` of `/proc/<pid>/stat`, counted from 1 as proc(5) does.
+fn field(fields: &[String], number: usize) -> Result<u64> {
+    let text = fields.get(number - 3).context("/proc/<pid>/stat is too short")?;
+    Ok(text.parse()?)
+}
+
+/// The sum of the fields `numbers`, each a count of clock ticks.
+fn clock_ticks(fields: &[String], numbers: &[usize]) -> Result<Duration> {
+    let mut ticks = 0;
+    for &number in numbers {
+        ticks += field(fields, number)?;
+    }
     let per_second = rustix::param::clock_ticks_per_second();
     Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }

@@ -1,12 +1,13 @@
 //! The `tollgate` binary as a child process: started on 127.0.0.1:0 with a
 //! database of the run's own and otherwise its defaults, its API key read
 //! from standard output, its output drained by threads, its memory and CPU
-//! time read from `/proc`, and stopped with SIGTERM at the end.
+//! time read from `/proc`, and stopped with SIGTERM at the end. A second
+//! server may share the first's database (PostgreSQL) and its key.
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,7 +36,8 @@ const LOG_FILTER: &str = "warn";
 
 /// How the server is started, besides its defaults.
 pub struct ServerOptions {
-    pub db: PathBuf,
+    /// `--db`: a SQLite file, or a PostgreSQL URL.
+    pub db: OsString,
     /// Longer than any session of the run, so that none ends with 4004.
     pub max_session_seconds: u64,
 }
@@ -49,15 +51,27 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the server and waits until it listens and has printed its key.
+    /// Starts the server on a new database and waits until it listens and
+    /// has printed its key.
     pub async fn start(options: &ServerOptions) -> Result<Server> {
+        Server::launch(options, Ready::PrintedKey).await
+    }
+
+    /// Starts another server on the database `first` uses (a PostgreSQL
+    /// one). It finds the project there and prints no key, so it is given
+    /// `first`'s, and is ready once `/healthz` answers: it listens before
+    /// it has opened the database.
+    pub async fn start_beside(first: &Server, options: &ServerOptions) -> Result<Server> {
+        Server::launch(options, Ready::Healthy(first.api.clone())).await
+    }
+
+    async fn launch(options: &ServerOptions, ready: Ready) -> Result<Server> {
         let mut process = Process::spawn(options)?;
         let stdout = Output::drain(process.0.stdout.take().context("no stdout")?);
         let stderr = Output::drain(process.0.stderr.take().context("no stderr")?);
-        let (key, port) = wait_until_ready(&mut process, &stdout, &stderr).await?;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let (api, addr) = wait_until_ready(&mut process, ready, &stdout, &stderr).await?;
         let pid = process.0.id();
-        Ok(Server { process, pid, addr, api: Api::new(addr, key)?, stderr })
+        Ok(Server { process, pid, addr, api, stderr })
     }
 
     pub fn rss_kib(&self) -> Result<u64> {
@@ -128,27 +142,53 @@ impl Drop for Process {
     }
 }
 
-/// Waits for the key on standard output, then for the listening socket:
-/// the server binds before it prints the key.
+/// What shows that a server has started.
+enum Ready {
+    /// Its key on standard output (printed once the database is open).
+    PrintedKey,
+    /// `/healthz` answering with this API's key, which it shares.
+    Healthy(Api),
+}
+
+/// Waits for the listening socket, then for what shows the server ready;
+/// returns its API and address.
 async fn wait_until_ready(
     process: &mut Process,
+    ready: Ready,
     stdout: &Output,
     stderr: &Output,
-) -> Result<(String, u16)> {
+) -> Result<(Api, SocketAddr)> {
     let deadline = Instant::now() + START_WAIT;
     loop {
         if let Some(status) = process.0.try_wait()? {
             bail!("the server exited with {status}: {}", stderr.tail());
         }
-        if let Some(key) = stdout.find(|line| line.starts_with("tgk_"))
-            && let Some(port) = procfs::listening_port(process.0.id())?
-        {
-            return Ok((key, port));
+        if let Some(port) = procfs::listening_port(process.0.id())? {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            if let Some(api) = ready.api(addr, stdout).await? {
+                return Ok((api, addr));
+            }
         }
         if Instant::now() > deadline {
-            bail!("the server was not listening within {START_WAIT:?}: {}", stderr.tail());
+            bail!("the server was not ready within {START_WAIT:?}: {}", stderr.tail());
         }
         sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Ready {
+    /// The server's API at `addr` once it is ready, `None` until then.
+    async fn api(&self, addr: SocketAddr, stdout: &Output) -> Result<Option<Api>> {
+        match self {
+            Ready::PrintedKey => {
+                let key = stdout.find(|line| line.starts_with("tgk_"));
+                key.map(|key| Api::new(addr, key)).transpose()
+            }
+            Ready::Healthy(first) => {
+                let api = first.at(addr)?;
+                Ok(api.healthy().await.then_some(api))
+            }
+        }
     }
 }
 

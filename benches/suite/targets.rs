@@ -102,15 +102,17 @@ fn all_cut_off(report: &SessionsReport) -> bool {
 }
 
 fn memory(report: &SessionsReport) -> Judged {
-    (format!("{:.2} KiB", report.rss_per_session_kib), report.rss_per_session_kib <= 8.0)
+    let kib = report.server.rss_per_session_kib;
+    (format!("{kib:.2} KiB"), kib <= 8.0)
 }
 
 fn cpu(report: &SessionsReport) -> Judged {
-    (format!("{:.2} %", report.cpu_percent), report.cpu_percent <= 5.0)
+    let percent = report.server.cpu_percent;
+    (format!("{percent:.2} %"), percent <= 5.0)
 }
 
 fn ticks(report: &SessionsReport) -> Judged {
-    match report.tick_p99 {
+    match report.server.tick_p99 {
         Some(p99) => (format!("p99 {:.2} ms", millis(p99)), p99 <= Duration::from_millis(25)),
         None => ("no ticks seen".into(), false),
     }

@@ -40,7 +40,7 @@ pub struct MintsReport {
 }
 
 pub async fn run(config: &Config) -> Result<MintsReport> {
-    let options = ServerOptions { db: config.db.clone(), max_session_seconds: 3600 };
+    let options = ServerOptions { db: config.db.clone().into(), max_session_seconds: 3600 };
     let server = Server::start(&options).await?;
     let deadline = Instant::now() + config.duration;
     let clients =

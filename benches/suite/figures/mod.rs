@@ -3,6 +3,7 @@
 //! report that prints itself.
 
 pub mod mints;
+pub mod pair;
 pub mod relay;
 pub mod sessions;
 pub mod soak;

@@ -86,7 +86,7 @@ async fn measure_baseline(config: &Config) -> Result<Side> {
 }
 
 async fn measure_tollgate(config: &Config) -> Result<Side> {
-    let options = ServerOptions { db: config.db.clone(), max_session_seconds: 3600 };
+    let options = ServerOptions { db: config.db.clone().into(), max_session_seconds: 3600 };
     let server = Server::start(&options).await?;
     let humans: Vec<String> = (0..config.sessions).map(|i| format!("relay-{i}")).collect();
     let tokens = server.api.mint_all(&humans, PLENTY_OF_SECONDS).await?;

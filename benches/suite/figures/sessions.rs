@@ -4,7 +4,13 @@
 //! limit. It measures the server's memory per idle session, its CPU and
 //! its ticks during the hold, and how close to its limit each session was
 //! closed.
+//!
+//! What the pair figure shares with it is public here: opening sessions
+//! at a pace on any server, following each to its close, measuring
+//! servers over the hold, and judging each cut-off against the instant it
+//! was due.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,24 +20,24 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use futures::{SinkExt, StreamExt};
-use tokio::task::JoinSet;
+use tokio::task::{Id, JoinSet};
 use tokio::time::{Instant, Interval, interval, sleep, sleep_until, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::suite::clients::{self, Sources, Ws};
 use crate::suite::fds;
-use crate::suite::prometheus::Histogram;
+use crate::suite::prometheus::{Histogram, Scrape};
 use crate::suite::server::{Server, ServerOptions};
 use crate::suite::stats::{Tally, millis, percentile, thousands};
 
 /// How long after minting, and again after the last session opened, the
 /// server is left alone before its memory is read: long enough for a tick
 /// or two to have run over every session.
-const SETTLE: Duration = Duration::from_secs(2);
+pub const SETTLE: Duration = Duration::from_secs(2);
 
 /// How long after its limit a session may still wait for its close before
 /// it counts as not cut off at all.
-const END_GRACE: Duration = Duration::from_secs(30);
+pub const END_GRACE: Duration = Duration::from_secs(30);
 
 /// A voice client's frame: 20 ms of 16 kHz mono 16-bit PCM.
 const FRAME_BYTES: usize = 640;
@@ -76,11 +82,13 @@ impl Config {
     pub fn limit(&self) -> Duration {
         Duration::from_millis((self.ramp() + self.hold).as_millis() as u64)
     }
+}
 
-    fn path(&self, token: &str) -> String {
-        let events = if self.events { "" } else { "&events=none" };
-        format!("/v1/realtime/session?kind=conversational&token={token}{events}")
-    }
+/// The path that opens a conversational session with `token`, with the
+/// server's `usage.*` messages on or off.
+pub fn path(token: &str, events: bool) -> String {
+    let events = if events { "" } else { "&events=none" };
+    format!("/v1/realtime/session?kind=conversational&token={token}{events}")
 }
 
 /// How far from its limit sessions were cut off, from the client's view:
@@ -93,18 +101,13 @@ pub struct Precision {
     pub outside_tolerance: u64,
 }
 
-pub struct SessionsReport {
+/// What one server showed over the hold.
+#[derive(Debug)]
+pub struct ServerFigures {
+    /// The sessions it held.
     pub sessions: u64,
-    pub rate: f64,
-    pub hold: Duration,
-    pub frames: bool,
-    pub events: bool,
-    pub limit: Duration,
-    pub opened: u64,
-    /// Open at once, as the clients counted.
-    pub open_at_peak: u64,
     /// `tollgate_open_sessions` at the end of the hold.
-    pub open_at_peak_server: Option<f64>,
+    pub open_at_peak: Option<f64>,
     pub rss_before_kib: u64,
     pub rss_full_kib: u64,
     pub rss_per_session_kib: f64,
@@ -115,6 +118,19 @@ pub struct SessionsReport {
     pub ticks: u64,
     pub tick_p50: Option<Duration>,
     pub tick_p99: Option<Duration>,
+}
+
+pub struct SessionsReport {
+    pub sessions: u64,
+    pub rate: f64,
+    pub hold: Duration,
+    pub frames: bool,
+    pub events: bool,
+    pub limit: Duration,
+    pub opened: u64,
+    /// Open at once, as the clients counted.
+    pub open_at_peak: u64,
+    pub server: ServerFigures,
     pub closed_at_limit: u64,
     pub cut_off: Precision,
     /// `usage.*` messages the clients read.
@@ -128,36 +144,51 @@ pub async fn run(config: &Config) -> Result<SessionsReport> {
     let what = format!("{} sessions", thousands(config.sessions));
     fds::check("this process", &what, config.sessions, fds::raise_own_limit())?;
     let max_session_seconds = config.limit().as_secs() + 60;
-    let options = ServerOptions { db: config.db.clone(), max_session_seconds };
+    let options = ServerOptions { db: config.db.clone().into(), max_session_seconds };
     let server = Server::start(&options).await?;
-    let server_files = server.open_files_limit()?;
-    fds::check("the server", &what, config.sessions, server_files)?;
+    check_files(&server, &what, config.sessions)?;
 
     let humans: Vec<String> = (0..config.sessions).map(|i| format!("session-{i}")).collect();
     let tokens = server.api.mint_all(&humans, config.limit().as_secs_f64()).await?;
     sleep(SETTLE).await;
     let rss_before_kib = server.rss_kib()?;
 
-    let shared = Arc::new(Shared::new(server.addr, config));
-    let (start, sessions) = open_all(&shared, config, tokens).await;
-    let hold = measure_hold(&server, &shared, config, start).await?;
-    // The last session may take its connect timeout to open, then wait
-    // for its close and for the end of the connection.
-    let ending_by = start + config.ramp() + config.limit() + END_GRACE * 3;
+    let shared = Arc::new(Shared::new(config.sources, config.limit(), config.frames));
+    let targets = tokens.iter().map(|token| (server.addr, path(token, config.events)));
+    let (start, sessions) = open_all(&shared, config.rate, targets).await;
+    let first_cut_off = start + config.limit();
+    let window = Window { sessions: config.sessions, hold: config.hold, first_cut_off };
+    let (holds, _) = measure_hold(&[&server], &shared, window, async || Ok(())).await?;
+    let ending_by = ending_by(start, config.ramp(), config.limit());
     let mut endings = collect(sessions, ending_by).await;
-    if server.ran_out_of_files() {
-        endings.push(Ending::Failed(format!(
-            "the server ran out of file descriptors (it may hold {})",
-            thousands(server_files)
-        )));
-    }
+    endings.extend(out_of_files(&server).map(Ending::Failed));
     server.stop().await?;
-    Ok(report(config, rss_before_kib, hold, &endings, &shared))
+    let server = ServerFigures::of(&holds[0], rss_before_kib, config.sessions);
+    Ok(report(config, server, &endings, &shared))
 }
 
-/// What the session tasks share: where to connect and what they count.
-struct Shared {
-    addr: SocketAddr,
+/// Stops before a run in which `server` could not hold `sessions` sockets.
+pub fn check_files(server: &Server, what: &str, sessions: u64) -> Result<()> {
+    fds::check("the server", what, sessions, server.open_files_limit()?)
+}
+
+/// The instant by which every session must have ended: the last may take
+/// its connect timeout to open, then wait for its close and for the end
+/// of the connection.
+pub fn ending_by(start: Instant, ramp: Duration, limit: Duration) -> Instant {
+    start + ramp + limit + END_GRACE * 3
+}
+
+/// An error of the run if `server` ran out of file descriptors.
+pub fn out_of_files(server: &Server) -> Option<String> {
+    let limit = || server.open_files_limit().map_or("?".into(), thousands);
+    let error = || format!("the server ran out of file descriptors (it may hold {})", limit());
+    server.ran_out_of_files().then(error)
+}
+
+/// What the session tasks share: their source addresses, how they behave
+/// and what they count.
+pub struct Shared {
     sources: Sources,
     limit: Duration,
     frames: bool,
@@ -171,12 +202,12 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(addr: SocketAddr, config: &Config) -> Shared {
+    /// `limit` is the longest any session may take to be cut off.
+    pub fn new(sources: u32, limit: Duration, frames: bool) -> Shared {
         Shared {
-            addr,
-            sources: Sources::new(config.sources),
-            limit: config.limit(),
-            frames: config.frames,
+            sources: Sources::new(sources),
+            limit,
+            frames,
             opened: AtomicU64::new(0),
             open: AtomicI64::new(0),
             peak: AtomicI64::new(0),
@@ -186,6 +217,21 @@ impl Shared {
         }
     }
 
+    /// Sessions whose upgrade succeeded.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// The most that were open at once.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// `usage.*` messages read.
+    pub fn messages(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
+    }
+
     fn count_open(&self) {
         self.opened.fetch_add(1, Ordering::Relaxed);
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
@@ -193,31 +239,41 @@ impl Shared {
     }
 }
 
-/// How one session ended, as its client saw it.
-enum Ending {
-    Closed { code: u16, reason: String, after: Duration },
+/// How one session ended, as its client saw it: closed by the server,
+/// with the instants of its 101 and of the close frame, or otherwise.
+pub enum Ending {
+    Closed { code: u16, reason: String, opened: Instant, at: Instant },
     Failed(String),
 }
 
-/// Spawns one session task per token, paced at the rate; returns when the
-/// last was spawned, with the instant the first was.
-async fn open_all(
+/// The session tasks, each known by its number in the order they were
+/// opened; aborted if this is dropped.
+pub struct Sessions {
+    tasks: JoinSet<Ending>,
+    numbers: HashMap<Id, usize>,
+}
+
+/// Spawns one session task for each server and path, paced at `rate` a
+/// second; returns when the last was spawned, with the instant the first
+/// was.
+pub async fn open_all(
     shared: &Arc<Shared>,
-    config: &Config,
-    tokens: Vec<String>,
-) -> (Instant, JoinSet<Ending>) {
-    let gap = Duration::from_secs_f64(1.0 / config.rate);
+    rate: f64,
+    targets: impl Iterator<Item = (SocketAddr, String)>,
+) -> (Instant, Sessions) {
+    let gap = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
-    let mut sessions = JoinSet::new();
-    for (i, token) in tokens.iter().enumerate() {
+    let mut sessions = Sessions { tasks: JoinSet::new(), numbers: HashMap::new() };
+    for (i, (addr, path)) in targets.enumerate() {
         sleep_until(start + gap.mul_f64(i as f64)).await;
-        sessions.spawn(session(shared.clone(), config.path(token)));
+        let task = sessions.tasks.spawn(session(shared.clone(), addr, path));
+        sessions.numbers.insert(task.id(), i);
     }
     (start, sessions)
 }
 
-async fn session(shared: Arc<Shared>, path: String) -> Ending {
-    let connected = clients::connect(shared.addr, &path, &shared.sources).await;
+async fn session(shared: Arc<Shared>, addr: SocketAddr, path: String) -> Ending {
+    let connected = clients::connect(addr, &path, &shared.sources).await;
     if connected.is_ok() {
         shared.count_open();
     }
@@ -288,16 +344,16 @@ fn read(shared: &Shared, message: &Message, opened: Instant) -> Option<Ending> {
         Message::Binary(data) => return Some(Ending::Failed(format!("{}-byte echo", data.len()))),
         Message::Close(_) => {
             let (code, reason) = clients::close_of(message).unwrap_or((1005, String::new()));
-            return Some(Ending::Closed { code, reason, after: opened.elapsed() });
+            return Some(Ending::Closed { code, reason, opened, at: Instant::now() });
         }
         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
     }
     None
 }
 
-/// What the hold showed: memory at full load, CPU over the window, and
-/// the ticks that ran in it.
-struct Hold {
+/// What one server showed in the hold: memory at full load, CPU over the
+/// window, and the ticks that ran in it.
+pub struct Hold {
     rss_full_kib: u64,
     window: Duration,
     cpu: Duration,
@@ -305,39 +361,75 @@ struct Hold {
     open_gauge: Option<f64>,
 }
 
-/// Waits until every upgrade has settled and the server with it, then
-/// measures until just before the first session's limit.
-async fn measure_hold(
-    server: &Server,
-    shared: &Shared,
-    config: &Config,
-    start: Instant,
-) -> Result<Hold> {
-    let first_cut_off = start + config.limit();
-    let end = first_cut_off - (config.hold / 10).min(Duration::from_secs(1));
-    wait_until_settled(shared, config.sessions, end).await;
-    sleep((config.hold / 4).min(SETTLE)).await;
+/// What places the window measured in the hold: it opens once the
+/// sessions have all settled (or are out of time), and ends just before
+/// the first cut-off.
+#[derive(Clone, Copy)]
+pub struct Window {
+    pub sessions: u64,
+    pub hold: Duration,
+    pub first_cut_off: Instant,
+}
 
-    let rss_full_kib = server.rss_kib()?;
-    let early = server.api.scrape().await?;
-    let (cpu_early, at_early) = (server.cpu_time()?, Instant::now());
-    if at_early >= end {
+/// Waits until every upgrade has settled and the servers with it, then
+/// measures each of `servers` until just before the first cut-off; and
+/// whatever else `read` reads (the database, say), at the same two
+/// instants.
+pub async fn measure_hold<T>(
+    servers: &[&Server],
+    shared: &Shared,
+    window: Window,
+    read: impl AsyncFn() -> Result<T>,
+) -> Result<(Vec<Hold>, (T, T))> {
+    let end = window.first_cut_off - (window.hold / 10).min(Duration::from_secs(1));
+    wait_until_settled(shared, window.sessions, end).await;
+    sleep((window.hold / 4).min(SETTLE)).await;
+
+    let mut full = Vec::with_capacity(servers.len());
+    for server in servers {
+        full.push(server.rss_kib()?);
+    }
+    let (early, read_early) = (readings(servers).await?, read().await?);
+    if Instant::now() >= end {
         bail!("the sessions opened too slowly: no time of the hold was left to measure");
     }
     sleep_until(end).await;
-    let (cpu_late, at_late) = (server.cpu_time()?, Instant::now());
-    let late = server.api.scrape().await?;
+    let (late, read_late) = (readings(servers).await?, read().await?);
 
-    let open_sessions = r#"tollgate_open_sessions{kind="conversational"}"#;
-    let ticks =
-        late.histogram("tollgate_tick_seconds").since(&early.histogram("tollgate_tick_seconds"));
-    Ok(Hold {
-        rss_full_kib,
-        window: at_late - at_early,
-        cpu: cpu_late.saturating_sub(cpu_early),
-        ticks,
-        open_gauge: late.value(open_sessions),
-    })
+    let holds = full.into_iter().zip(early.iter().zip(&late));
+    let holds = holds.map(|(rss_full_kib, (early, late))| Hold::between(rss_full_kib, early, late));
+    Ok((holds.collect(), (read_early, read_late)))
+}
+
+/// A server's CPU time and metrics at an instant. The scrape follows the
+/// CPU time, so one scrape's work falls within the window.
+struct Reading {
+    at: Instant,
+    cpu: Duration,
+    scrape: Scrape,
+}
+
+async fn readings(servers: &[&Server]) -> Result<Vec<Reading>> {
+    let mut readings = Vec::with_capacity(servers.len());
+    for server in servers {
+        let (cpu, at) = (server.cpu_time()?, Instant::now());
+        readings.push(Reading { at, cpu, scrape: server.api.scrape().await? });
+    }
+    Ok(readings)
+}
+
+impl Hold {
+    fn between(rss_full_kib: u64, early: &Reading, late: &Reading) -> Hold {
+        let open_sessions = r#"tollgate_open_sessions{kind="conversational"}"#;
+        let ticks = |reading: &Reading| reading.scrape.histogram("tollgate_tick_seconds");
+        Hold {
+            rss_full_kib,
+            window: late.at - early.at,
+            cpu: late.cpu.saturating_sub(early.cpu),
+            ticks: ticks(late).since(&ticks(early)),
+            open_gauge: late.scrape.value(open_sessions),
+        }
+    }
 }
 
 async fn wait_until_settled(shared: &Shared, sessions: u64, deadline: Instant) {
@@ -346,30 +438,28 @@ async fn wait_until_settled(shared: &Shared, sessions: u64, deadline: Instant) {
     }
 }
 
-/// Every session's ending. Each task ends by itself; one that has not by
-/// `deadline` is aborted and counted as a failure.
-async fn collect(mut sessions: JoinSet<Ending>, deadline: Instant) -> Vec<Ending> {
-    let mut endings = Vec::with_capacity(sessions.len());
-    while let Ok(Some(joined)) = timeout_at(deadline, sessions.join_next()).await {
-        endings.push(joined.unwrap_or_else(|error| Ending::Failed(format!("task: {error}"))));
+/// Every session's ending, by its number. Each task ends by itself; one
+/// that has not by `deadline` is aborted and counted as a failure.
+pub async fn collect(mut sessions: Sessions, deadline: Instant) -> Vec<Ending> {
+    let mut endings: Vec<Option<Ending>> = (0..sessions.numbers.len()).map(|_| None).collect();
+    while let Ok(Some(joined)) = timeout_at(deadline, sessions.tasks.join_next_with_id()).await {
+        let (id, ending) =
+            joined.unwrap_or_else(|error| (error.id(), Ending::Failed(format!("task: {error}"))));
+        endings[sessions.numbers[&id]] = Some(ending);
     }
-    for _ in 0..sessions.len() {
-        endings.push(Ending::Failed("the session never ended".into()));
-    }
-    sessions.abort_all();
-    endings
+    sessions.tasks.abort_all();
+    let never = || Ending::Failed("the session never ended".into());
+    endings.into_iter().map(|ending| ending.unwrap_or_else(never)).collect()
 }
 
 fn report(
     config: &Config,
-    rss_before_kib: u64,
-    hold: Hold,
+    server: ServerFigures,
     endings: &[Ending],
     shared: &Shared,
 ) -> SessionsReport {
-    let (closed_at_limit, cut_off, errors) = judge(endings, config.limit());
-    let growth = hold.rss_full_kib as f64 - rss_before_kib as f64;
-    let ticks = hold.ticks.quantile(0.5).zip(hold.ticks.quantile(0.99));
+    let due = |_, opened| opened + config.limit();
+    let (closed_at_limit, cut_off, errors) = judge(endings.iter().enumerate(), due);
     SessionsReport {
         sessions: config.sessions,
         rate: config.rate,
@@ -377,34 +467,53 @@ fn report(
         frames: config.frames,
         events: config.events,
         limit: config.limit(),
-        opened: shared.opened.load(Ordering::Relaxed),
-        open_at_peak: shared.peak.load(Ordering::Relaxed).max(0) as u64,
-        open_at_peak_server: hold.open_gauge,
-        rss_before_kib,
-        rss_full_kib: hold.rss_full_kib,
-        rss_per_session_kib: growth / config.sessions as f64,
-        cpu_percent: 100.0 * hold.cpu.as_secs_f64() / hold.window.as_secs_f64(),
-        window: hold.window,
-        ticks: hold.ticks.count.max(0.0) as u64,
-        tick_p50: ticks.map(|(p50, _)| Duration::from_secs_f64(p50)),
-        tick_p99: ticks.map(|(_, p99)| Duration::from_secs_f64(p99)),
+        opened: shared.opened(),
+        open_at_peak: shared.peak(),
+        server,
         closed_at_limit,
         cut_off,
-        messages: shared.messages.load(Ordering::Relaxed),
+        messages: shared.messages(),
         echoes: shared.echoes.load(Ordering::Relaxed),
         errors,
     }
 }
 
-/// Sessions closed with 4001 at their limit, how precisely, and every
-/// other ending as an error.
-fn judge(endings: &[Ending], limit: Duration) -> (u64, Precision, Tally) {
+impl ServerFigures {
+    /// The figures of a server that held `sessions` of them.
+    pub fn of(hold: &Hold, rss_before_kib: u64, sessions: u64) -> ServerFigures {
+        let growth = hold.rss_full_kib as f64 - rss_before_kib as f64;
+        let ticks = hold.ticks.quantile(0.5).zip(hold.ticks.quantile(0.99));
+        ServerFigures {
+            sessions,
+            open_at_peak: hold.open_gauge,
+            rss_before_kib,
+            rss_full_kib: hold.rss_full_kib,
+            rss_per_session_kib: growth / sessions as f64,
+            cpu_percent: 100.0 * hold.cpu.as_secs_f64() / hold.window.as_secs_f64(),
+            window: hold.window,
+            ticks: hold.ticks.count.max(0.0) as u64,
+            tick_p50: ticks.map(|(p50, _)| Duration::from_secs_f64(p50)),
+            tick_p99: ticks.map(|(_, p99)| Duration::from_secs_f64(p99)),
+        }
+    }
+}
+
+/// Of the sessions given by number, those closed with 4001, how far from
+/// the instant each was due to be (`due` of its number and its 101), and
+/// every other ending as an error.
+pub fn judge<'a>(
+    endings: impl Iterator<Item = (usize, &'a Ending)>,
+    due: impl Fn(usize, Instant) -> Instant,
+) -> (u64, Precision, Tally) {
     let mut errors = Tally::default();
     let mut misses = Vec::new();
-    for ending in endings {
+    for (number, ending) in endings {
         match ending {
-            Ending::Closed { code: 4001, reason, after } if reason == "usage_limit_exceeded" => {
-                misses.push(after.abs_diff(limit));
+            Ending::Closed { code: 4001, reason, opened, at }
+                if reason == "usage_limit_exceeded" =>
+            {
+                let due = due(number, *opened);
+                misses.push(due.max(*at) - due.min(*at));
             }
             Ending::Closed { code, reason, .. } => {
                 errors.add(format!("closed with {code} {reason}"))
@@ -435,48 +544,57 @@ impl fmt::Display for SessionsReport {
         )?;
         writeln!(f, "  limit per session        {:.3} s", self.limit.as_secs_f64())?;
         writeln!(f, "  opened                   {}", thousands(self.opened))?;
-        let gauge = self.open_at_peak_server.map_or("-".into(), |open| format!("{open}"));
+        let gauge = self.server.open_at_peak.map_or("-".into(), |open| format!("{open}"));
         writeln!(
             f,
             "  open at peak             {} (server: {gauge})",
             thousands(self.open_at_peak)
         )?;
-        writeln!(
-            f,
-            "  server RSS               {} KiB before, {} KiB at full load",
-            thousands(self.rss_before_kib),
-            thousands(self.rss_full_kib)
-        )?;
-        writeln!(f, "  RSS growth per session   {:.2} KiB", self.rss_per_session_kib)?;
-        writeln!(
-            f,
-            "  server CPU in the hold   {:.2} % of one core over {:.1} s",
-            self.cpu_percent,
-            self.window.as_secs_f64()
-        )?;
-        let tick = |quantile: Option<Duration>| {
-            quantile.map_or("-".into(), |d| format!("{:.2} ms", millis(d)))
-        };
-        writeln!(
-            f,
-            "  ticks in the window      {}: p50 {}, p99 {}",
-            self.ticks,
-            tick(self.tick_p50),
-            tick(self.tick_p99)
-        )?;
+        write!(f, "{}", self.server)?;
         writeln!(f, "  closed with 4001         {}", thousands(self.closed_at_limit))?;
-        let precision = &self.cut_off;
-        writeln!(
-            f,
-            "  cut-off error            max {:.1} ms, p99 {:.1} ms, {} beyond 100 ms",
-            millis(precision.max),
-            millis(precision.p99),
-            thousands(precision.outside_tolerance)
-        )?;
+        writeln!(f, "  cut-off error            {}", self.cut_off)?;
         writeln!(f, "  usage messages read      {}", thousands(self.messages))?;
         if self.frames {
             writeln!(f, "  echoes read              {}", thousands(self.echoes))?;
         }
         write!(f, "  errors                   {}", self.errors)
+    }
+}
+
+/// The column where the figures of a report's lines start.
+const FIGURE_COLUMN: usize = 27;
+
+/// Four lines, each indented by the width asked for (two spaces unless
+/// told), the figures in the column of the report's other lines.
+impl fmt::Display for ServerFigures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let indent = f.width().unwrap_or(2);
+        let mut line = |label: &str, figure: String| {
+            writeln!(f, "{:indent$}{label:<width$}{figure}", "", width = FIGURE_COLUMN - indent)
+        };
+        let (before, full) = (thousands(self.rss_before_kib), thousands(self.rss_full_kib));
+        line("server RSS", format!("{before} KiB before, {full} KiB at full load"))?;
+        line("RSS growth per session", format!("{:.2} KiB", self.rss_per_session_kib))?;
+        let window = self.window.as_secs_f64();
+        let cpu = format!("{:.2} % of one core over {window:.1} s", self.cpu_percent);
+        line("server CPU in the hold", cpu)?;
+        let tick = |quantile: Option<Duration>| {
+            quantile.map_or("-".into(), |d| format!("{:.2} ms", millis(d)))
+        };
+        let ticks =
+            format!("{}: p50 {}, p99 {}", self.ticks, tick(self.tick_p50), tick(self.tick_p99));
+        line("ticks in the window", ticks)
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "max {:.1} ms, p99 {:.1} ms, {} beyond 100 ms",
+            millis(self.max),
+            millis(self.p99),
+            thousands(self.outside_tolerance)
+        )
     }
 }

@@ -122,7 +122,7 @@ impl SoakReport {
 pub async fn run(config: &Config) -> Result<SoakReport> {
     let what = format!("{} soak clients", config.clients);
     fds::check("this process", &what, config.clients as u64, fds::raise_own_limit())?;
-    let options = ServerOptions { db: config.db.clone(), max_session_seconds: 3600 };
+    let options = ServerOptions { db: config.db.clone().into(), max_session_seconds: 3600 };
     let server = Server::start(&options).await?;
     fds::check("the server", &what, 2 * config.clients as u64, server.open_files_limit()?)?;
     let warm_up = load(server.addr, server.api.fresh()?, config, config.warm_up).await;

@@ -93,7 +93,7 @@ async fn measure_baseline(config: &Config) -> Result<Side> {
 }
 
 async fn measure_tollgate(config: &Config) -> Result<Side> {
-    let options = ServerOptions { db: config.db.clone(), max_session_seconds: 3600 };
+    let options = ServerOptions { db: config.db.clone().into(), max_session_seconds: 3600 };
     let server = Server::start(&options).await?;
     let what = format!("{} upgrades in flight", config.in_flight);
     fds::check("the server", &what, config.in_flight as u64, server.open_files_limit()?)?;
