@@ -2,19 +2,23 @@
 //! servers behind a load balancer run: a human's pool drained by sessions
 //! on two of them is cut off on both at the shared instant; a revocation
 //! or a set-to-zero through one closes the human's session on the other
-//! within a tick; the cap on a human's sessions counts both servers'; and
-//! a server killed with -9 has its sessions closed out by the other, with
-//! reason `instance_lost` and their usage as of its last tick. Skipped,
+//! within a tick, and a top-up through one keeps it open; the cap on a
+//! human's sessions counts both servers'; a server killed with -9 has its
+//! sessions closed out by the other, with reason `instance_lost` and their
+//! usage as of its last tick; and with both servers' dispatchers reading
+//! one outbox, each webhook event is delivered once. Skipped,
 //! saying so, without `TOLLGATE_TEST_POSTGRES` (see tests/common/postgres.rs).
 
 mod common;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
 use common::Api;
 use common::binary::{self, Process};
 use common::postgres::{self, FreshDatabase};
+use common::receiver::Receiver;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -131,6 +135,27 @@ async fn a_revocation_or_a_set_to_zero_through_one_server_closes_sessions_on_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_through_one_server_keeps_a_session_on_the_other_open() {
+    let Some(server) = postgres::server("a_top_up_through_one_server") else {
+        return;
+    };
+    let pair = Pair::start(&server, &[]).await;
+    let (api_a, api_b) = (pair.api_a(), pair.api_b());
+    let token = api_a.mint_seconds("ada", 1.0).await;
+    let mut on_b = api_b.connect(&token).await;
+    let top_up = json!({ "human": "ada", "mode": "add",
+                         "limits": [{ "type": "conversational_seconds", "value": 60 }] });
+    let (status, body) = api_a.put("/v1/usage/token", top_up).await;
+    assert_eq!(status, 200, "{body}");
+    // Without the top-up the session would close at 1 s.
+    let outlived = tokio::time::timeout(Duration::from_secs(2), on_b.until_closed()).await;
+    assert!(outlived.is_err(), "closed despite the top-up: {outlived:?}");
+    // Read where the session is, which records its usage first.
+    let left = api_b.remaining("ada", "conversational_seconds").await;
+    assert!((58.0..60.0).contains(&left), "{left} s left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cap_on_a_humans_sessions_counts_those_on_every_server() {
     let Some(server) = postgres::server("the_cap_on_a_humans_sessions_counts") else {
         return;
@@ -212,4 +237,33 @@ impl Pair {
         tokio::spawn(connection);
         admin
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_dispatchers_on_one_outbox_each_webhook_event_is_delivered_once() {
+    let Some(server) = postgres::server("with_two_dispatchers_on_one_outbox") else {
+        return;
+    };
+    let receiver = Receiver::start().await;
+    let pair = Pair::start(&server, &[]).await;
+    let (api_a, api_b) = (pair.api_a(), pair.api_b());
+    let hook = json!({ "url": receiver.url, "events": ["usage_token.revoked"] });
+    let (status, body) = api_a.backend(reqwest::Method::PUT, "/v1/webhook", hook).await;
+    assert_eq!(status, 201, "{body}");
+    // Events made through either server, each read by both dispatchers.
+    const EVENTS: usize = 40;
+    for n in 0..EVENTS {
+        let api = if n % 2 == 0 { &api_a } else { &api_b };
+        let human = format!("h{n}");
+        api.mint_seconds(&human, 10.0).await;
+        let (status, _) = api.post("/v1/usage/token/revoke", json!({ "human": human })).await;
+        assert_eq!(status, 200);
+    }
+
+    receiver.until(|events| events.len() >= EVENTS).await;
+    // A second delivery of any of them would come within a poll or two.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = receiver.got();
+    let ids: HashSet<&str> = got.iter().map(|delivered| delivered.header("webhook-id")).collect();
+    assert_eq!((got.len(), ids.len()), (EVENTS, EVENTS));
 }
