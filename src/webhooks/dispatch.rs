@@ -204,7 +204,7 @@ impl Attempt {
             // Another server may have claimed the event since; a failure
             // recorded now would cut that claim short. Unrecorded, the
             // event is due again as the lease left it.
-            warn!(event = %event.id, "a webhook attempt outlived its lease; its failure is dropped");
+            warn!(event = %event.id, "a webhook attempt outlived its lease; failure dropped");
             return event.seq;
         }
         let recorded = self.store.record_attempt(event.seq, outcome, now);
