@@ -1,15 +1,14 @@
--- Tollgate's PostgreSQL schema, whole. It has the same tables, columns and
--- meaning as schema.sql (whose comments say what each holds) and records the
--- same version (SCHEMA_VERSION in src/store/sqlite/mod.rs); it differs only
--- where the two databases do: BIGINT and BOOLEAN columns, BYTEA hashes,
+-- Tollgate's PostgreSQL schema, whole, version 5 (POSTGRES_SCHEMA_VERSION in
+-- src/store/postgres/mod.rs). It has the same tables, columns and meaning as
+-- schema.sql at its version 4 (whose comments say what each holds); it
+-- differs only where the two databases do: BIGINT and BOOLEAN columns, BYTEA hashes,
 -- identity columns for the ids, and where several servers share one
 -- database: instances (see there) in place of meter_clock, and the
 -- instance_id of sessions and completions.
--- It is applied to an empty database at start-up, in one transaction. There
--- are no upgrade scripts yet: the first PostgreSQL schema is version 4.
--- What was added to it since comes after the line "Added since version 4"
--- below, in statements that change nothing when run again: that part is
--- run again at every start-up, so that a database made before it gains it.
+-- It is applied to an empty database at start-up, in one transaction. The
+-- first PostgreSQL schema was version 4; what version 5 added comes after the
+-- line "Added by version 5" below, and that part alone is applied to a
+-- database of version 4 (which also had a table meter_clock, left unused).
 
 CREATE TABLE schema_version (
     version    BIGINT NOT NULL,
@@ -154,7 +153,7 @@ CREATE TABLE webhook_events (
 CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX webhook_events_by_project ON webhook_events (project_id, status, id);
 
--- Added since version 4.
+-- Added by version 5.
 
 -- Every run of a server on the database, in place of SQLite's one
 -- meter_clock row. Each run has a random id, and its meter writes its row in

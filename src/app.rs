@@ -12,7 +12,7 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::api::{self, AppState, AuthFailures};
 use crate::config::{Database, LLM_API_KEY_VARIABLE, Settings};
@@ -223,6 +223,7 @@ async fn keep_company(
     }
     let mut every = tokio::time::interval(tick);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -235,12 +236,29 @@ async fn keep_company(
             }
             _ = every.tick() => {}
         }
-        match store.close_out_lost().await {
-            Ok((0, 0)) => {}
-            Ok((sessions, completions)) => {
-                info!(sessions, completions, "closed out what silent servers left open");
+        // Step after step while there is something to close out, each
+        // bounded, and the shutdown looked at between them.
+        let (mut sessions, mut completions) = (0, 0);
+        while !shutdown.is_cancelled() {
+            match store.close_out_lost().await {
+                Ok(ended) => {
+                    failing = false;
+                    (sessions, completions) = (sessions + ended.0, completions + ended.1);
+                    if ended == (0, 0) {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    if !failing {
+                        warn!(%error, "cannot look for servers gone silent; trying every tick");
+                    }
+                    failing = true;
+                    break;
+                }
             }
-            Err(error) => debug!(%error, "cannot look for silent servers now"),
+        }
+        if sessions > 0 || completions > 0 {
+            warn!(sessions, completions, "closed out what servers gone silent left open");
         }
     }
 }
@@ -260,9 +278,12 @@ async fn stop_in_order(parts: Parts) -> anyhow::Result<()> {
         warn!("the webhook dispatcher failed");
     }
     let meter_done = tokio::time::timeout(SHUTDOWN_GRACE, parts.meter_task).await.is_ok();
-    // Once the meter has made its last commit: a commit after it would find
-    // this run ended.
-    if recorded && let Err(error) = parts.store.leave().await {
+    // Once the meter has made its last commit, and only then: a commit
+    // after it would find this run ended.
+    if recorded
+        && meter_done
+        && let Err(error) = parts.store.leave().await
+    {
         warn!(%error, "cannot tell the servers sharing the database that this one stopped");
     }
     // SQLite's threads stop once every handle on the store is gone.

@@ -227,7 +227,9 @@ async fn a_server_killed_with_9_has_its_sessions_closed_out_by_the_other() {
     common::assert_ledger_identity(&db);
     let again = api_b.connect(&token).await;
     again.close().await;
-    assert!(b.stderr().iter().any(|line| line.contains("closed out a server gone silent")));
+    let logged = b.stderr().join("\n");
+    assert!(logged.contains("went silent; closing it out"), "{logged}");
+    assert!(logged.contains("left open sessions=1 completions=0"), "{logged}");
 }
 
 impl Pair {

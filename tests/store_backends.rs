@@ -830,6 +830,48 @@ async fn on_postgres_a_run_closed_out_as_silent_records_nothing_more() {
 }
 
 #[tokio::test]
+async fn on_postgres_a_silent_runs_many_sessions_are_closed_out_a_chunk_at_a_time() {
+    let Some(server) = postgres::server("on_postgres_a_silent_runs_many_sessions") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let store_a = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
+    let store_b = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
+    let b = Backend { name: "postgres", store: Arc::new(store_a), rows: Rows::Postgres { db } };
+    let project = b.project("acme").await;
+    for human in 0..25 {
+        let (human, token) = b.mint(project, &format!("h{human}"), &[seconds(60)]).await;
+        for session in 0..10 {
+            b.admitted(human, token, &format!("s{}-{session}", human.0)).await;
+        }
+    }
+    b.store.record_usage(UsageBatch::default(), NOW + 1_000).await.unwrap();
+
+    // B, up while A is silent, ends A's 250 sessions in steps of at most
+    // 100, each charged up to A's last clock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut ended = Vec::new();
+    while ended.iter().sum::<u64>() < 250 {
+        assert!(std::time::Instant::now() < deadline, "closed out only {ended:?}");
+        store_b.record_usage(UsageBatch::default(), NOW).await.unwrap();
+        let (sessions, _) = store_b.close_out_lost().await.unwrap();
+        if sessions == 0 {
+            tokio::time::sleep(RUN_TICK / 2).await;
+        }
+        ended.push(sessions);
+    }
+    assert!(ended.iter().all(|step| *step <= 100), "{ended:?}");
+    let filter = SessionFilter { project, human: None, state: None };
+    let listed = b.store.sessions(filter, Page { after: None, limit: 500 }).await.unwrap();
+    let rows = listed.unwrap().rows;
+    assert_eq!(rows.len(), 250);
+    for row in &rows {
+        assert_eq!((row.end_reason.as_deref(), row.charged), (Some("instance_lost"), 1_000));
+    }
+    b.assert_ledger_identity().await;
+}
+
+#[tokio::test]
 async fn on_postgres_no_run_is_closed_out_while_the_one_looking_is_not_up_itself() {
     let Some(server) = postgres::server("on_postgres_no_run_is_closed_out_while") else {
         return;
@@ -1177,9 +1219,9 @@ async fn on_postgres_two_servers_starting_at_once_apply_the_schema_once() {
     tokio::spawn(connection);
     let versions = client.query("SELECT version FROM schema_version", &[]).await.unwrap();
     let versions: Vec<i64> = versions.iter().map(|row| row.get(0)).collect();
-    assert_eq!(versions, vec![tollgate::store::sqlite::SCHEMA_VERSION]);
+    assert_eq!(versions, vec![tollgate::store::postgres::POSTGRES_SCHEMA_VERSION]);
 
-    let newer = tollgate::store::sqlite::SCHEMA_VERSION + 1;
+    let newer = tollgate::store::postgres::POSTGRES_SCHEMA_VERSION + 1;
     let sql = "INSERT INTO schema_version (version, applied_at) VALUES ($1, 0)";
     client.execute(sql, &[&newer]).await.unwrap();
     let refused = PostgresStore::open(&db.url).await.err().expect("a newer schema is refused");

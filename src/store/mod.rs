@@ -607,10 +607,11 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
-    /// Ends, on a shared store, the sessions and completions of other
-    /// servers gone silent (see `instances` in schema.postgres.sql);
-    /// returns how many of each. Nothing on a store no other server
-    /// shares.
+    /// Ends, on a shared store, some of the sessions and completions of
+    /// other servers gone silent (see `instances` in schema.postgres.sql),
+    /// a bounded step at a time; returns how many of each this step ended,
+    /// and is called again while it ends any. Nothing on a store no other
+    /// server shares.
     async fn close_out_lost(&self) -> StoreResult<(u64, u64)> {
         Ok((0, 0))
     }

@@ -143,44 +143,55 @@ async fn announce(
 /// lost (see [`super::instances::close_out_lost`]).
 pub async fn close_abandoned(client: &mut Client, now: UnixMillis) -> StoreResult<u64> {
     let tx = client.transaction().await?;
-    let closed = close_running(&tx, None, CompletionOutcome::ServerRestart, now).await?;
+    let closed = close_running(&tx, now).await?;
     tx.commit().await?;
     Ok(closed)
 }
 
-/// Ends, in the transaction `tx`, the completions the lost run `instance`
-/// left running (`instance_lost`).
-pub async fn close_running_of(
-    tx: &impl GenericClient,
-    instance: Option<i64>,
-    now: UnixMillis,
-) -> StoreResult<u64> {
-    close_running(tx, instance, CompletionOutcome::InstanceLost, now).await
+/// Ends, in the transaction `tx`, one completion a run that has ended left
+/// running (`instance_lost`), charged its prompt's estimate, if there is
+/// one another close-out is not ending. Returns whether there was. One a
+/// transaction, so that the pool it debits is the transaction's only lock
+/// of a pool.
+pub async fn close_out_one(tx: &impl GenericClient, now: UnixMillis) -> StoreResult<bool> {
+    let sql = "SELECT c.id, c.human_id, c.prompt_estimate
+               FROM completions c JOIN instances i ON i.id = c.instance_id
+               WHERE c.ended_at IS NULL AND i.ended_at IS NOT NULL
+               ORDER BY c.id LIMIT 1 FOR UPDATE OF c SKIP LOCKED";
+    let Some(row) = super::query::opt(tx, sql, &[]).await? else {
+        return Ok(false);
+    };
+    end_in(tx, left_running(&row, CompletionOutcome::InstanceLost, now)).await?;
+    Ok(true)
 }
 
-/// Ends the completions of the run `instance` (of no run, for `None`),
-/// each charged its prompt's estimate: the upstream had the prompt, and
-/// may have billed for it; what it answered was never seen.
-async fn close_running(
-    tx: &impl GenericClient,
-    instance: Option<i64>,
-    outcome: CompletionOutcome,
-    now: UnixMillis,
-) -> StoreResult<u64> {
+/// Ends the completions of no run (`server_restart`), each charged its
+/// prompt's estimate: the upstream had the prompt, and may have billed for
+/// it; what it answered was never seen.
+async fn close_running(tx: &impl GenericClient, now: UnixMillis) -> StoreResult<u64> {
     let sql = "SELECT id, human_id, prompt_estimate FROM completions
-               WHERE ended_at IS NULL AND instance_id IS NOT DISTINCT FROM $1 ORDER BY id";
-    let open = all(tx, sql, &[&instance]).await?;
+               WHERE ended_at IS NULL AND instance_id IS NULL ORDER BY id";
+    let open = all(tx, sql, &[]).await?;
     for row in &open {
-        let left = CompletionEnd {
-            key: CompletionKey(row.get(0)),
-            human: HumanId(row.get(1)),
-            prompt_tokens: row.get(2),
-            completion_tokens: 0,
-            source: UsageSource::Counted,
-            outcome,
-            now,
-        };
-        end_in(tx, left).await?;
+        end_in(tx, left_running(row, CompletionOutcome::ServerRestart, now)).await?;
     }
     Ok(open.len() as u64)
+}
+
+/// The end of a completion left running, from its id, human and prompt
+/// estimate: what the upstream answered was never seen.
+fn left_running(
+    row: &tokio_postgres::Row,
+    outcome: CompletionOutcome,
+    now: UnixMillis,
+) -> CompletionEnd {
+    CompletionEnd {
+        key: CompletionKey(row.get(0)),
+        human: HumanId(row.get(1)),
+        prompt_tokens: row.get(2),
+        completion_tokens: 0,
+        source: UsageSource::Counted,
+        outcome,
+        now,
+    }
 }

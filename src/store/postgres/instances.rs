@@ -10,11 +10,10 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::GenericClient;
+use deadpool_postgres::{Client, GenericClient};
 
 use super::query::{all, one, opt, run};
 use super::{completions, usage};
-use crate::close::EndReason;
 use crate::store::{StoreError, StoreResult, UnixMillis};
 
 /// The database's clock in Unix milliseconds, as SQL. `clock_timestamp()`,
@@ -86,8 +85,10 @@ pub async fn last_batch(db: &impl GenericClient, instance: Instance) -> StoreRes
 
 /// The run's heartbeat, the last statement of each of its usage batches:
 /// its meter's clock set to `now`, the database's clock read, and the
-/// batch's id recorded. A run silent for two ticks or more is up again only
-/// from now (`up_since`).
+/// batch's id recorded. A run silent for a tick and a half or more is up
+/// again only from now (`up_since`): a healthy run commits every tick,
+/// and one silent longer may have been cut off with the others, whom it
+/// must then not close out as silent (see [`close_out_lost`]).
 pub async fn beat(
     db: &impl GenericClient,
     instance: Instance,
@@ -97,7 +98,7 @@ pub async fn beat(
     let sql = format!(
         "UPDATE instances SET
              alive_at = GREATEST(alive_at, $2),
-             up_since = CASE WHEN {DB_NOW} - seen_at > 2 * tick_millis THEN {DB_NOW}
+             up_since = CASE WHEN 2 * ({DB_NOW} - seen_at) >= 3 * tick_millis THEN {DB_NOW}
                              ELSE up_since END,
              seen_at = {DB_NOW},
              last_batch = COALESCE($3, last_batch)
@@ -115,50 +116,82 @@ pub async fn others_live(db: &impl GenericClient, instance: Instance) -> StoreRe
 }
 
 /// Records that the run stopped cleanly, every session's usage recorded.
-pub async fn leave(db: &impl GenericClient, instance: Instance) -> StoreResult<()> {
+/// The row is locked first, against admissions too (see [`check_live`]),
+/// so that none still in flight records a session under the ended run; a
+/// session that slipped in all the same would be closed out as a lost
+/// run's is.
+pub async fn leave(client: &mut Client, instance: Instance) -> StoreResult<()> {
+    let tx = client.transaction().await?;
+    run(&tx, "SELECT 1 FROM instances WHERE id = $1 FOR UPDATE", &[&instance.id]).await?;
     let sql = format!("UPDATE instances SET ended_at = {DB_NOW} WHERE id = $1");
-    run(db, &sql, &[&instance.id]).await?;
+    run(&tx, &sql, &[&instance.id]).await?;
+    tx.commit().await?;
     Ok(())
 }
 
-/// Closes out, in the transaction `tx`, every other run silent for
-/// [`SILENT_TICKS`] of its ticks while `instance` was up: its open sessions
-/// end (`instance_lost`) charged up to its meter's last clock, its running
-/// completions end charged their prompts, and it is marked lost, so that
-/// it records nothing more should it come back; and the rows of runs
-/// ended a week ago are removed. Nothing is closed out while `instance`
-/// itself is not up (its last commit two ticks old or
-/// more): an outage of the database silences every run alike. A run whose
-/// row is locked (a batch of its own, an admission) is alive, and skipped.
-/// Returns the sessions and completions ended.
+/// How many of a run's sessions one close-out transaction ends, and how
+/// many completions one step of it ends (each in a transaction of its
+/// own). The pools of the sessions stay locked until the transaction
+/// commits, and the meters of the servers charging them wait meanwhile: a
+/// close-out of thousands in one transaction held them past their
+/// statement timeout.
+const CLOSE_OUT_CHUNK: i64 = 100;
+
+/// One step of closing out what runs gone silent left: marks lost every
+/// other run silent for [`SILENT_TICKS`] of its ticks while `instance` was
+/// up, so that it records nothing more should it come back; ends up to
+/// [`CLOSE_OUT_CHUNK`] open sessions of one ended run (`instance_lost`,
+/// charged up to its meter's last clock) and as many of the completions
+/// ended runs left running (charged their prompts); and removes the rows
+/// of runs ended a week ago. Nothing is marked while `instance` itself is
+/// not up (its last commit a tick and a half old or more): an outage of
+/// the database silences every run alike. A run whose row is locked (a
+/// batch of its own, an admission) is alive, and skipped. Returns the
+/// sessions and completions ended: the caller repeats the step while it
+/// ends any.
 pub async fn close_out_lost(
-    tx: &impl GenericClient,
+    client: &mut Client,
     instance: Instance,
     now: UnixMillis,
 ) -> StoreResult<(u64, u64)> {
+    let tx = client.transaction().await?;
+    mark_lost(&tx, instance).await?;
+    tx.commit().await?;
+    let tx = client.transaction().await?;
+    let sessions = usage::close_out_chunk(&tx, CLOSE_OUT_CHUNK).await?;
+    tx.commit().await?;
+    let mut completions = 0;
+    while completions < CLOSE_OUT_CHUNK as u64 {
+        let tx = client.transaction().await?;
+        let ended = completions::close_out_one(&tx, now).await?;
+        tx.commit().await?;
+        if !ended {
+            break;
+        }
+        completions += 1;
+    }
+    Ok((sessions, completions))
+}
+
+/// Marks lost, in `tx`, the runs found silent (see [`close_out_lost`]).
+async fn mark_lost(tx: &impl GenericClient, instance: Instance) -> StoreResult<()> {
     let sql = format!(
-        "SELECT o.id, o.alive_at FROM instances o, instances me
+        "SELECT o.id FROM instances o, instances me
          WHERE me.id = $1 AND me.ended_at IS NULL
-           AND {DB_NOW} - me.seen_at < 2 * me.tick_millis
+           AND 2 * ({DB_NOW} - me.seen_at) < 3 * me.tick_millis
            AND o.id <> me.id AND o.ended_at IS NULL
            AND {DB_NOW} - GREATEST(o.seen_at, me.up_since) > $2 * o.tick_millis
          FOR UPDATE OF o SKIP LOCKED"
     );
-    let lost = all(tx, &sql, &[&instance.id, &SILENT_TICKS]).await?;
-    let (mut sessions, mut completions) = (0, 0);
-    for row in lost {
-        let (id, alive_at): (i64, UnixMillis) = (row.get(0), row.get(1));
-        let reason = EndReason::InstanceLost;
-        let ended = usage::close_sessions_of(tx, Some(id), alive_at, reason).await?;
-        completions += completions::close_running_of(tx, Some(id), now).await?;
+    for row in all(tx, &sql, &[&instance.id, &SILENT_TICKS]).await? {
+        let id: i64 = row.get(0);
         let sql = format!("UPDATE instances SET ended_at = {DB_NOW}, lost = TRUE WHERE id = $1");
         run(tx, &sql, &[&id]).await?;
-        tracing::warn!(instance = id, sessions = ended, "closed out a server gone silent");
-        sessions += ended;
+        tracing::warn!(instance = id, "a server sharing the database went silent; closing it out");
     }
     let sql = format!("DELETE FROM instances WHERE ended_at < {DB_NOW} - $1");
     run(tx, &sql, &[&KEEP_ENDED_MILLIS]).await?;
-    Ok((sessions, completions))
+    Ok(())
 }
 
 /// How long the row of a run that has ended is kept, for an operator

@@ -52,7 +52,6 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use self::instances::Instance;
-use super::sqlite::SCHEMA_VERSION;
 use super::{
     Admission, ApiKeyRecord, AttemptOutcome, CompletionAdmission, CompletionEnd, Delivery,
     DeliveryStatus, DueEvent, Human, HumanId, LedgerFilter, LedgerRow, Listing, MintRequest,
@@ -105,9 +104,15 @@ const CLEANUP_LIMIT: Duration = Duration::from_secs(120);
 /// starting at once: the text "tollgate" read as a number.
 const SCHEMA_LOCK: i64 = 0x746f_6c6c_6761_7465;
 
-/// Where the part of the schema added since version 4 starts (see
+/// The version of schema.postgres.sql, recorded in `schema_version`. The
+/// first PostgreSQL schema was SQLite's version 4 (`SCHEMA_VERSION` in
+/// src/store/sqlite/mod.rs); version 5 added what several servers sharing
+/// a database need, and is PostgreSQL's alone.
+pub const POSTGRES_SCHEMA_VERSION: i64 = 5;
+
+/// Where the part of the schema added by version 5 starts (see
 /// schema.postgres.sql's opening comment).
-const ADDED_SINCE_4: &str = "-- Added since version 4.";
+const ADDED_BY_5: &str = "-- Added by version 5.";
 
 /// A handle on the pools; cheap to clone.
 #[derive(Clone)]
@@ -236,8 +241,8 @@ fn with_timeouts(options: Option<&str>) -> String {
 
 /// Applies the schema to an empty database, in one transaction that holds
 /// an advisory lock, so that a second server starting at the same moment
-/// waits and then finds the schema there. A database of another version is
-/// refused: there are no PostgreSQL upgrade scripts yet.
+/// waits and then finds the schema there; brings a database of version 4 to
+/// version 5. A database of another version is refused.
 async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK]).await?;
@@ -247,7 +252,7 @@ async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
         tx.batch_execute(SCHEMA).await.context("cannot apply schema.postgres.sql")?;
         tx.execute(
             "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
-            &[&SCHEMA_VERSION, &crate::clock::now_millis()],
+            &[&POSTGRES_SCHEMA_VERSION, &crate::clock::now_millis()],
         )
         .await?;
         tx.commit().await?;
@@ -256,29 +261,37 @@ async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
     let version: Option<i64> =
         tx.query_one("SELECT MAX(version) FROM schema_version", &[]).await?.get(0);
     match version {
-        Some(SCHEMA_VERSION) => upgrade_in_place(tx).await,
+        Some(POSTGRES_SCHEMA_VERSION) => Ok(()),
+        Some(4) => upgrade_to_5(tx).await,
         None => anyhow::bail!("the database has a schema_version table with no version in it"),
         Some(version) => anyhow::bail!(
             "the database has schema version {version}, and this build of Tollgate only \
-             knows version {SCHEMA_VERSION} on PostgreSQL"
+             knows versions 4 and {POSTGRES_SCHEMA_VERSION} on PostgreSQL"
         ),
     }
 }
 
-/// Adds what the schema gained since version 4 (see schema.postgres.sql)
-/// to a database made before, within `tx`, which holds the schema's lock.
-/// It all came at once, with `instances`: a database that has that table
-/// has all of it, and is left alone, so that a start-up does not lock
-/// tables other servers are using.
-async fn upgrade_in_place(tx: tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
-    let sql = "SELECT to_regclass('instances') IS NOT NULL";
-    if tx.query_one(sql, &[]).await?.get::<_, bool>(0) {
-        return Ok(());
-    }
-    let added = SCHEMA.split_once(ADDED_SINCE_4).map(|(_, added)| added);
-    let added = added.context("schema.postgres.sql has no part added since version 4")?;
-    tx.batch_execute(added).await.context("cannot add the schema's new part")?;
+/// Brings a database of version 4 to version 5 (the part of
+/// schema.postgres.sql after [`ADDED_BY_5`]), within `tx`, which holds the
+/// schema's lock. A server of an older build, which meters alone, must not
+/// go on beside this one's: recording version 5 keeps it from starting
+/// again, and clearing `meter_clock.owner`, which every usage commit of a
+/// running one checks, stops it at its next tick.
+async fn upgrade_to_5(tx: tokio_postgres::Transaction<'_>) -> anyhow::Result<()> {
+    let added = SCHEMA.split_once(ADDED_BY_5).map(|(_, added)| added);
+    let added = added.context("schema.postgres.sql has no part added by version 5")?;
+    tx.batch_execute(added).await.context("cannot bring the schema to version 5")?;
+    tx.execute("UPDATE meter_clock SET owner = NULL", &[]).await?;
+    tx.execute(
+        "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+        &[&POSTGRES_SCHEMA_VERSION, &crate::clock::now_millis()],
+    )
+    .await?;
     tx.commit().await?;
+    tracing::warn!(
+        "brought the PostgreSQL schema to version 5; servers of older builds on this database \
+         stop at their next tick and cannot start again"
+    );
     Ok(())
 }
 
@@ -391,10 +404,7 @@ impl Store for PostgresStore {
         // On the shared pool, not the meter's: a close-out may take a while
         // and nothing waits on it.
         bounded!(&self.pool, CLEANUP_LIMIT, |client| {
-            let tx = client.transaction().await?;
-            let closed = instances::close_out_lost(&tx, instance, now).await?;
-            tx.commit().await?;
-            Ok(closed)
+            instances::close_out_lost(&mut client, instance, now).await
         })
     }
 
@@ -402,7 +412,7 @@ impl Store for PostgresStore {
         let Some(instance) = self.instance else {
             return Ok(());
         };
-        bounded!(&self.pool, |client| instances::leave(&client, instance).await)
+        bounded!(&self.pool, |client| instances::leave(&mut client, instance).await)
     }
 
     async fn add_api_key(&self, project: &str, key: SecretHash) -> StoreResult<()> {

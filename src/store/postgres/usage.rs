@@ -470,36 +470,77 @@ async fn announce_end(
     outbox::emit(tx, facts.human, &event, now).await
 }
 
-/// Ends the sessions a server without a run left open (`server_restart`),
-/// charged up to their last recorded usage: a store opened with no run
-/// records sessions under none, and nothing says how long they ran after
-/// that. The sessions of runs are closed out as their runs are found lost
-/// (see [`super::instances::close_out_lost`]).
+/// Ends the sessions no run meters (`server_restart`): those a server of
+/// an older build left open, charged up to its meter's last clock in the
+/// `meter_clock` of a database made by it, and those of a store opened with
+/// no run, charged up to their last recorded usage. The sessions of runs
+/// are closed out once their runs have ended (see [`close_out_chunk`]).
 pub async fn close_abandoned(client: &mut Client) -> StoreResult<u64> {
     let tx = client.transaction().await?;
-    let closed = close_sessions_of(&tx, None, 0, EndReason::ServerRestart).await?;
+    let sql = "SELECT to_regclass('meter_clock') IS NOT NULL";
+    let alive_at: UnixMillis = if one(&tx, sql, &[]).await?.get::<_, bool>(0) {
+        one(&tx, "SELECT alive_at FROM meter_clock WHERE id = 1", &[]).await?.get(0)
+    } else {
+        0
+    };
+    let rows = all(
+        &tx,
+        &format!("{ABANDONED}, $1::BIGINT FROM sessions s WHERE {OPEN} AND s.instance_id IS NULL"),
+        &[&alive_at],
+    )
+    .await?;
+    let closed = close_sessions(&tx, abandoned(rows)?, EndReason::ServerRestart).await?;
     tx.commit().await?;
     Ok(closed)
 }
 
-/// Ends, in the transaction `tx`, every open session of the run `instance`
-/// (of no run, for `None`) for `reason`. Each is first charged from its
-/// last recorded usage up to `alive_at`, the last moment its run is known
-/// to have metered, and that is taken as its end.
-pub async fn close_sessions_of(
+/// Ends, in the transaction `tx`, up to `limit` open sessions of one run
+/// that has ended (closed out as lost, or, rarely, stopped with a session
+/// still open), for `instance_lost`, each charged up to the run's last
+/// clock. Sessions another close-out is ending are skipped. Returns how
+/// many.
+pub async fn close_out_chunk(tx: &impl GenericClient, limit: i64) -> StoreResult<u64> {
+    let sql = format!(
+        "{ABANDONED}, i.alive_at FROM sessions s JOIN instances i ON i.id = s.instance_id
+         WHERE {OPEN} AND s.instance_id =
+               (SELECT o.instance_id FROM sessions o JOIN instances r ON r.id = o.instance_id
+                WHERE o.ended_at IS NULL AND r.ended_at IS NOT NULL LIMIT 1)
+         ORDER BY s.id LIMIT $1 FOR UPDATE OF s SKIP LOCKED"
+    );
+    let rows = all(tx, &sql, &[&limit]).await?;
+    close_sessions(tx, abandoned(rows)?, EndReason::InstanceLost).await
+}
+
+/// The columns of a session left open that [`abandoned`] reads, but the
+/// last: when its usage was last recorded (its start, if it never was).
+const ABANDONED: &str = "SELECT s.id, s.human_id, s.kind,
+                                GREATEST(s.started_at, (SELECT MAX(l.updated_at) FROM ledger l
+                                                        WHERE l.session_id = s.id))";
+
+const OPEN: &str = "s.ended_at IS NULL";
+
+/// Ends `open`, sessions of one run, for `reason`, each first charged from
+/// its last recorded usage up to `alive_at`, the last moment the run is
+/// known to have metered, which is taken as its end. Their pools are locked first, all
+/// at once in lock order, as a meter's batch locks them: locked one by one
+/// in the sessions' order, they deadlocked with the meters charging them.
+async fn close_sessions(
     tx: &impl GenericClient,
-    instance: Option<i64>,
-    alive_at: UnixMillis,
+    open: Vec<Abandoned>,
     reason: EndReason,
 ) -> StoreResult<u64> {
-    let open = abandoned_sessions(tx, instance).await?;
-    for session in &open {
-        let owed = alive_at - session.recorded_to;
-        if owed > 0 {
-            let charge = Charge { amount: owed, ..session.charge };
-            let pool = outbox::lock_pool(tx, charge.human, charge.limit_type).await?;
-            charge_pool(tx, pool, vec![charge], alive_at).await?;
-        }
+    let owed: Vec<Charge> = open
+        .iter()
+        .filter(|session| session.alive_at > session.recorded_to)
+        .map(|session| Charge { amount: session.alive_at - session.recorded_to, ..session.charge })
+        .collect();
+    let groups = group_by_pool(&owed);
+    let keys: Vec<_> =
+        groups.iter().map(|charges| (charges[0].human, charges[0].limit_type)).collect();
+    let locked = outbox::lock_pools(tx, &keys).await?;
+    let alive_at = open.first().map_or(0, |session| session.alive_at);
+    for (charges, pool) in groups.into_iter().zip(locked) {
+        charge_pool(tx, pool, charges, alive_at).await?;
     }
     let reason = reason.as_str();
     for session in &open {
@@ -522,28 +563,16 @@ pub async fn close_sessions_of(
     Ok(open.len() as u64)
 }
 
-/// A session a run left open, and when its usage was last recorded (its
-/// start, if it never was).
+/// A session a run left open: when its usage was last recorded (its start,
+/// if it never was), and the last moment its run is known to have metered.
 struct Abandoned {
     charge: Charge,
     recorded_to: UnixMillis,
+    alive_at: UnixMillis,
 }
 
-async fn abandoned_sessions(
-    db: &impl GenericClient,
-    instance: Option<i64>,
-) -> StoreResult<Vec<Abandoned>> {
-    let rows = all(
-        db,
-        "SELECT id, human_id, kind,
-                GREATEST(started_at, (SELECT MAX(updated_at) FROM ledger
-                                      WHERE ledger.session_id = sessions.id))
-         FROM sessions
-         WHERE ended_at IS NULL AND instance_id IS NOT DISTINCT FROM $1
-         ORDER BY id",
-        &[&instance],
-    )
-    .await?;
+/// The sessions of rows of [`ABANDONED`] followed by their run's clock.
+fn abandoned(rows: Vec<tokio_postgres::Row>) -> StoreResult<Vec<Abandoned>> {
     let mut open = Vec::new();
     for row in rows {
         let kind: &str = row.get(2);
@@ -555,7 +584,7 @@ async fn abandoned_sessions(
             limit_type: kind.limit_type(),
             amount: 0,
         };
-        open.push(Abandoned { charge, recorded_to: row.get(3) });
+        open.push(Abandoned { charge, recorded_to: row.get(3), alive_at: row.get(4) });
     }
     Ok(open)
 }
