@@ -1204,6 +1204,56 @@ async fn on_postgres_a_batch_sent_again_while_its_first_attempt_commits_is_appli
     b.assert_ledger_identity().await;
 }
 
+#[tokio::test]
+async fn on_postgres_a_database_of_version_4_is_upgraded_and_its_old_server_fenced_out() {
+    let Some(server) = postgres::server("on_postgres_a_database_of_version_4") else {
+        return;
+    };
+    let db = FreshDatabase::create(&server).await;
+    let (client, connection) =
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    // A database an older server uses: its lock's id in meter_clock, its
+    // meter's clock at NOW + 5 s, and a session of a human with 60 s open
+    // since NOW, last recorded at NOW + 1 s.
+    client.batch_execute(include_str!("fixtures/schema.postgres.v4.sql")).await.unwrap();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO schema_version VALUES (4, 0);
+             UPDATE meter_clock SET owner = 42, alive_at = {at};
+             INSERT INTO projects (name, created_at) VALUES ('acme', 0);
+             INSERT INTO humans (project_id, external_id, created_at) VALUES (1, 'ada', 0);
+             INSERT INTO limits (human_id, limit_type, balance, limited, updated_at)
+                 VALUES (1, 'conversational_seconds', 59000, TRUE, 0);
+             INSERT INTO sessions (public_id, human_id, kind, started_at)
+                 VALUES ('s1', 1, 'conversational', {NOW});
+             INSERT INTO ledger (human_id, limit_type, entry, amount, created_at, updated_at)
+                 VALUES (1, 'conversational_seconds', 'grant', 60000, 0, 0);
+             INSERT INTO ledger (human_id, limit_type, entry, amount, session_id, created_at,
+                                 updated_at)
+                 VALUES (1, 'conversational_seconds', 'debit', -1000, 1, {NOW}, {late})",
+            at = NOW + 5_000,
+            late = NOW + 1_000,
+        ))
+        .await
+        .unwrap();
+
+    let store = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
+    let version = "SELECT MAX(version) FROM schema_version";
+    let version: i64 = client.query_one(version, &[]).await.unwrap().get(0);
+    assert_eq!(version, tollgate::store::postgres::POSTGRES_SCHEMA_VERSION);
+    // The older server's next commit finds its id gone, and stops.
+    let owner = "SELECT owner FROM meter_clock";
+    assert_eq!(client.query_one(owner, &[]).await.unwrap().get::<_, Option<i64>>(0), None);
+    // Its session is closed, charged up to its meter's clock.
+    assert_eq!(store.close_abandoned_sessions().await.unwrap(), 1);
+    let sql = "SELECT end_reason, charged FROM sessions";
+    let row = client.query_one(sql, &[]).await.unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1)), ("server_restart".into(), 5_000));
+    let balance = "SELECT balance FROM limits";
+    assert_eq!(client.query_one(balance, &[]).await.unwrap().get::<_, i64>(0), 55_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_two_servers_starting_at_once_apply_the_schema_once() {
     let Some(server) = postgres::server("on_postgres_two_servers_starting_at_once") else {
