@@ -779,15 +779,22 @@ async fn on_postgres_a_dropped_connection_is_replaced_and_a_refusing_database_is
 /// a run falls silent soon.
 const RUN_TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
-#[tokio::test]
-async fn on_postgres_a_run_closed_out_as_silent_records_nothing_more() {
-    let Some(server) = postgres::server("on_postgres_a_run_closed_out_as_silent") else {
-        return;
-    };
+/// Two runs on one fresh PostgreSQL database, the first as a backend to
+/// test; `None` after saying why the case is skipped.
+async fn two_runs(case: &str) -> Option<(Backend, PostgresStore)> {
+    let server = postgres::server(case)?;
     let db = FreshDatabase::create(&server).await;
     let store_a = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
     let store_b = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
     let b = Backend { name: "postgres", store: Arc::new(store_a), rows: Rows::Postgres { db } };
+    Some((b, store_b))
+}
+
+#[tokio::test]
+async fn on_postgres_a_run_closed_out_as_silent_records_nothing_more() {
+    let Some((b, store_b)) = two_runs("on_postgres_a_run_closed_out_as_silent").await else {
+        return;
+    };
     let project = b.project("acme").await;
     let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
     let session = b.admitted(human, token, "s1").await;
@@ -831,13 +838,9 @@ async fn on_postgres_a_run_closed_out_as_silent_records_nothing_more() {
 
 #[tokio::test]
 async fn on_postgres_a_silent_runs_many_sessions_are_closed_out_a_chunk_at_a_time() {
-    let Some(server) = postgres::server("on_postgres_a_silent_runs_many_sessions") else {
+    let Some((b, store_b)) = two_runs("on_postgres_a_silent_runs_many_sessions").await else {
         return;
     };
-    let db = FreshDatabase::create(&server).await;
-    let store_a = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
-    let store_b = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
-    let b = Backend { name: "postgres", store: Arc::new(store_a), rows: Rows::Postgres { db } };
     let project = b.project("acme").await;
     for human in 0..25 {
         let (human, token) = b.mint(project, &format!("h{human}"), &[seconds(60)]).await;
@@ -873,13 +876,9 @@ async fn on_postgres_a_silent_runs_many_sessions_are_closed_out_a_chunk_at_a_tim
 
 #[tokio::test]
 async fn on_postgres_no_run_is_closed_out_while_the_one_looking_is_not_up_itself() {
-    let Some(server) = postgres::server("on_postgres_no_run_is_closed_out_while") else {
+    let Some((b, store_b)) = two_runs("on_postgres_no_run_is_closed_out_while").await else {
         return;
     };
-    let db = FreshDatabase::create(&server).await;
-    let store_a = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
-    let store_b = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
-    let b = Backend { name: "postgres", store: Arc::new(store_a), rows: Rows::Postgres { db } };
     let project = b.project("acme").await;
     let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
     b.admitted(human, token, "s1").await;
@@ -901,14 +900,10 @@ async fn on_postgres_no_run_is_closed_out_while_the_one_looking_is_not_up_itself
 
 #[tokio::test]
 async fn on_postgres_a_batch_reports_the_pools_sessions_on_other_runs() {
-    let Some(server) = postgres::server("on_postgres_a_batch_reports_the_pools_sessions") else {
+    let Some((b, store_b)) = two_runs("on_postgres_a_batch_reports_the_pools_sessions").await
+    else {
         return;
     };
-    let db = FreshDatabase::create(&server).await;
-    let store_a = PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap();
-    let store_b =
-        Arc::new(PostgresStore::open(&db.url).await.unwrap().join(RUN_TICK).await.unwrap());
-    let b = Backend { name: "postgres", store: Arc::new(store_a), rows: Rows::Postgres { db } };
     let project = b.project("acme").await;
     let voice = Limit { limit_type: LimitType::VoiceSynthesisSeconds, value: 30_000 };
     let (human, token) = b.mint(project, "ada", &[seconds(60), voice]).await;
