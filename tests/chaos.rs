@@ -272,10 +272,10 @@ impl Chaos {
             // been silent for three of its ticks.
             until_closed_out(db, &context).await;
         }
-        let logged = self.server().stderr().join("\n");
         if outcome.left_open > 0 {
             let line = format!("left open sessions={}", outcome.left_open);
-            assert!(logged.contains(&line), "{context}: {line} not logged: {logged}");
+            let logged = self.server().logged(&line, Duration::from_secs(5));
+            assert!(logged.is_ok(), "{context}: {line} not logged: {logged:?}");
         }
         assert_eq!(open_sessions(db), 0, "{context}: sessions left open after the restart");
         assert_ledger_identity(db);

@@ -251,8 +251,8 @@ async fn kill_9_loses_at_most_one_tick_and_the_next_start_closes_what_was_left_o
     let restarted = binary::spawn(&db, &tick, "info");
     let db = database.db();
     common::database::until_nothing_left_open(&db).await;
-    let logged = restarted.stderr().join("\n");
-    assert!(logged.contains("left open sessions=4"), "{logged}");
+    let logged = restarted.logged("left open sessions=4", Duration::from_secs(5));
+    assert!(logged.is_ok(), "{logged:?}");
 
     assert_ledger_identity(&db);
     let rows = session_rows(&db);

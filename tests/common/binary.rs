@@ -74,6 +74,23 @@ impl Process {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits up to `within` for a line of standard error that contains
+    /// `text`, as one logged a moment after what a test saw happen may come
+    /// later; every line so far if none does.
+    pub fn logged(&self, text: &str, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let lines = self.stderr();
+            if lines.iter().any(|line| line.contains(text)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(lines.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
         let status = Command::new("kill").args(["-s", name, &pid]).status().unwrap();
