@@ -1660,7 +1660,10 @@ async fn a_store_failure_answers_500_with_no_internal_detail() {
     assert_eq!(count(&db, "SELECT COUNT(*) FROM humans WHERE external_id = 'bob'", &[]), 0);
 }
 
-#[tokio::test]
+// On more than one thread: taking the lock blocks the test's thread until
+// it is held, and on PostgreSQL may wait for a transaction of the server's
+// own, which must go on running meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_database_answers_503_and_keeps_nothing_of_the_request() {
     let server = TestServer::start().await;
     let lock = lock::WriteLock::take(&server.db());

@@ -18,7 +18,10 @@ use common::*;
 use serde_json::json;
 use tokio::time::sleep;
 
-#[tokio::test]
+// On more than one thread: taking the lock blocks the test's thread until
+// it is held, and on PostgreSQL may wait for a transaction of the server's
+// own, which must go on running meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_be_written_closes_sessions_and_refuses_new_ones_until_it_recovers() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 30.0).await;

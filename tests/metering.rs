@@ -496,7 +496,10 @@ async fn sessions_over_the_per_human_cap_are_refused() {
     assert_eq!(again.next_event().await["type"], "usage.session_started");
 }
 
-#[tokio::test]
+// On more than one thread: taking the lock blocks the test's thread until
+// it is held, and on PostgreSQL may wait for a transaction of the server's
+// own, which must go on running meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_while_its_session_is_being_recorded_leaves_nothing_open() {
     let server = TestServer::start_with(|s| s.max_sessions_per_human = Some(1)).await;
     let token = server.mint_seconds("ada", 60.0).await;

@@ -20,7 +20,10 @@ pub enum WriteLock {
 }
 
 impl WriteLock {
-    /// Takes the lock, returning once it is held.
+    /// Takes the lock, returning once it is held. The calling thread is
+    /// blocked meanwhile: a test server on the same thread (a
+    /// current-thread runtime) cannot finish a transaction the lock waits
+    /// for, so tests that take it run on a multi-thread runtime.
     pub fn take(db: &Db) -> WriteLock {
         match db {
             Db::Sqlite(path) => {
