@@ -68,7 +68,16 @@ fn hold_on_postgres(url: String, sql: String) -> WriteLock {
         runtime.block_on(async move {
             let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
             let driver = tokio::spawn(connection);
-            client.batch_execute(&sql).await.unwrap();
+            // Locking table after table may deadlock with a transaction of
+            // the server's (PostgreSQL then aborts one of the two): the
+            // lock is tried again until it is held.
+            while let Err(error) = client.batch_execute(&sql).await {
+                assert_eq!(
+                    error.code(),
+                    Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+                );
+                client.batch_execute("ROLLBACK").await.unwrap();
+            }
             locked_tx.send(()).unwrap();
             let _ = release_rx.await;
             client.batch_execute("ROLLBACK").await.unwrap();
