@@ -236,30 +236,35 @@ async fn keep_company(
             }
             _ = every.tick() => {}
         }
-        // Step after step while there is something to close out, each
-        // bounded, and the shutdown looked at between them.
-        let (mut sessions, mut completions) = (0, 0);
-        while !shutdown.is_cancelled() {
-            match store.close_out_lost().await {
-                Ok(ended) => {
-                    failing = false;
-                    (sessions, completions) = (sessions + ended.0, completions + ended.1);
-                    if ended == (0, 0) {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    if !failing {
-                        warn!(%error, "cannot look for servers gone silent; trying every tick");
-                    }
-                    failing = true;
+        close_out_all(store.as_ref(), &shutdown, &mut failing).await;
+    }
+}
+
+/// Closes out what servers gone silent left, step after step while there
+/// is something to close out, each bounded, the shutdown looked at between
+/// them; a failure is logged once, until a step succeeds again.
+async fn close_out_all(store: &dyn Store, shutdown: &CancellationToken, failing: &mut bool) {
+    let (mut sessions, mut completions) = (0, 0);
+    while !shutdown.is_cancelled() {
+        match store.close_out_lost().await {
+            Ok(ended) => {
+                *failing = false;
+                (sessions, completions) = (sessions + ended.0, completions + ended.1);
+                if ended == (0, 0) {
                     break;
                 }
             }
+            Err(error) => {
+                if !*failing {
+                    warn!(%error, "cannot look for servers gone silent; trying every tick");
+                }
+                *failing = true;
+                break;
+            }
         }
-        if sessions > 0 || completions > 0 {
-            warn!(sessions, completions, "closed out what servers gone silent left open");
-        }
+    }
+    if sessions > 0 || completions > 0 {
+        warn!(sessions, completions, "closed out what servers gone silent left open");
     }
 }
 

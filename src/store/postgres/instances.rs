@@ -22,7 +22,7 @@ const DB_NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 /// A run is closed out once it has been silent for this many of its own
 /// ticks while the run closing it out was up.
-pub const SILENT_TICKS: i64 = 3;
+const SILENT_TICKS: i64 = 3;
 
 /// This server's run on the database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
