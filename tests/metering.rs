@@ -424,6 +424,33 @@ async fn the_pools_other_sessions_hear_at_once_when_one_opens_or_ends() {
 }
 
 #[tokio::test]
+async fn by_default_a_session_is_warned_when_its_pool_crosses_the_line() {
+    // Ticks far apart: nothing but the pool's own timer tells the session
+    // before its pool runs dry.
+    let server = TestServer::start_with(|s| {
+        s.tick = Duration::from_secs(20);
+        s.warn = Duration::from_secs(1);
+    })
+    .await;
+    let token = server.mint_seconds("ada", 1.5).await;
+    let closed = server.connect(&token).await.until_closed().await;
+    assert_eq!(closed.code, Some(4001));
+
+    let warning = closed.events.iter().find(|e| e["type"] == "usage.warning");
+    let warning = warning.expect("no warning before the pool ran dry");
+    let remaining = warning["remaining"].as_f64().unwrap();
+    assert!(remaining < 1.0 && remaining > 0.5, "warned late or early: {warning}");
+    let told: Vec<f64> = closed
+        .events
+        .iter()
+        .filter(|e| e["type"] == "usage.remaining")
+        .map(|e| e["remaining"].as_f64().unwrap())
+        .collect();
+    assert!(told.len() >= 2 && told[0] > 1.0, "{told:?}");
+    assert!(told[1..].iter().all(|left| *left < 1.0), "sent above the line: {told:?}");
+}
+
+#[tokio::test]
 async fn events_none_gives_a_pure_echo() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 5.0).await;

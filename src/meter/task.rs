@@ -7,11 +7,12 @@
 //! receiving sessions' opens and ends and cutting pools off; only what
 //! needs a commit of its own (a settle, the shutdown) waits for it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::time::{DelayQueue, delay_queue};
@@ -80,6 +81,8 @@ struct Pool {
     foreign: u32,
     foreign_from: Instant,
     deadline: Option<delay_queue::Key>,
+    /// When it falls below the warning line, while it is above it.
+    warning: Option<delay_queue::Key>,
     /// Time is being given back to a dead client and the store has not yet
     /// said how much (its refund floor may cap it): until it has, the pool
     /// is not cut off on the meter's own reckoning.
@@ -171,12 +174,13 @@ type Dry = Vec<(PoolKey, Instant)>;
 /// other servers' sessions is reckoned up to it.
 type BatchAt = Instant;
 
-/// Each session's figures are looked at once a tick, in one of this many
-/// turns spread evenly over the tick, chosen by its key, and sent if the
-/// client is to hear them ([`figures`]). Sent to every session at once,
-/// with `events=ticks`, they were a burst of work at the start of each tick
-/// (19,000 messages, a few hundred milliseconds), and a cut-off that fell
-/// due in it waited behind it.
+/// The figures of a session that asked for them at every tick
+/// (`events=ticks`) are sent in one of this many turns spread evenly over
+/// the tick, chosen by its key. Sent to every session at once, they were a
+/// burst of work at the start of each tick (19,000 messages, a few hundred
+/// milliseconds), and a cut-off that fell due in it waited behind it.
+/// Other sessions are told when their figures change, not in turns
+/// ([`figures`]).
 const NOTIFY_TURNS: u32 = 10;
 
 pub struct Meter {
@@ -189,9 +193,18 @@ pub struct Meter {
     held: VecDeque<Command>,
     /// Every handle is gone: once `held` is empty, the meter stops.
     handles_gone: bool,
-    sessions: HashMap<SessionKey, Metered>,
-    pools: HashMap<PoolKey, Pool>,
+    // Hashed with FxHash rather than SipHash: the keys are the store's row
+    // ids, not chosen by clients, and the meter looks sessions and pools up
+    // at every turn, charge and commit.
+    sessions: FxHashMap<SessionKey, Metered>,
+    pools: FxHashMap<PoolKey, Pool>,
+    /// The open sessions whose clients asked for their figures at every
+    /// tick, by the turn they are told in.
+    told_in_turn: Vec<FxHashSet<SessionKey>>,
     deadlines: DelayQueue<PoolKey>,
+    /// When pools fall below the warning line, for their sessions to be
+    /// told: nothing else changes their figures as time passes.
+    warnings: DelayQueue<PoolKey>,
     ending: Vec<Ending>,
     /// The charges of ended sessions in the commit waiting for the store.
     in_flight: Vec<Charge>,
@@ -218,9 +231,11 @@ impl Meter {
             commands_rx,
             held: VecDeque::new(),
             handles_gone: false,
-            sessions: HashMap::new(),
-            pools: HashMap::new(),
+            sessions: FxHashMap::default(),
+            pools: FxHashMap::default(),
+            told_in_turn: (0..NOTIFY_TURNS).map(|_| FxHashSet::default()).collect(),
             deadlines: DelayQueue::new(),
+            warnings: DelayQueue::new(),
             ending: Vec::new(),
             in_flight: Vec::new(),
             unsettled: None,
@@ -244,9 +259,10 @@ impl Meter {
                 biased;
                 _ = tick.tick() => self.tick().await,
                 Some(expired) = self.deadlines.next() => self.deadline(expired.into_inner()),
+                Some(expired) = self.warnings.next() => self.warning(expired.into_inner()),
                 _ = turns.tick() => {
                     self.notify_turn(turn);
-                    turn = (turn + 1) % NOTIFY_TURNS;
+                    turn = (turn + 1) % self.told_in_turn.len();
                 }
                 command = next_command(&mut self.held, &mut self.commands_rx) => match command {
                     Some(command) => self.dispatch(command).await,
@@ -307,6 +323,9 @@ impl Meter {
             updates_tx: r.updates_tx,
             span: r.span,
         };
+        if r.events == UsageEvents::EveryTick {
+            self.told_in_turn[turn_of(r.key)].insert(r.key);
+        }
         self.sessions.insert(r.key, session);
         let fresh = !self.pools.contains_key(&pool_key);
         if fresh {
@@ -318,6 +337,7 @@ impl Meter {
             foreign: 0,
             foreign_from: r.started,
             deadline: None,
+            warning: None,
             refund_pending: false,
             low_line: None,
         });
@@ -354,6 +374,7 @@ impl Meter {
         let Some(session) = self.sessions.remove(&key) else {
             return;
         };
+        self.told_in_turn[turn_of(key)].remove(&key);
         open_sessions(session.pool.1).decrement(1.0);
         let amount = pool::signed_millis(at, session.committed_to);
         let (human, limit_type) = session.pool;
@@ -436,32 +457,76 @@ impl Meter {
     /// When the pool runs dry, from what remains and its open sessions.
     /// `None` for an unlimited or unknown pool.
     fn dry_at(&self, pool_key: PoolKey) -> Option<Instant> {
+        self.falls_to(pool_key, 0)
+    }
+
+    /// When what remains of the pool falls to `level`, from what remains
+    /// now and its open sessions: now or earlier if it is there already.
+    /// `None` for an unlimited or unknown pool.
+    fn falls_to(&self, pool_key: PoolKey, level: i64) -> Option<Instant> {
         let pool = self.pools.get(&pool_key)?;
-        let remaining = pool.remaining? - self.unrecorded(pool_key);
+        let remaining = pool.remaining? - self.unrecorded(pool_key) - level;
         let own = pool.members.iter().map(|key| self.sessions[key].committed_to);
         let foreign = std::iter::repeat_n(pool.foreign_from, pool.foreign as usize);
         let committed: Vec<Instant> = own.chain(foreign).collect();
         (!pool.members.is_empty()).then(|| pool::exhaustion(remaining, &committed))
     }
 
-    /// Sets the pool's cut-off timer, or drops the pool when none of its
-    /// sessions is left open.
+    /// Sets the pool's cut-off and warning timers, or drops the pool when
+    /// none of its sessions is left open.
     fn schedule(&mut self, pool_key: PoolKey) {
         let dry_at = self.dry_at(pool_key);
+        let low_at = self.low_at(pool_key);
         let Some(pool) = self.pools.get_mut(&pool_key) else {
             return;
         };
         if let Some(deadline) = pool.deadline.take() {
             self.deadlines.remove(&deadline);
         }
+        if let Some(warning) = pool.warning.take() {
+            self.warnings.remove(&warning);
+        }
         if pool.members.is_empty() {
             self.pools.remove(&pool_key);
             return;
         }
+        let furthest = Instant::now() + MAX_CUT_OFF_AHEAD;
         if let Some(at) = dry_at {
-            let at = at.min(Instant::now() + MAX_CUT_OFF_AHEAD);
-            pool.deadline = Some(self.deadlines.insert_at(pool_key, at));
+            pool.deadline = Some(self.deadlines.insert_at(pool_key, at.min(furthest)));
         }
+        if let Some(at) = low_at {
+            pool.warning = Some(self.warnings.insert_at(pool_key, at.min(furthest)));
+        }
+    }
+
+    /// When the pool falls below the warning line, if it is not below it
+    /// now. Each session's use counts in whole milliseconds, short of its
+    /// time by less than one, so the pool is surely below the line in those
+    /// figures once its time has taken it a millisecond a session, and one
+    /// more, past it.
+    fn low_at(&self, pool_key: PoolKey) -> Option<Instant> {
+        let warn = self.settings.warn_millis;
+        if warn <= 0 || self.live_remaining(pool_key, Instant::now())? < warn {
+            return None;
+        }
+        let pool = &self.pools[&pool_key];
+        let sessions = pool.members.len() as i64 + i64::from(pool.foreign);
+        self.falls_to(pool_key, warn - sessions - 1)
+    }
+
+    /// A warning timer went off: the pool's sessions are told, their
+    /// figures now below the line; the timer is set again if they are not
+    /// yet (it was capped).
+    fn warning(&mut self, pool_key: PoolKey) {
+        let Some(pool) = self.pools.get_mut(&pool_key) else {
+            return;
+        };
+        pool.warning = None;
+        let now = Instant::now();
+        if self.live_remaining(pool_key, now).is_some_and(|left| left < self.settings.warn_millis) {
+            self.notify_pool(pool_key, now);
+        }
+        self.schedule(pool_key);
     }
 
     /// A cut-off timer went off: if the pool has run dry, close its
@@ -525,13 +590,12 @@ impl Meter {
         metrics::histogram!(crate::metrics::TICK_SECONDS).record(started.elapsed().as_secs_f64());
     }
 
-    /// Tells the sessions of one of the [`NOTIFY_TURNS`] turns their figures
-    /// as of now, those that are to hear them.
-    fn notify_turn(&mut self, turn: u32) {
+    /// Tells the sessions of one of the [`NOTIFY_TURNS`] turns that asked
+    /// for their figures at every tick those figures as of now.
+    fn notify_turn(&mut self, turn: usize) {
         let now = Instant::now();
-        let turns = i64::from(NOTIFY_TURNS);
-        let keys = self.sessions.keys().filter(|key| key.0.rem_euclid(turns) == i64::from(turn));
-        for key in keys.copied().collect::<Vec<_>>() {
+        let keys: Vec<SessionKey> = self.told_in_turn[turn].iter().copied().collect();
+        for key in keys {
             self.notify(key, now);
         }
     }
@@ -546,7 +610,7 @@ impl Meter {
                 self.live_remaining(pool_key, now).is_some_and(|left| left < line)
             })
         };
-        let every_tick: HashSet<PoolKey> = self
+        let every_tick: FxHashSet<PoolKey> = self
             .pools
             .iter()
             .filter(|(pool_key, pool)| pool.foreign > 0 || below_line(**pool_key, pool))
@@ -817,6 +881,9 @@ impl Meter {
     /// Sends a session its figures and its pool's as of `now`, if its
     /// client is to hear them.
     fn notify(&mut self, key: SessionKey, now: Instant) {
+        if self.sessions[&key].events == UsageEvents::Off {
+            return;
+        }
         let update = self.figures_of(key, now);
         let session = self.sessions.get_mut(&key).expect("only open sessions are told");
         if !figures::worth_sending(session.events, session.told.as_ref(), &update, now) {
@@ -891,6 +958,11 @@ fn with_endings(mut batch: UsageBatch, ending: &[Ending]) -> UsageBatch {
         batch.ends.push(SessionEnd { session: end.key, reason: end.reason });
     }
     batch
+}
+
+/// The turn a session is told its figures in, of the [`NOTIFY_TURNS`].
+fn turn_of(key: SessionKey) -> usize {
+    key.0.rem_euclid(i64::from(NOTIFY_TURNS)) as usize
 }
 
 /// The gauge of open sessions of the kind that draws on `limit_type`.
