@@ -451,6 +451,25 @@ async fn by_default_a_session_is_warned_when_its_pool_crosses_the_line() {
 }
 
 #[tokio::test]
+async fn every_session_opening_a_pool_hears_its_figures_however_short_the_tick() {
+    // Ticks this short often come before the commit that follows an open:
+    // the tick's commit must then tell the session its first figures.
+    let server = TestServer::start_with(|s| s.tick = Duration::from_millis(10)).await;
+    let mut tokens = Vec::new();
+    for n in 0..200 {
+        tokens.push(server.mint_seconds(&format!("human-{n}"), 30.0).await);
+    }
+    let clients = futures::future::join_all(tokens.iter().map(|t| server.connect(t))).await;
+    let told = clients.into_iter().map(|mut client| async move {
+        let first =
+            tokio::time::timeout(Duration::from_secs(5), client.event_of("usage.remaining"));
+        first.await.is_ok()
+    });
+    let told = futures::future::join_all(told).await;
+    assert_eq!(told.iter().filter(|told| !**told).count(), 0, "sessions never told");
+}
+
+#[tokio::test]
 async fn events_none_gives_a_pure_echo() {
     let server = TestServer::start().await;
     let token = server.mint_seconds("ada", 5.0).await;

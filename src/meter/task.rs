@@ -511,7 +511,9 @@ impl Meter {
         }
         let pool = &self.pools[&pool_key];
         let sessions = pool.members.len() as i64 + i64::from(pool.foreign);
-        self.falls_to(pool_key, warn - sessions - 1)
+        // A line of a few milliseconds is crossed before the pool is dry,
+        // but perhaps not a millisecond a session before.
+        self.falls_to(pool_key, (warn - sessions - 1).max(0))
     }
 
     /// A warning timer went off: the pool's sessions are told, their
@@ -578,13 +580,19 @@ impl Meter {
     /// tells them this server is alive, and watches every pool it has open
     /// for what the others changed.
     async fn tick(&mut self) {
-        self.fresh.clear();
+        let mut fresh = std::mem::take(&mut self.fresh);
         let shared = self.store.is_shared();
         if self.sessions.is_empty() && !self.has_unrecorded() && !shared {
             return;
         }
         let started = std::time::Instant::now();
-        let due = self.due(Instant::now());
+        // The fresh sessions go with it: they hear their first figures from
+        // the commit that charges them, and nothing else would tell them.
+        let mut due = self.due(Instant::now());
+        due.append(&mut fresh);
+        due.retain(|key| self.sessions.contains_key(key));
+        due.sort_unstable_by_key(|key| key.0);
+        due.dedup();
         let watch = if shared { self.pools.keys().copied().collect() } else { Vec::new() };
         self.commit_with(due, watch, true).await;
         metrics::histogram!(crate::metrics::TICK_SECONDS).record(started.elapsed().as_secs_f64());
@@ -789,6 +797,7 @@ impl Meter {
                         dry.push((pool_key, at));
                     }
                 }
+                Some(expired) = self.warnings.next() => self.warning(expired.into_inner()),
                 command = self.commands_rx.recv(), if !self.handles_gone => match command {
                     Some(command) => {
                         if let Some(command) = self.dispatch_now(command) {
