@@ -23,6 +23,7 @@ pub mod llm;
 pub mod meter;
 pub mod metrics;
 mod outbound;
+mod read_ahead;
 pub mod secret;
 pub mod session;
 pub mod store;

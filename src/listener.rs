@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 
 use crate::api::error::ApiError;
 use crate::metrics::{CONNECTIONS_REFUSED, OPEN_CONNECTIONS};
+use crate::read_ahead::ReadAhead;
 
 /// Pending connections the kernel may queue before `accept`. tokio's
 /// `bind` uses 128, which a burst of clients reconnecting at once
@@ -227,14 +228,14 @@ async fn answer_refusal(mut stream: TcpStream) -> io::Result<()> {
 /// back when the socket is dropped, by hyper or, after an upgrade, by the
 /// session that took the socket over.
 struct Held {
-    stream: TcpStream,
+    stream: ReadAhead<TcpStream>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl Held {
     fn new(stream: TcpStream, slot: OwnedSemaphorePermit) -> Held {
         metrics::gauge!(OPEN_CONNECTIONS).increment(1);
-        Held { stream, _slot: slot }
+        Held { stream: ReadAhead::new(stream), _slot: slot }
     }
 }
 
