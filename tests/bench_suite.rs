@@ -82,10 +82,13 @@ async fn relayed_frames_all_come_back_and_the_sessions_close_cleanly() {
         assert!(side.errors.is_empty(), "{}", side.errors);
         assert_positive(&[side.echoes as f64, side.per_second]);
     }
+    assert_eq!(report.rounds.len(), config.rounds);
+    assert_positive(&report.rounds);
     assert_positive(&[report.ratio()]);
 
     common::assert_ledger_identity(&database.db());
-    assert_eq!(ended_sessions(&database.db(), "client_closed").len(), config.sessions);
+    let closed = ended_sessions(&database.db(), "client_closed").len();
+    assert_eq!(closed, config.sessions * config.rounds);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -112,9 +112,12 @@ struct RelayArgs {
     /// Echo sessions [100].
     #[arg(long)]
     sessions: Option<usize>,
-    /// Seconds to run against each server [full: 20; small: 2].
+    /// Seconds to run against each server in each round [full: 5; small: 1].
     #[arg(long)]
     secs: Option<f64>,
+    /// Rounds, each running against both servers [full: 5; small: 2].
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Frames each session may have unanswered [16].
     #[arg(long)]
     window: Option<usize>,
@@ -277,6 +280,7 @@ impl RelayArgs {
         let mut config = if small { relay::Config::small(db) } else { relay::Config::full(db) };
         config.sessions = self.sessions.unwrap_or(config.sessions);
         config.duration = self.secs.map_or(config.duration, seconds);
+        config.rounds = self.rounds.unwrap_or(config.rounds);
         config.window = self.window.unwrap_or(config.window);
         config
     }
