@@ -23,7 +23,9 @@ use crate::config::Upstream;
 pub type UpstreamSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The read buffer of an upstream connection, as for clients: frames
-/// larger than this still arrive, in several reads.
+/// larger than this still arrive, in several reads. Unlike a client's, the
+/// connection has no read-ahead beneath it (`read_ahead`), so an upstream
+/// sending in bulk costs a read from the socket for every 2 KiB.
 const READ_BUFFER_BYTES: usize = 2 * 1024;
 
 /// How long an unused upstream connection is given to take its close.

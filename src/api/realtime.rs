@@ -27,11 +27,13 @@ use crate::session::{self, SessionContext, Ticket};
 use crate::store::{Admission, Human, NewSession, StoreError};
 use crate::upstream::OpenUpstream;
 
-/// Read buffer per connection, and the most one read from the socket takes.
+/// Read buffer per connection, and the most tungstenite asks for at once.
 /// It is filled once and then kept, so it is most of what an idle session
 /// costs: tungstenite's default of 128 KiB would cost that much per
-/// session. Three 20 ms audio frames of 640 bytes fit in one read; larger
-/// frames still arrive, in several reads.
+/// session. Three 20 ms audio frames of 640 bytes fit in it; larger frames
+/// still arrive, in several reads. A client that sends in bulk is not read
+/// from the socket in pieces this small: the listener reads ahead beneath
+/// tungstenite while the socket stays full (`read_ahead`).
 const READ_BUFFER_BYTES: usize = 2 * 1024;
 
 /// What tungstenite gathers for the client before it writes to the socket
