@@ -8,8 +8,10 @@
 //! a read that fills the reader's buffer suggests more is waiting, so the
 //! reads after it take up to [`READ_AHEAD_BYTES`] from the socket at once
 //! into a buffer of this connection's, which the reader's small reads then
-//! drain. That buffer is let go as soon as the socket has nothing more to
-//! give, so a connection holds it only while its peer keeps sending.
+//! drain. That buffer is freed once they have drained it, and the reads go
+//! straight to the reader's buffer again at the first that finds the socket
+//! empty, so a connection holds one only while what it read ahead waits to
+//! be taken. A reader whose own buffer is as large is always read directly.
 
 use std::io;
 use std::pin::Pin;
@@ -25,8 +27,8 @@ pub const READ_AHEAD_BYTES: usize = 64 * 1024;
 
 pub struct ReadAhead<S> {
     inner: S,
-    /// What was read ahead and not yet handed to the reader. Unallocated
-    /// unless `busy`.
+    /// What was read ahead and not yet handed to the reader; unallocated
+    /// once that is all taken.
     ahead: BytesMut,
     /// The last read found the socket with more than the reader asked for,
     /// and it has not been found empty since.
@@ -49,15 +51,18 @@ impl<S> ReadAhead<S> {
         self.ahead.capacity() > 0
     }
 
-    /// Moves what fits of the bytes read ahead into the reader's buffer.
+    /// Moves what fits of the bytes read ahead into the reader's buffer,
+    /// and frees the buffer once it is empty.
     fn hand_over(&mut self, buf: &mut ReadBuf<'_>) {
         let n = buf.remaining().min(self.ahead.len());
         buf.put_slice(&self.ahead[..n]);
         self.ahead.advance(n);
+        if self.ahead.is_empty() {
+            self.ahead = BytesMut::new();
+        }
     }
 
-    /// The socket had nothing more: back to the reader's own reads, and
-    /// the buffer is freed.
+    /// The socket had nothing more: back to the reader's own reads.
     fn let_go(&mut self) {
         self.busy = false;
         self.ahead = BytesMut::new();
@@ -76,8 +81,8 @@ impl<S: AsyncRead + Unpin> ReadAhead<S> {
     /// Reads as much as the socket has, up to [`READ_AHEAD_BYTES`], and
     /// hands over what fits.
     fn poll_ahead(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        // Empty, the buffer takes back its whole allocation here.
-        self.ahead.reserve(READ_AHEAD_BYTES);
+        // Uninitialised: the read does not clear it first.
+        self.ahead = BytesMut::with_capacity(READ_AHEAD_BYTES);
         let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.ahead);
         match read {
             Poll::Ready(Ok(0)) => self.let_go(),
@@ -106,7 +111,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             this.hand_over(buf);
             return Poll::Ready(Ok(()));
         }
-        if this.busy { this.poll_ahead(cx, buf) } else { this.poll_direct(cx, buf) }
+        if this.busy && buf.remaining() < READ_AHEAD_BYTES {
+            this.poll_ahead(cx, buf)
+        } else {
+            this.poll_direct(cx, buf)
+        }
     }
 }
 
@@ -200,6 +209,7 @@ mod tests {
         assert_eq!(near.read(&mut piece).await.unwrap(), 2048);
         assert!(near.holds_buffer(), "a full read is followed by one ahead");
         read_in_chunks(&mut near, 20_000 - 4096, 2048).await;
+        assert!(!near.holds_buffer(), "the buffer outlived what it held");
         // Nothing is left in the socket: the next read finds it empty.
         let empty =
             tokio::time::timeout(std::time::Duration::from_millis(50), near.read(&mut piece));
@@ -208,5 +218,29 @@ mod tests {
         far.write_all(b"later").await.unwrap();
         assert_eq!(near.read(&mut piece).await.unwrap(), 5);
         assert!(!near.holds_buffer(), "a small read after the burst is read straight");
+    }
+
+    #[tokio::test]
+    async fn a_reader_with_a_buffer_as_large_is_read_straight() {
+        // An in-memory pipe holds all that is written at once, so that each
+        // read finds more waiting than it asks for.
+        let (mut far, near) = tokio::io::duplex(8 * READ_AHEAD_BYTES);
+        let mut near = ReadAhead::new(near);
+        let sent = pattern(5 * READ_AHEAD_BYTES);
+        far.write_all(&sent).await.unwrap();
+        drop(far);
+        let mut got = Vec::new();
+        let mut piece = vec![0; 2 * READ_AHEAD_BYTES];
+        loop {
+            let n = near.read(&mut piece).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            let left = sent.len() - got.len();
+            assert_eq!(n, left.min(piece.len()), "a read took less than was there");
+            assert!(!near.holds_buffer(), "read ahead for a reader with a buffer this large");
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert!(got == sent, "the bytes read differ from those sent");
     }
 }
