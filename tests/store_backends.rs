@@ -837,6 +837,32 @@ async fn on_postgres_a_run_closed_out_as_silent_records_nothing_more() {
 }
 
 #[tokio::test]
+async fn on_postgres_a_run_closed_out_leaves_its_own_sessions_to_the_others() {
+    let Some((b, store_b)) = two_runs("on_postgres_a_run_closed_out_leaves_its_own").await else {
+        return;
+    };
+    let project = b.project("acme").await;
+    let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
+    let session = b.admitted(human, token, "s1").await;
+    b.store.record_usage(UsageBatch::default(), NOW + 1_000).await.unwrap();
+    // B has marked A lost and not yet ended A's sessions, when A, unaware,
+    // looks for runs to close out itself.
+    let Rows::Postgres { db } = &b.rows else { unreachable!("two_runs is PostgreSQL") };
+    let (admin, connection) =
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let sql = "UPDATE instances SET lost = TRUE,
+                   ended_at = (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT
+               WHERE id = (SELECT instance_id FROM sessions WHERE id = $1)";
+    assert_eq!(admin.execute(sql, &[&session.0]).await.unwrap(), 1);
+
+    assert_eq!(b.store.close_out_lost().await.unwrap(), (0, 0), "A wrote after it was lost");
+    store_b.record_usage(UsageBatch::default(), NOW).await.unwrap();
+    assert_eq!(store_b.close_out_lost().await.unwrap(), (1, 0));
+    b.assert_ledger_identity().await;
+}
+
+#[tokio::test]
 async fn on_postgres_a_silent_runs_many_sessions_are_closed_out_a_chunk_at_a_time() {
     let Some((b, store_b)) = two_runs("on_postgres_a_silent_runs_many_sessions").await else {
         return;

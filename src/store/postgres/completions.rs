@@ -148,17 +148,17 @@ pub async fn close_abandoned(client: &mut Client, now: UnixMillis) -> StoreResul
     Ok(closed)
 }
 
-/// Ends, in the transaction `tx`, one completion a run that has ended left
-/// running (`instance_lost`), charged its prompt's estimate, if there is
-/// one another close-out is not ending. Returns whether there was. One a
+/// Ends, in the transaction `tx`, one completion a run other than `me`
+/// that has ended left running (`instance_lost`), charged its prompt's
+/// estimate, if there is one another close-out is not ending. Returns whether there was. One a
 /// transaction, so that the pool it debits is the transaction's only lock
 /// of a pool.
-pub async fn close_out_one(tx: &impl GenericClient, now: UnixMillis) -> StoreResult<bool> {
+pub async fn close_out_one(tx: &impl GenericClient, me: i64, now: UnixMillis) -> StoreResult<bool> {
     let sql = "SELECT c.id, c.human_id, c.prompt_estimate
                FROM completions c JOIN instances i ON i.id = c.instance_id
-               WHERE c.ended_at IS NULL AND i.ended_at IS NOT NULL
+               WHERE c.ended_at IS NULL AND i.ended_at IS NOT NULL AND i.id <> $1
                ORDER BY c.id LIMIT 1 FOR UPDATE OF c SKIP LOCKED";
-    let Some(row) = super::query::opt(tx, sql, &[]).await? else {
+    let Some(row) = super::query::opt(tx, sql, &[&me]).await? else {
         return Ok(false);
     };
     end_in(tx, left_running(&row, CompletionOutcome::InstanceLost, now)).await?;

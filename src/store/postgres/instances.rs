@@ -145,7 +145,9 @@ const CLOSE_OUT_CHUNK: i64 = 100;
 /// ended runs left running (charged their prompts); and removes the rows
 /// of runs ended a week ago. Nothing is marked while `instance` itself is
 /// not up (its last commit a tick and a half old or more): an outage of
-/// the database silences every run alike. A run whose row is locked (a
+/// the database silences every run alike. What `instance` left open is
+/// never ended here, though another may have closed it out: a run closed
+/// out records nothing more, and the others end its sessions. A run whose row is locked (a
 /// batch of its own, an admission) is alive, and skipped. Returns the
 /// sessions and completions ended: the caller repeats the step while it
 /// ends any.
@@ -158,12 +160,12 @@ pub async fn close_out_lost(
     mark_lost(&tx, instance).await?;
     tx.commit().await?;
     let tx = client.transaction().await?;
-    let sessions = usage::close_out_chunk(&tx, CLOSE_OUT_CHUNK).await?;
+    let sessions = usage::close_out_chunk(&tx, instance.id, CLOSE_OUT_CHUNK).await?;
     tx.commit().await?;
     let mut completions = 0;
     while completions < CLOSE_OUT_CHUNK as u64 {
         let tx = client.transaction().await?;
-        let ended = completions::close_out_one(&tx, now).await?;
+        let ended = completions::close_out_one(&tx, instance.id, now).await?;
         tx.commit().await?;
         if !ended {
             break;

@@ -496,18 +496,18 @@ pub async fn close_abandoned(client: &mut Client) -> StoreResult<u64> {
 
 /// Ends, in the transaction `tx`, up to `limit` open sessions of one run
 /// that has ended (closed out as lost, or, rarely, stopped with a session
-/// still open), for `instance_lost`, each charged up to the run's last
-/// clock. Sessions another close-out is ending are skipped. Returns how
-/// many.
-pub async fn close_out_chunk(tx: &impl GenericClient, limit: i64) -> StoreResult<u64> {
+/// still open) other than `me`, for `instance_lost`, each charged up to the
+/// run's last clock. Sessions another close-out is ending are skipped.
+/// Returns how many.
+pub async fn close_out_chunk(tx: &impl GenericClient, me: i64, limit: i64) -> StoreResult<u64> {
     let sql = format!(
         "{ABANDONED}, i.alive_at FROM sessions s JOIN instances i ON i.id = s.instance_id
          WHERE {OPEN} AND s.instance_id =
                (SELECT o.instance_id FROM sessions o JOIN instances r ON r.id = o.instance_id
-                WHERE o.ended_at IS NULL AND r.ended_at IS NOT NULL LIMIT 1)
+                WHERE o.ended_at IS NULL AND r.ended_at IS NOT NULL AND r.id <> $2 LIMIT 1)
          ORDER BY s.id LIMIT $1 FOR UPDATE OF s SKIP LOCKED"
     );
-    let rows = all(tx, &sql, &[&limit]).await?;
+    let rows = all(tx, &sql, &[&limit, &me]).await?;
     close_sessions(tx, abandoned(rows)?, EndReason::InstanceLost).await
 }
 
