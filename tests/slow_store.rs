@@ -64,6 +64,36 @@ async fn a_session_that_left_while_its_end_waits_for_the_store_is_counted_in_the
 }
 
 #[tokio::test]
+async fn a_warning_does_not_wait_for_the_store() {
+    // 3 s shared by two sessions, the warning line at 1.5 s; one leaves at
+    // 0.6 s, its end waiting for the store until 1.5 s. The other is left
+    // with 3 - 0.6 - 0.6 = 1.8 s, and crosses the line at 0.9 s, while that
+    // commit still waits.
+    let server = TestServer::start_with(|s| {
+        s.tick = SLOW_TICK;
+        s.warn = Duration::from_millis(1500);
+    })
+    .await;
+    let token = server.mint_seconds("ada", 3.0).await;
+    let mut stays = server.connect(&token).await;
+    let leaves = server.connect(&token).await;
+    stays.next_event().await;
+    let blocker = hold_write_lock(&server, ms(500), ms(1000));
+    sleep(ms(600)).await;
+    let left_at = stays.opened.elapsed().as_secs_f64();
+    tokio::spawn(leaves.close());
+
+    let warning = stays.event_of("usage.warning").await;
+    let warned_at = stays.opened.elapsed().as_secs_f64();
+    assert!(warning["remaining"].as_f64().unwrap() < 1.5, "{warning}");
+    assert_near(warned_at, 3.0 - left_at - 1.5, 0.15);
+    let closed = stays.until_closed().await;
+    blocker.await.unwrap();
+    assert_eq!(closed.code, Some(4001));
+    assert_ledger_identity(&server.db());
+}
+
+#[tokio::test]
 async fn a_session_admitted_as_its_pool_runs_dry_is_closed_on_the_stores_figures() {
     let server = TestServer::start_with(|s| s.tick = SLOW_TICK).await;
     let token = server.mint_seconds("ada", 1.5).await;

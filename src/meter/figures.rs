@@ -8,7 +8,7 @@
 //! line. A message a second to each of 19,000 idle sessions cost about 40 %
 //! of a core (BENCHMARKS.md); a client that wants one every tick asks for
 //! it with `events=ticks`. The meter does not look at the other sessions
-//! as time passes, which cost an idle server 2 % of a core at 19,000: each
+//! as time passes, which at 19,000 was half of an idle server's CPU: each
 //! of those changes reaches it as an event (a commit that charged or read
 //! the pool, a session opening or ending, the pool's warning timer), and
 //! it works out the figures then.

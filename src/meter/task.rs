@@ -4,8 +4,9 @@
 //! A pool's picture is what the store answered at the last commit that
 //! charged it, less the charges of sessions that have ended since and are
 //! not yet recorded. While a commit waits for the store the meter goes on
-//! receiving sessions' opens and ends and cutting pools off; only what
-//! needs a commit of its own (a settle, the shutdown) waits for it.
+//! receiving sessions' opens and ends, cutting pools off and warning them;
+//! only what needs a commit of its own (a settle, the shutdown) waits for
+//! it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -81,7 +82,8 @@ struct Pool {
     foreign: u32,
     foreign_from: Instant,
     deadline: Option<delay_queue::Key>,
-    /// When it falls below the warning line, while it is above it.
+    /// The key of the pool's warning timer, set for when the pool falls
+    /// below the warning line, while it is above it.
     warning: Option<delay_queue::Key>,
     /// Time is being given back to a dead client and the store has not yet
     /// said how much (its refund floor may cap it): until it has, the pool
@@ -200,7 +202,7 @@ pub struct Meter {
     pools: FxHashMap<PoolKey, Pool>,
     /// The open sessions whose clients asked for their figures at every
     /// tick, by the turn they are told in.
-    told_in_turn: Vec<FxHashSet<SessionKey>>,
+    every_tick_by_turn: Vec<FxHashSet<SessionKey>>,
     deadlines: DelayQueue<PoolKey>,
     /// When pools fall below the warning line, for their sessions to be
     /// told: nothing else changes their figures as time passes.
@@ -233,7 +235,7 @@ impl Meter {
             handles_gone: false,
             sessions: FxHashMap::default(),
             pools: FxHashMap::default(),
-            told_in_turn: (0..NOTIFY_TURNS).map(|_| FxHashSet::default()).collect(),
+            every_tick_by_turn: (0..NOTIFY_TURNS).map(|_| FxHashSet::default()).collect(),
             deadlines: DelayQueue::new(),
             warnings: DelayQueue::new(),
             ending: Vec::new(),
@@ -262,7 +264,7 @@ impl Meter {
                 Some(expired) = self.warnings.next() => self.warning(expired.into_inner()),
                 _ = turns.tick() => {
                     self.notify_turn(turn);
-                    turn = (turn + 1) % self.told_in_turn.len();
+                    turn = (turn + 1) % self.every_tick_by_turn.len();
                 }
                 command = next_command(&mut self.held, &mut self.commands_rx) => match command {
                     Some(command) => self.dispatch(command).await,
@@ -324,7 +326,7 @@ impl Meter {
             span: r.span,
         };
         if r.events == UsageEvents::EveryTick {
-            self.told_in_turn[turn_of(r.key)].insert(r.key);
+            self.every_tick_by_turn[turn_of(r.key)].insert(r.key);
         }
         self.sessions.insert(r.key, session);
         let fresh = !self.pools.contains_key(&pool_key);
@@ -374,7 +376,7 @@ impl Meter {
         let Some(session) = self.sessions.remove(&key) else {
             return;
         };
-        self.told_in_turn[turn_of(key)].remove(&key);
+        self.every_tick_by_turn[turn_of(key)].remove(&key);
         open_sessions(session.pool.1).decrement(1.0);
         let amount = pool::signed_millis(at, session.committed_to);
         let (human, limit_type) = session.pool;
@@ -499,11 +501,13 @@ impl Meter {
         }
     }
 
-    /// When the pool falls below the warning line, if it is not below it
-    /// now. Each session's use counts in whole milliseconds, short of its
-    /// time by less than one, so the pool is surely below the line in those
-    /// figures once its time has taken it a millisecond a session, and one
-    /// more, past it.
+    /// When the pool's figures fall below the warning line, if they are not
+    /// below it now. The figures count each session's use in whole
+    /// milliseconds, up to a millisecond short of its time, so the timer is
+    /// set for when the pool's exact remainder reaches the line less a
+    /// millisecond a session and one more. A line closer to empty than that
+    /// cannot be told before the pool is dry: such a pool is not warned,
+    /// only cut off.
     fn low_at(&self, pool_key: PoolKey) -> Option<Instant> {
         let warn = self.settings.warn_millis;
         if warn <= 0 || self.live_remaining(pool_key, Instant::now())? < warn {
@@ -511,14 +515,16 @@ impl Meter {
         }
         let pool = &self.pools[&pool_key];
         let sessions = pool.members.len() as i64 + i64::from(pool.foreign);
-        // A line of a few milliseconds is crossed before the pool is dry,
-        // but perhaps not a millisecond a session before.
-        self.falls_to(pool_key, (warn - sessions - 1).max(0))
+        let level = warn - sessions - 1;
+        if level <= 0 {
+            return None;
+        }
+        self.falls_to(pool_key, level)
     }
 
     /// A warning timer went off: the pool's sessions are told, their
     /// figures now below the line; the timer is set again if they are not
-    /// yet (it was capped).
+    /// yet (it was capped). The cut-off timer is left as it is.
     fn warning(&mut self, pool_key: PoolKey) {
         let Some(pool) = self.pools.get_mut(&pool_key) else {
             return;
@@ -528,7 +534,10 @@ impl Meter {
         if self.live_remaining(pool_key, now).is_some_and(|left| left < self.settings.warn_millis) {
             self.notify_pool(pool_key, now);
         }
-        self.schedule(pool_key);
+        if let Some(at) = self.low_at(pool_key) {
+            let key = self.warnings.insert_at(pool_key, at.min(now + MAX_CUT_OFF_AHEAD));
+            self.pools.get_mut(&pool_key).expect("the pool is open").warning = Some(key);
+        }
     }
 
     /// A cut-off timer went off: if the pool has run dry, close its
@@ -602,7 +611,7 @@ impl Meter {
     /// for their figures at every tick those figures as of now.
     fn notify_turn(&mut self, turn: usize) {
         let now = Instant::now();
-        let keys: Vec<SessionKey> = self.told_in_turn[turn].iter().copied().collect();
+        let keys: Vec<SessionKey> = self.every_tick_by_turn[turn].iter().copied().collect();
         for key in keys {
             self.notify(key, now);
         }
