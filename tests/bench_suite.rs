@@ -87,8 +87,9 @@ async fn relayed_frames_all_come_back_and_the_sessions_close_cleanly() {
     assert_positive(&[report.ratio()]);
 
     common::assert_ledger_identity(&database.db());
+    // Every round's sessions, and the warm-up's.
     let closed = ended_sessions(&database.db(), "client_closed").len();
-    assert_eq!(closed, config.sessions * config.rounds);
+    assert_eq!(closed, config.sessions * (config.rounds + 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,6 +182,16 @@ async fn two_servers_on_one_postgresql_database_cut_off_every_pool_where_it_runs
     let open = "SELECT (SELECT COUNT(*) FROM sessions WHERE ended_at IS NULL)
                      + (SELECT COUNT(*) FROM instances WHERE ended_at IS NULL)";
     assert_eq!(db.query_i64(open, &[]), 0, "a session or a server's run was left open");
+}
+
+#[test]
+fn the_relay_figure_is_the_median_of_its_rounds() {
+    // Figures a binary fraction can hold exactly.
+    assert_eq!(relay::median(&[0.875]), 0.875);
+    assert_eq!(relay::median(&[0.75, 1.0]), 0.875);
+    assert_eq!(relay::median(&[1.0, 0.5, 0.9375, 0.75, 0.875]), 0.875);
+    assert_eq!(relay::median(&[0.875, 0.5, 1.25, 0.75]), 0.8125);
+    assert!(relay::median(&[]).is_nan());
 }
 
 #[test]

@@ -115,7 +115,7 @@ struct RelayArgs {
     /// Seconds to run against each server in each round [full: 5; small: 1].
     #[arg(long)]
     secs: Option<f64>,
-    /// Rounds, each running against both servers [full: 5; small: 2].
+    /// Rounds, each running against both servers; an even number [full: 8; small: 2].
     #[arg(long)]
     rounds: Option<usize>,
     /// Frames each session may have unanswered [16].

@@ -148,11 +148,15 @@ pub fn upgrades(report: &UpgradesReport) -> Vec<Row> {
 pub fn relay(report: &RelayReport) -> Vec<Row> {
     let size = format!("{} sessions", report.sessions);
     let clean = report.tollgate.errors.is_empty() && report.baseline.errors.is_empty();
+    let (low, high) = report.spread();
     let result = format!(
-        "{:.0} vs {:.0} messages/s ({:.1} %)",
+        "{:.0} vs {:.0} messages/s; median of {} rounds {:.1} % (rounds {:.1} to {:.1} %)",
         report.tollgate.per_second,
         report.baseline.per_second,
-        100.0 * report.ratio()
+        report.rounds.len(),
+        100.0 * report.ratio(),
+        100.0 * low,
+        100.0 * high
     );
     let met = clean && report.ratio() >= 0.9;
     rows("relay", &RELAY, [(result, verdict(met, report.sessions == 100, &size))])

@@ -6,10 +6,13 @@
 //! On two cores shared with the clients, one stretch of either side's
 //! figure moves by several points from one run to the next, more than the
 //! gap it is to measure. So both servers stay up while the sides take
-//! turns for a few rounds, the one going first alternating, and the figure
-//! is the median of the rounds' ratios: a disturbance during one round
-//! moves that round only, and a drift of the machine over the run reaches
-//! both sides alike.
+//! turns, after a warm-up of each that is not counted, for an even number
+//! of rounds, the one going first alternating so that each goes first as
+//! often; the figure is the median of the rounds' ratios, reported with
+//! their spread: a disturbance during one round moves that round only, and
+//! a drift of the machine over the run reaches both sides alike. The
+//! spread says how far one run's median can be trusted; it has been wide
+//! (BENCHMARKS.md).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -36,6 +39,11 @@ const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
 
 const PLENTY_OF_SECONDS: f64 = 1e6;
 
+/// How long each side runs before the rounds, uncounted: the first stretch
+/// of a run, with caches, allocators and the kernel's socket buffers cold,
+/// would otherwise always be the baseline's.
+const WARM_UP: Duration = Duration::from_secs(1);
+
 pub struct Config {
     pub sessions: usize,
     /// How long each side runs in each round.
@@ -50,7 +58,7 @@ pub struct Config {
 impl Config {
     pub fn full(db: PathBuf) -> Config {
         let duration = Duration::from_secs(5);
-        Config { sessions: 100, duration, rounds: 5, window: 16, sources: 4, db }
+        Config { sessions: 100, duration, rounds: 8, window: 16, sources: 4, db }
     }
 
     pub fn small(db: PathBuf) -> Config {
@@ -97,14 +105,27 @@ impl RelayReport {
     /// Tollgate's messages per second as a share of the baseline's: the
     /// median of the rounds'.
     pub fn ratio(&self) -> f64 {
-        let mut ratios = self.rounds.clone();
-        ratios.sort_by(f64::total_cmp);
-        let middle = ratios.len() / 2;
-        if ratios.len() % 2 == 1 {
-            ratios[middle]
-        } else {
-            (ratios[middle - 1] + ratios[middle]) / 2.0
-        }
+        median(&self.rounds)
+    }
+
+    /// The lowest and the highest of the rounds' ratios.
+    pub fn spread(&self) -> (f64, f64) {
+        let low = self.rounds.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = self.rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (low, high)
+    }
+}
+
+/// The median of `figures`, the mean of the middle two for an even count;
+/// NaN for none.
+pub fn median(figures: &[f64]) -> f64 {
+    let mut sorted = figures.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[middle],
+        _ => (sorted[middle - 1] + sorted[middle]) / 2.0,
     }
 }
 
@@ -112,29 +133,38 @@ pub async fn run(config: &Config) -> Result<RelayReport> {
     let what = format!("{} relay sessions", config.sessions);
     let sockets = 2 * config.sessions as u64;
     fds::check("this process", &what, sockets, fds::raise_own_limit())?;
-    anyhow::ensure!(config.rounds > 0, "the relay needs at least one round");
+    anyhow::ensure!(
+        config.rounds > 0 && config.rounds.is_multiple_of(2),
+        "the relay takes an even number of rounds, so that each side goes first as often"
+    );
     let baseline = Baseline::start()?;
     let baseline_paths = vec!["/".to_owned(); config.sessions];
     let options = ServerOptions { db: config.db.clone().into(), max_session_seconds: 3600 };
     let server = Server::start(&options).await?;
     let tollgate_paths = tollgate_paths(&server, config.sessions).await?;
+    let warm_baseline = load(baseline.addr(), &baseline_paths, config, WARM_UP).await;
+    let warm_tollgate = load(server.addr, &tollgate_paths, config, WARM_UP).await;
     let (mut ours, mut theirs, mut rounds) = (Vec::new(), Vec::new(), Vec::new());
+    let duration = config.duration;
     for round in 0..config.rounds {
         let (tollgate, baseline) = if round % 2 == 0 {
-            let baseline = load(baseline.addr(), &baseline_paths, config).await;
-            (load(server.addr, &tollgate_paths, config).await, baseline)
+            let baseline = load(baseline.addr(), &baseline_paths, config, duration).await;
+            (load(server.addr, &tollgate_paths, config, duration).await, baseline)
         } else {
-            let tollgate = load(server.addr, &tollgate_paths, config).await;
-            (tollgate, load(baseline.addr(), &baseline_paths, config).await)
+            let tollgate = load(server.addr, &tollgate_paths, config, duration).await;
+            (tollgate, load(baseline.addr(), &baseline_paths, config, duration).await)
         };
         rounds.push(tollgate.per_second / baseline.per_second);
         ours.push(tollgate);
         theirs.push(baseline);
     }
     server.stop().await?;
-    let (sessions, duration, window) = (config.sessions, config.duration, config.window);
-    let tollgate = Side::total(ours, duration);
-    let baseline = Side::total(theirs, duration);
+    let (sessions, window) = (config.sessions, config.window);
+    // The warm-up's echoes are not counted, its errors are.
+    let mut tollgate = Side::total(ours, duration);
+    tollgate.errors.merge(warm_tollgate.errors);
+    let mut baseline = Side::total(theirs, duration);
+    baseline.errors.merge(warm_baseline.errors);
     Ok(RelayReport { sessions, duration, window, tollgate, baseline, rounds })
 }
 
@@ -148,7 +178,7 @@ async fn tollgate_paths(server: &Server, sessions: usize) -> Result<Vec<String>>
 }
 
 /// Opens every session first, then pumps them all for the duration.
-async fn load(addr: SocketAddr, paths: &[String], config: &Config) -> Side {
+async fn load(addr: SocketAddr, paths: &[String], config: &Config, duration: Duration) -> Side {
     let sources = Sources::new(config.sources);
     let connects = paths.iter().map(|path| clients::connect(addr, path, &sources));
     let mut errors = Tally::default();
@@ -159,7 +189,7 @@ async fn load(addr: SocketAddr, paths: &[String], config: &Config) -> Side {
             Err(failure) => errors.add(failure),
         }
     }
-    let deadline = Instant::now() + config.duration;
+    let deadline = Instant::now() + duration;
     let pumps = open.into_iter().map(|ws| tokio::spawn(pump(ws, config.window, deadline)));
     let mut echoes = 0;
     for joined in join_all(pumps).await {
@@ -169,7 +199,7 @@ async fn load(addr: SocketAddr, paths: &[String], config: &Config) -> Side {
             Err(error) => errors.add(format!("task: {error}")),
         }
     }
-    Side { echoes, per_second: echoes as f64 / config.duration.as_secs_f64(), errors }
+    Side { echoes, per_second: echoes as f64 / duration.as_secs_f64(), errors }
 }
 
 /// Keeps `window` frames unanswered until the deadline, then waits for
@@ -236,6 +266,8 @@ impl fmt::Display for RelayReport {
         }
         let rounds: Vec<String> = self.rounds.iter().map(|r| format!("{:.1}", 100.0 * r)).collect();
         writeln!(f, "  rounds    {} % of the baseline's", rounds.join(", "))?;
+        let (low, high) = self.spread();
+        writeln!(f, "  spread    {:.1} to {:.1} %", 100.0 * low, 100.0 * high)?;
         write!(
             f,
             "  ratio     {:.1} % of the baseline's (the rounds' median)",
