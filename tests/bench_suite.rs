@@ -141,11 +141,15 @@ async fn a_short_soak_ends_every_session_as_it_should_and_leaves_no_file_open() 
     assert_eq!(rows.len() as u64, sessions, "sessions ended otherwise: {rows:?}");
 }
 
-/// A server's memory, CPU and ticks were all measured.
+/// A server's memory, CPU and ticks were all measured. Its CPU is counted
+/// in clock ticks of 10 ms, and an idle server at the small size can use
+/// none in a window of 2 s: it need only be a share.
 #[track_caller]
 fn assert_server_figures(server: &sessions::ServerFigures) {
     let ticks = [server.tick_p50, server.tick_p99].map(|tick| tick.unwrap().as_secs_f64());
-    assert_positive(&[server.rss_per_session_kib, server.cpu_percent, ticks[0], ticks[1]]);
+    assert_positive(&[server.rss_per_session_kib, ticks[0], ticks[1]]);
+    let cpu = server.cpu_percent;
+    assert!(cpu.is_finite() && (0.0..=200.0).contains(&cpu), "CPU {cpu} % of one core");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
