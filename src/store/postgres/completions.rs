@@ -148,11 +148,11 @@ pub async fn close_abandoned(client: &mut Client, now: UnixMillis) -> StoreResul
     Ok(closed)
 }
 
-/// Ends, in the transaction `tx`, one completion a run other than `me`
-/// that has ended left running (`instance_lost`), charged its prompt's
-/// estimate, if there is one another close-out is not ending. Returns whether there was. One a
-/// transaction, so that the pool it debits is the transaction's only lock
-/// of a pool.
+/// Ends, in the transaction `tx`, one completion a run other than `me` that
+/// has ended left running (`instance_lost`), charged its prompt's estimate,
+/// if there is one another close-out is not ending. Returns whether there
+/// was. One a transaction, so that the pool it debits is the transaction's
+/// only lock of a pool.
 pub async fn close_out_one(tx: &impl GenericClient, me: i64, now: UnixMillis) -> StoreResult<bool> {
     let sql = "SELECT c.id, c.human_id, c.prompt_estimate
                FROM completions c JOIN instances i ON i.id = c.instance_id

@@ -142,15 +142,15 @@ const CLOSE_OUT_CHUNK: i64 = 100;
 /// up, so that it records nothing more should it come back; ends up to
 /// [`CLOSE_OUT_CHUNK`] open sessions of one ended run (`instance_lost`,
 /// charged up to its meter's last clock) and as many of the completions
-/// ended runs left running (charged their prompts); and removes the rows
-/// of runs ended a week ago. Nothing is marked while `instance` itself is
-/// not up (its last commit a tick and a half old or more): an outage of
-/// the database silences every run alike. What `instance` left open is
-/// never ended here, though another may have closed it out: a run closed
-/// out records nothing more, and the others end its sessions. A run whose row is locked (a
-/// batch of its own, an admission) is alive, and skipped. Returns the
-/// sessions and completions ended: the caller repeats the step while it
-/// ends any.
+/// ended runs left running (charged their prompts); and removes the rows of
+/// runs ended a week ago. Nothing is marked while `instance` itself is not
+/// up (its last commit a tick and a half old or more): an outage of the
+/// database silences every run alike. What `instance` left open is never
+/// ended here, though another may have closed it out: a run closed out
+/// records nothing more, and the others end its sessions. A run whose row
+/// is locked (a batch of its own, an admission) is alive, and skipped.
+/// Returns the sessions and completions ended: the caller repeats the step
+/// while it ends any.
 pub async fn close_out_lost(
     client: &mut Client,
     instance: Instance,
