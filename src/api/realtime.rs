@@ -274,7 +274,7 @@ fn parse_events(events: Option<&str>) -> Result<UsageEvents, ApiError> {
     }
 }
 
-/// A public session id: `ses_` and 32 random hex digits.
+/// A public session id: `ses_` and 32 hex digits (see `crate::ids`).
 fn session_id() -> String {
     crate::ids::public_id("ses")
 }
