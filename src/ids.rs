@@ -12,6 +12,10 @@
 //! log again with each commit. Ids in time order go to the index's last
 //! pages, which every recent commit has touched. The time in an id is when
 //! its row was made, which whoever sees the row is shown anyway.
+//!
+//! The random bits come from a generator in the process, seeded by the
+//! operating system (uuid's `fast-rng`), rather than a system call for
+//! each id: every session opened makes one or more ids.
 
 use uuid::Uuid;
 
