@@ -325,8 +325,10 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Checkpoints run on a thread of their own (see `checkpoint`), never
-    // inside the writer's commits.
+    // inside the writer's commits, and a log grown past its limit is cut
+    // back when it starts again.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "journal_size_limit", checkpoint::LOG_SIZE_LIMIT_BYTES)?;
     keep_plans(conn)?;
     conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
 }
@@ -684,12 +686,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let (store, threads) = SqliteStore::open(&path).unwrap();
-        let autocheckpoint = store
-            .write(|w| {
-                Ok(w.conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get::<_, i64>(0))?)
+        let pragma = |name: &'static str| {
+            store.write(move |w| {
+                Ok(w.conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0))?)
             })
-            .await;
-        assert_eq!(autocheckpoint.unwrap(), 0);
+        };
+        assert_eq!(pragma("wal_autocheckpoint").await.unwrap(), 0);
+        let limit = pragma("journal_size_limit").await.unwrap();
+        assert_eq!(limit, checkpoint::LOG_SIZE_LIMIT_BYTES, "the log's file is never cut back");
 
         // 200 commits of a few pages each: below the 1,000 pages of log at
         // which a commit would checkpoint were it left to, so only the
