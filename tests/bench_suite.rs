@@ -15,6 +15,7 @@ mod suite;
 use std::time::Duration;
 
 use suite::figures::{mints, pair, relay, sessions, soak, upgrades};
+use suite::stats;
 
 /// The figures load the whole machine: one at a time, so that one's load
 /// cannot push another's cut-offs late.
@@ -63,6 +64,8 @@ async fn authenticated_upgrades_open_and_close_cleanly_as_plain_ones_do() {
         let (p50, p99) = (side.latency.p50.as_secs_f64(), side.latency.p99.as_secs_f64());
         assert_positive(&[side.completed as f64, side.per_second, p50, p99]);
     }
+    assert_eq!(report.rounds.len(), config.rounds);
+    assert_positive(&report.rounds);
     assert_positive(&[report.rate_ratio(), report.p99_ratio()]);
 
     common::assert_ledger_identity(&database.db());
@@ -189,13 +192,13 @@ async fn two_servers_on_one_postgresql_database_cut_off_every_pool_where_it_runs
 }
 
 #[test]
-fn the_relay_figure_is_the_median_of_its_rounds() {
+fn a_figure_taken_in_rounds_is_the_median_of_the_rounds() {
     // Figures a binary fraction can hold exactly.
-    assert_eq!(relay::median(&[0.875]), 0.875);
-    assert_eq!(relay::median(&[0.75, 1.0]), 0.875);
-    assert_eq!(relay::median(&[1.0, 0.5, 0.9375, 0.75, 0.875]), 0.875);
-    assert_eq!(relay::median(&[0.875, 0.5, 1.25, 0.75]), 0.8125);
-    assert!(relay::median(&[]).is_nan());
+    assert_eq!(stats::median(&[0.875]), 0.875);
+    assert_eq!(stats::median(&[0.75, 1.0]), 0.875);
+    assert_eq!(stats::median(&[1.0, 0.5, 0.9375, 0.75, 0.875]), 0.875);
+    assert_eq!(stats::median(&[0.875, 0.5, 1.25, 0.75]), 0.8125);
+    assert!(stats::median(&[]).is_nan());
 }
 
 #[test]

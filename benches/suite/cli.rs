@@ -99,9 +99,12 @@ struct UpgradesArgs {
     /// Upgrades in flight at once [256].
     #[arg(long)]
     in_flight: Option<usize>,
-    /// Seconds to run against each server [full: 20; small: 2].
+    /// Seconds each server runs in each round [full: 4; small: 1].
     #[arg(long)]
     secs: Option<f64>,
+    /// Rounds, an even number [full: 8; small: 2].
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Open Tollgate's sessions with `events=none`.
     #[arg(long)]
     no_events: bool,
@@ -270,6 +273,7 @@ impl UpgradesArgs {
             if small { upgrades::Config::small(db) } else { upgrades::Config::full(db) };
         config.in_flight = self.in_flight.unwrap_or(config.in_flight);
         config.duration = self.secs.map_or(config.duration, seconds);
+        config.rounds = self.rounds.unwrap_or(config.rounds);
         config.events = !self.no_events;
         config
     }

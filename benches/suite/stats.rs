@@ -81,6 +81,26 @@ impl fmt::Display for Tally {
     }
 }
 
+/// The median of `figures`, the mean of the middle two for an even count;
+/// NaN for none.
+pub fn median(figures: &[f64]) -> f64 {
+    let mut sorted = figures.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[middle],
+        _ => (sorted[middle - 1] + sorted[middle]) / 2.0,
+    }
+}
+
+/// The lowest and the highest of `figures`.
+pub fn spread(figures: &[f64]) -> (f64, f64) {
+    let low = figures.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = figures.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (low, high)
+}
+
 /// `19000` as `19,000`.
 pub fn thousands(n: u64) -> String {
     let digits = n.to_string();

@@ -133,11 +133,16 @@ pub fn upgrades(report: &UpgradesReport) -> Vec<Row> {
     let size = format!("{} in flight", report.in_flight);
     let clean = report.tollgate.errors.is_empty() && report.baseline.errors.is_empty();
     let met = clean && report.rate_ratio() >= 0.9 && report.p99_ratio() <= 1.5;
+    let (low, high) = report.spread();
     let result = format!(
-        "{:.0}/s vs {:.0}/s ({:.1} %), p99 {:.2} ms vs {:.2} ms ({:.2} ×)",
+        "{:.0}/s vs {:.0}/s; median of {} rounds {:.1} % (rounds {:.1} to {:.1} %); \
+         p99 {:.2} ms vs {:.2} ms ({:.2} ×)",
         report.tollgate.per_second,
         report.baseline.per_second,
+        report.rounds.len(),
         100.0 * report.rate_ratio(),
+        100.0 * low,
+        100.0 * high,
         millis(report.tollgate.latency.p99),
         millis(report.baseline.latency.p99),
         report.p99_ratio()

@@ -29,7 +29,7 @@ use crate::suite::baseline::Baseline;
 use crate::suite::clients::{self, Sources, Ws};
 use crate::suite::fds;
 use crate::suite::server::{Server, ServerOptions};
-use crate::suite::stats::{Tally, thousands};
+use crate::suite::stats::{self, Tally, thousands};
 
 /// A voice client's frame: 20 ms of 16 kHz mono 16-bit PCM.
 const FRAME_BYTES: usize = 640;
@@ -105,27 +105,12 @@ impl RelayReport {
     /// Tollgate's messages per second as a share of the baseline's: the
     /// median of the rounds'.
     pub fn ratio(&self) -> f64 {
-        median(&self.rounds)
+        stats::median(&self.rounds)
     }
 
     /// The lowest and the highest of the rounds' ratios.
     pub fn spread(&self) -> (f64, f64) {
-        let low = self.rounds.iter().copied().fold(f64::INFINITY, f64::min);
-        let high = self.rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (low, high)
-    }
-}
-
-/// The median of `figures`, the mean of the middle two for an even count;
-/// NaN for none.
-pub fn median(figures: &[f64]) -> f64 {
-    let mut sorted = figures.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let middle = sorted.len() / 2;
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[middle],
-        _ => (sorted[middle - 1] + sorted[middle]) / 2.0,
+        stats::spread(&self.rounds)
     }
 }
 
