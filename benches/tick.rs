@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use tollgate::limits::{Limit, LimitType, SessionKind};
 use tollgate::secret::{Secret, SecretKind};
 use tollgate::store::sqlite::SqliteStore;
-use tollgate::store::{Admission, Charge, MintRequest, NewSession, Store, UsageBatch};
+use tollgate::store::{
+    Admission, Charge, MintRequest, NewSession, SessionCaller, Store, UsageBatch,
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -58,27 +60,27 @@ async fn open_sessions(store: &SqliteStore, n: usize) -> anyhow::Result<Vec<Char
     for i in 0..n {
         let human = format!("human-{i}");
         let limit = Limit { limit_type: LimitType::ConversationalSeconds, value: 1 << 40 };
+        let token = Secret::generate(SecretKind::UsageToken);
         let mint = MintRequest {
             project,
-            human: human.clone(),
-            token_hash: Secret::generate(SecretKind::UsageToken).hash(),
+            human,
+            token_hash: token.hash(),
             now,
             expires_at: now + 3_600_000,
             limits: Some(vec![limit]),
         };
         store.mint_token(mint).await?;
-        let human = store.find_human(project, &human).await?.expect("just minted").id;
         let session = NewSession {
-            human,
+            caller: SessionCaller::Token(token.hash()),
             kind: SessionKind::Conversational,
             public_id: format!("ses_{i}"),
-            token: None,
             max_sessions_per_human: None,
             now,
         };
-        let Admission::Admitted { key, .. } = store.open_session(session).await? else {
+        let Admission::Admitted { key, human, .. } = store.open_session(session).await? else {
             anyhow::bail!("session {i} was not admitted");
         };
+        let human = human.id;
         let limit_type = LimitType::ConversationalSeconds;
         charges.push(Charge { session: key, human, limit_type, amount: 1000 });
     }

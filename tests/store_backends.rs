@@ -12,14 +12,15 @@ use std::sync::Arc;
 use common::postgres::{self, FreshDatabase};
 use tollgate::close::EndReason;
 use tollgate::limits::{ChangeMode, Limit, LimitType, SessionKind};
-use tollgate::secret::{Secret, SecretKind};
+use tollgate::secret::{Secret, SecretHash, SecretKind};
 use tollgate::store::postgres::PostgresStore;
 use tollgate::store::sqlite::SqliteStore;
 use tollgate::store::{
     Admission, AttemptOutcome, BatchId, Charge, CompletionAdmission, CompletionEnd,
     CompletionOutcome, DELIVERY_LEASE, DeliveryStatus, Foreign, HumanId, LedgerFilter, MintRequest,
-    NewCompletion, NewReport, NewSession, Page, ProjectId, ReportOutcome, SessionEnd,
-    SessionFilter, SessionKey, Store, StoreError, UsageBatch, UsageSource, WebhookChange,
+    NewCompletion, NewReport, NewSession, Page, ProjectId, ReportOutcome, SessionCaller,
+    SessionEnd, SessionFilter, SessionKey, Store, StoreError, UsageBatch, UsageSource,
+    WebhookChange,
 };
 
 const CONVERSATIONAL: LimitType = LimitType::ConversationalSeconds;
@@ -70,14 +71,19 @@ async fn backends_joined(case: &str, tick: Option<std::time::Duration>) -> Vec<B
     backends
 }
 
-/// A conversational session of the human opened with the token at NOW,
-/// under no cap.
-fn new_session(human: HumanId, token: i64, id: &str) -> NewSession {
+/// A minted usage token: its id, and the hash a session is opened with.
+#[derive(Clone, Copy)]
+struct Token {
+    id: i64,
+    hash: SecretHash,
+}
+
+/// A conversational session opened with the token at NOW, under no cap.
+fn new_session(token: Token, id: &str) -> NewSession {
     NewSession {
-        human,
+        caller: SessionCaller::Token(token.hash),
         kind: SessionKind::Conversational,
         public_id: id.into(),
-        token: Some(token),
         max_sessions_per_human: None,
         now: NOW,
     }
@@ -121,7 +127,7 @@ impl Backend {
 
     /// Mints a token for `human` with these limits; returns the human and
     /// the token's id.
-    async fn mint(&self, project: ProjectId, human: &str, limits: &[Limit]) -> (HumanId, i64) {
+    async fn mint(&self, project: ProjectId, human: &str, limits: &[Limit]) -> (HumanId, Token) {
         let token = Secret::generate(SecretKind::UsageToken);
         let request = MintRequest {
             project,
@@ -133,16 +139,16 @@ impl Backend {
         };
         self.store.mint_token(request).await.unwrap();
         let record = self.store.find_usage_token(token.hash()).await.unwrap().unwrap();
-        (record.human.id, record.id)
+        (record.human.id, Token { id: record.id, hash: token.hash() })
     }
 
-    async fn open(&self, human: HumanId, token: i64, id: &str, cap: Option<u32>) -> Admission {
-        let session = NewSession { max_sessions_per_human: cap, ..new_session(human, token, id) };
+    async fn open(&self, token: Token, id: &str, cap: Option<u32>) -> Admission {
+        let session = NewSession { max_sessions_per_human: cap, ..new_session(token, id) };
         self.store.open_session(session).await.unwrap()
     }
 
-    async fn admitted(&self, human: HumanId, token: i64, id: &str) -> SessionKey {
-        match self.open(human, token, id, None).await {
+    async fn admitted(&self, token: Token, id: &str) -> SessionKey {
+        match self.open(token, id, None).await {
             Admission::Admitted { key, .. } => key,
             other => panic!("{}: session {id} refused: {other:?}", self.name),
         }
@@ -193,36 +199,33 @@ async fn minting_sets_limits_and_a_change_sets_or_adds_with_a_grant_each() {
 async fn a_session_is_refused_past_the_cap_when_the_limit_is_spent_or_the_token_is_dead() {
     for b in backends("a_session_is_refused").await {
         let project = b.project("acme").await;
-        let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
+        let (ada, token) = b.mint(project, "ada", &[seconds(10)]).await;
         for id in ["s1", "s2"] {
-            let admitted = b.open(human, token, id, Some(2)).await;
+            let admitted = b.open(token, id, Some(2)).await;
             let expected_remaining = Some(10_000);
             assert!(
-                matches!(admitted, Admission::Admitted { remaining, .. }
-                         if remaining == expected_remaining),
+                matches!(&admitted, Admission::Admitted { remaining, human, .. }
+                         if *remaining == expected_remaining && human.id == ada
+                            && human.name == "ada"),
                 "{}: {admitted:?}",
                 b.name
             );
         }
-        assert_eq!(b.open(human, token, "s3", Some(2)).await, Admission::TooManySessions);
+        assert_eq!(b.open(token, "s3", Some(2)).await, Admission::TooManySessions);
 
-        let (spent, spent_token) = b.mint(project, "bob", &[seconds(0)]).await;
-        assert_eq!(b.open(spent, spent_token, "s4", None).await, Admission::LimitExhausted);
+        let (_, spent_token) = b.mint(project, "bob", &[seconds(0)]).await;
+        assert_eq!(b.open(spent_token, "s4", None).await, Admission::LimitExhausted);
 
         b.store.revoke(project, "ada", NOW).await.unwrap();
-        assert_eq!(b.open(human, token, "s5", None).await, Admission::TokenRevoked, "{}", b.name);
+        assert_eq!(b.open(token, "s5", None).await, Admission::TokenRevoked, "{}", b.name);
 
         let (_, late_token) = b.mint(project, "cy", &[seconds(10)]).await;
-        let cy = b.store.find_human(project, "cy").await.unwrap().unwrap().id;
-        let late = NewSession {
-            human: cy,
-            kind: SessionKind::Conversational,
-            public_id: "s6".into(),
-            token: Some(late_token),
-            max_sessions_per_human: None,
-            now: NOW + 2 * HOUR,
-        };
+        let late = NewSession { now: NOW + 2 * HOUR, ..new_session(late_token, "s6") };
         assert_eq!(b.store.open_session(late).await.unwrap(), Admission::TokenExpired);
+
+        let never_minted = Secret::generate(SecretKind::UsageToken).hash();
+        let unknown = Token { id: 0, hash: never_minted };
+        assert_eq!(b.open(unknown, "s7", None).await, Admission::UnknownToken, "{}", b.name);
         b.assert_ledger_identity().await;
     }
 }
@@ -232,7 +235,7 @@ async fn usage_is_debited_cut_at_zero_and_the_end_records_what_the_session_was_c
     for b in backends("usage_is_debited").await {
         let project = b.project("acme").await;
         let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
-        let session = b.admitted(human, token, "s1").await;
+        let session = b.admitted(token, "s1").await;
 
         assert_eq!(b.charge(human, session, 3_000).await, Some(7_000), "{}", b.name);
         assert_eq!(b.charge(human, session, 9_000).await, Some(0), "{}", b.name);
@@ -292,8 +295,7 @@ async fn a_batch_sent_again_under_its_id_is_answered_as_committed_and_not_charge
     for b in backends_joined("a_batch_sent_again", Some(RUN_TICK)).await {
         let project = b.project("acme").await;
         let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
-        let (ended, open) =
-            (b.admitted(human, token, "s1").await, b.admitted(human, token, "s2").await);
+        let (ended, open) = (b.admitted(token, "s1").await, b.admitted(token, "s2").await);
         let charge =
             |session, amount| Charge { session, human, limit_type: CONVERSATIONAL, amount };
         let batch = UsageBatch {
@@ -332,8 +334,7 @@ async fn the_meter_charges_once_a_batch_whose_commits_answer_was_lost() {
     for b in backends_joined("the_meter_charges_once", Some(RUN_TICK)).await {
         let project = b.project("acme").await;
         let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
-        let Admission::Admitted { key, revocation_epoch, .. } =
-            b.open(human, token, "s1", None).await
+        let Admission::Admitted { key, revocation_epoch, .. } = b.open(token, "s1", None).await
         else {
             panic!("{}: the session was refused", b.name);
         };
@@ -387,8 +388,8 @@ async fn the_ends_of_a_batch_are_answered_in_the_batchs_order() {
     for b in backends("the_ends_of_a_batch_are_answered").await {
         let project = b.project("acme").await;
         let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
-        let first = b.admitted(human, token, "s1").await;
-        let second = b.admitted(human, token, "s2").await;
+        let first = b.admitted(token, "s1").await;
+        let second = b.admitted(token, "s2").await;
         assert!(first.0 < second.0, "{}", b.name);
         b.charge(human, first, 1_000).await;
         b.charge(human, second, 2_000).await;
@@ -426,7 +427,7 @@ async fn a_refund_gives_back_no_more_than_was_charged_since_the_limit_was_set() 
     for b in backends("a_refund_gives_back").await {
         let project = b.project("acme").await;
         let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
-        let session = b.admitted(human, token, "s1").await;
+        let session = b.admitted(token, "s1").await;
         assert_eq!(b.charge(human, session, 4_000).await, Some(6_000));
         b.store
             .change_limits(project, "ada", vec![seconds(20)], ChangeMode::Set, NOW)
@@ -444,8 +445,8 @@ async fn concurrent_debits_of_one_human_never_lose_an_update() {
     for b in backends("concurrent_debits").await {
         let project = b.project("acme").await;
         let (human, token) = b.mint(project, "ada", &[seconds(1_000)]).await;
-        let first = b.admitted(human, token, "s1").await;
-        let second = b.admitted(human, token, "s2").await;
+        let first = b.admitted(token, "s1").await;
+        let second = b.admitted(token, "s2").await;
         let debit = |session, amount| {
             let store = b.store.clone();
             tokio::spawn(async move {
@@ -517,7 +518,7 @@ async fn a_completion_holds_tokens_while_it_runs_and_is_debited_what_it_used() {
         let (human, token) = b.mint(project, "ada", &[tokens(1_000)]).await;
         let start = |id: &str| NewCompletion {
             human,
-            token: Some(token),
+            token: Some(token.id),
             public_id: id.into(),
             model: "echo".into(),
             prompt_estimate: 100,
@@ -558,7 +559,7 @@ async fn sessions_a_dead_run_left_open_are_charged_to_its_last_tick_and_ended() 
     for b in backends("sessions_a_dead_run_left_open").await {
         let project = b.project("acme").await;
         let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
-        let session = b.admitted(human, token, "s1").await;
+        let session = b.admitted(token, "s1").await;
         b.charge(human, session, 1_000).await;
         assert_eq!(b.store.close_abandoned_sessions().await.unwrap(), 1, "{}", b.name);
         let filter = SessionFilter { project, human: None, state: None };
@@ -585,7 +586,7 @@ async fn the_outbox_hands_out_due_events_and_records_each_attempt() {
         let (_, created) = b.store.set_webhook(change).await.unwrap();
         assert!(created);
         let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
-        let session = b.admitted(human, token, "s1").await;
+        let session = b.admitted(token, "s1").await;
         // Below the 5-second line, then at zero: two limit events.
         b.charge(human, session, 6_000).await;
         b.charge(human, session, 6_000).await;
@@ -720,9 +721,9 @@ async fn outbox_with_sessions(b: &Backend, name: &str, sessions: usize) -> Proje
         now: NOW,
     };
     b.store.set_webhook(change).await.unwrap();
-    let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
+    let (_, token) = b.mint(project, "ada", &[seconds(60)]).await;
     for n in 0..sessions {
-        b.admitted(human, token, &format!("{name}-{n}")).await;
+        b.admitted(token, &format!("{name}-{n}")).await;
     }
     project
 }
@@ -797,7 +798,7 @@ async fn on_postgres_a_run_closed_out_as_silent_records_nothing_more() {
     };
     let project = b.project("acme").await;
     let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
-    let session = b.admitted(human, token, "s1").await;
+    let session = b.admitted(token, "s1").await;
     let charge = |amount| Charge { session, human, limit_type: CONVERSATIONAL, amount };
     let batch = |charges, ends| UsageBatch {
         id: Some(BatchId::random()),
@@ -831,7 +832,7 @@ async fn on_postgres_a_run_closed_out_as_silent_records_nothing_more() {
     let listed = b.store.sessions(filter, Page { after: None, limit: 10 }).await.unwrap();
     let row = &listed.unwrap().rows[0];
     assert_eq!((row.charged, row.end_reason.as_deref()), (31_000, Some("instance_lost")));
-    let again = b.store.open_session(new_session(human, token, "s2")).await;
+    let again = b.store.open_session(new_session(token, "s2")).await;
     assert!(matches!(again, Err(StoreError::Superseded)), "{again:?}");
     b.assert_ledger_identity().await;
 }
@@ -842,8 +843,8 @@ async fn on_postgres_a_run_closed_out_leaves_its_own_sessions_to_the_others() {
         return;
     };
     let project = b.project("acme").await;
-    let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
-    let session = b.admitted(human, token, "s1").await;
+    let (_, token) = b.mint(project, "ada", &[seconds(60)]).await;
+    let session = b.admitted(token, "s1").await;
     b.store.record_usage(UsageBatch::default(), NOW + 1_000).await.unwrap();
     // B has marked A lost and not yet ended A's sessions, when A, unaware,
     // looks for runs to close out itself.
@@ -871,7 +872,7 @@ async fn on_postgres_a_silent_runs_many_sessions_are_closed_out_a_chunk_at_a_tim
     for human in 0..25 {
         let (human, token) = b.mint(project, &format!("h{human}"), &[seconds(60)]).await;
         for session in 0..10 {
-            b.admitted(human, token, &format!("s{}-{session}", human.0)).await;
+            b.admitted(token, &format!("s{}-{session}", human.0)).await;
         }
     }
     b.store.record_usage(UsageBatch::default(), NOW + 1_000).await.unwrap();
@@ -906,8 +907,8 @@ async fn on_postgres_no_run_is_closed_out_while_the_one_looking_is_not_up_itself
         return;
     };
     let project = b.project("acme").await;
-    let (human, token) = b.mint(project, "ada", &[seconds(60)]).await;
-    b.admitted(human, token, "s1").await;
+    let (_, token) = b.mint(project, "ada", &[seconds(60)]).await;
+    b.admitted(token, "s1").await;
 
     // Both fall silent, as an outage of the database silences every run;
     // then B commits again, and finds A silent, but B was not up meanwhile.
@@ -933,9 +934,9 @@ async fn on_postgres_a_batch_reports_the_pools_sessions_on_other_runs() {
     let project = b.project("acme").await;
     let voice = Limit { limit_type: LimitType::VoiceSynthesisSeconds, value: 30_000 };
     let (human, token) = b.mint(project, "ada", &[seconds(60), voice]).await;
-    let on_a = b.admitted(human, token, "s1").await;
+    let on_a = b.admitted(token, "s1").await;
     let Ok(Admission::Admitted { key: on_b, .. }) =
-        store_b.open_session(new_session(human, token, "s2")).await
+        store_b.open_session(new_session(token, "s2")).await
     else {
         panic!("B's session was refused");
     };
@@ -988,14 +989,7 @@ async fn on_postgres_an_admission_waiting_on_a_revocation_sees_the_token_revoked
     let sql = "UPDATE humans SET revocation_epoch = revocation_epoch + 1 WHERE id = $1";
     revoking.execute(sql, &[&human.0]).await.unwrap();
 
-    let session = NewSession {
-        human,
-        kind: SessionKind::Conversational,
-        public_id: "s1".into(),
-        token: Some(token),
-        max_sessions_per_human: None,
-        now: NOW,
-    };
+    let session = new_session(token, "s1");
     let admitting = tokio::spawn(async move { store.open_session(session).await });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!admitting.is_finished(), "the admission did not wait for the human's row");
@@ -1016,7 +1010,7 @@ async fn on_postgres_the_meter_commits_while_every_handler_connection_is_busy() 
     let project = b.project("acme").await;
     let (ada, ada_token) = b.mint(project, "ada", &[seconds(10)]).await;
     let (bob, bob_token) = b.mint(project, "bob", &[seconds(10)]).await;
-    let session = b.admitted(bob, bob_token, "s1").await;
+    let session = b.admitted(bob_token, "s1").await;
 
     // Admissions of ada wait on her row, locked here, each holding one of
     // the handlers' connections, more of them than there are.
@@ -1030,14 +1024,7 @@ async fn on_postgres_the_meter_commits_while_every_handler_connection_is_busy() 
     let waiting: Vec<_> = (0..24)
         .map(|i| {
             let store = store.clone();
-            let session = NewSession {
-                human: ada,
-                kind: SessionKind::Conversational,
-                public_id: format!("a{i}"),
-                token: Some(ada_token),
-                max_sessions_per_human: None,
-                now: NOW,
-            };
+            let session = new_session(ada_token, &format!("a{i}"));
             tokio::spawn(async move { store.open_session(session).await })
         })
         .collect();
@@ -1194,7 +1181,7 @@ async fn on_postgres_a_batch_sent_again_while_its_first_attempt_commits_is_appli
     let b = Backend { name: "postgres", store: store.clone(), rows: Rows::Postgres { db } };
     let project = b.project("acme").await;
     let (human, token) = b.mint(project, "ada", &[seconds(10)]).await;
-    let session = b.admitted(human, token, "s1").await;
+    let session = b.admitted(token, "s1").await;
 
     // The first attempt, on a connection this side gave up on, is about to
     // commit: it has recorded the batch's id, and holds its run's row.
@@ -1322,7 +1309,7 @@ async fn keys_tokens_webhooks_and_listings_read_back_what_was_written() {
         );
 
         for id in ["s1", "s2", "s3"] {
-            let session = b.admitted(human, token, id).await;
+            let session = b.admitted(token, id).await;
             b.charge(human, session, 1_000).await;
         }
         let filter = || SessionFilter { project, human: Some("ada".into()), state: None };
@@ -1373,7 +1360,7 @@ async fn one_batch_charges_many_pools_each_cut_at_its_own_zero() {
         for n in 0..20 {
             let (human, token) = b.mint(project, &format!("h{n}"), &[seconds(n + 1)]).await;
             for id in ["a", "b"] {
-                let session = b.admitted(human, token, &format!("s{n}{id}")).await;
+                let session = b.admitted(token, &format!("s{n}{id}")).await;
                 charges.push(Charge { session, human, limit_type: CONVERSATIONAL, amount: 4_000 });
             }
             humans.push(human);

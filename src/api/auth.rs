@@ -16,7 +16,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract;
 use crate::clock;
-use crate::secret::{self, SecretKind};
+use crate::secret::{self, SecretHash, SecretKind};
 use crate::store::{ProjectId, UsageTokenRecord};
 
 const API_KEY_HEADER: &str = "x-api-key";
@@ -72,6 +72,15 @@ async fn backend(state: &AppState, peer: Peer, headers: &HeaderMap) -> Result<Pr
     api_key(state, peer, key.ok_or(ApiError::Unauthorized)?).await
 }
 
+/// A caller acting for one human, its usage token not looked up yet.
+pub enum Presented {
+    /// A usage token of the right shape and checksum, by its hash.
+    Token(SecretHash),
+    /// An API key with the human named in `x-human-id`, as
+    /// [`HumanCredential::Key`].
+    Key { project: ProjectId, human: String },
+}
+
 /// Authenticates an endpoint a human may call: a usage token as a Bearer
 /// header or (for WebSockets, where browsers cannot set headers) the
 /// `token` query parameter, or an API key with `x-human-id`.
@@ -81,6 +90,21 @@ pub async fn human(
     headers: &HeaderMap,
     query_token: Option<&str>,
 ) -> Result<HumanCredential, ApiError> {
+    match presented(state, peer, headers, query_token).await? {
+        Presented::Token(hash) => usage_token(state, peer, hash).await.map(HumanCredential::Token),
+        Presented::Key { project, human } => Ok(HumanCredential::Key { project, human }),
+    }
+}
+
+/// As [`human`], but a usage token is only checked for shape and checksum:
+/// for a caller that looks it up itself (a session's admission does, in
+/// its transaction), and calls [`failed`] when it finds none.
+pub async fn presented(
+    state: &AppState,
+    peer: Peer,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Presented, ApiError> {
     state.auth_failures.check(peer.0)?;
     if let Some(key) = extract::header(headers, API_KEY_HEADER)? {
         let project = api_key(state, peer, key).await?;
@@ -90,13 +114,14 @@ pub async fn human(
             )));
         };
         let human = extract::human(human.to_owned(), HUMAN_HEADER)?;
-        return Ok(HumanCredential::Key { project, human });
+        return Ok(Presented::Key { project, human });
     }
     let token = match bearer(headers)? {
         Some(token) => token,
         None => query_token.ok_or(ApiError::Unauthorized)?,
     };
-    usage_token(state, peer, token).await.map(HumanCredential::Token)
+    let hash = secret::parse(token, SecretKind::UsageToken).ok_or_else(|| failed(state, peer))?;
+    Ok(Presented::Token(hash))
 }
 
 /// The project of a live API key. An unknown or malformed one is a failure
@@ -121,12 +146,9 @@ async fn api_key(state: &AppState, peer: Peer, presented: &str) -> Result<Projec
 async fn usage_token(
     state: &AppState,
     peer: Peer,
-    presented: &str,
+    hash: SecretHash,
 ) -> Result<UsageTokenRecord, ApiError> {
-    let found = match secret::parse(presented, SecretKind::UsageToken) {
-        Some(hash) => state.store.find_usage_token(hash).await?,
-        None => None,
-    };
+    let found = state.store.find_usage_token(hash).await?;
     let record = found.ok_or_else(|| failed(state, peer))?;
     if record.revoked {
         return Err(ApiError::TokenRevoked);
@@ -140,7 +162,7 @@ async fn usage_token(
 /// Counts a credential that matched nothing against the caller's address.
 /// A request that sent no credential at all is not counted: it guessed
 /// nothing.
-fn failed(state: &AppState, peer: Peer) -> ApiError {
+pub fn failed(state: &AppState, peer: Peer) -> ApiError {
     state.auth_failures.record(peer.0);
     ApiError::Unauthorized
 }

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tracing::{Instrument, info_span, warn};
 
 use super::AppState;
-use super::auth::{self, HumanCredential, Peer};
+use super::auth::{self, Peer, Presented};
 use super::error::ApiError;
 use super::extract;
 use crate::clock;
@@ -24,7 +24,7 @@ use crate::config::AllowedOrigins;
 use crate::limits::SessionKind;
 use crate::meter::{MeterHandle, UsageEvents};
 use crate::session::{self, SessionContext, Ticket};
-use crate::store::{Admission, Human, NewSession, StoreError};
+use crate::store::{Admission, Human, NewSession, SessionCaller, StoreError};
 use crate::upstream::OpenUpstream;
 
 /// Read buffer per connection, and the most tungstenite asks for at once.
@@ -82,8 +82,8 @@ async fn upgrade_session(
         ApiError::InvalidInput("this endpoint takes a WebSocket upgrade request".into())
     })?;
     check_origin(&state.settings.allowed_origins, &headers)?;
-    let (human, token) = caller(&state, Peer(peer.ip()), &headers, query.token.as_deref()).await?;
-    let admitted = admit(&state, &human, kind, token).await?;
+    let caller = caller(&state, Peer(peer.ip()), &headers, query.token.as_deref()).await?;
+    let (admitted, human) = admit(&state, Peer(peer.ip()), caller, kind).await?;
     let span = info_span!(parent: None, "session", id = %admitted.public_id,
                           human = %human.name, kind = kind.as_str(), %peer);
     let (admitted, upstream) =
@@ -173,20 +173,20 @@ struct Admitted {
     revocation_epoch: i64,
 }
 
-/// Records the session as open, or says why it may not be.
+/// Records the session as open, or says why it may not be; the human it
+/// is for comes with it.
 async fn admit(
     state: &AppState,
-    human: &Human,
+    peer: Peer,
+    caller: SessionCaller,
     kind: SessionKind,
-    token: Option<i64>,
-) -> Result<Admitted, ApiError> {
+) -> Result<(Admitted, Human), ApiError> {
     state.check_recording()?;
     let public_id = session_id();
     let session = NewSession {
-        human: human.id,
+        caller,
         kind,
         public_id: public_id.clone(),
-        token,
         max_sessions_per_human: state.settings.max_sessions_per_human,
         now: clock::now_millis(),
     };
@@ -199,11 +199,23 @@ async fn admit(
     tokio::spawn(async move {
         let answer = match store.open_session(session).await {
             Ok(admission) => admitted(admission, public_id, kind, meter),
-            Err(error) => Err(ApiError::from(error)),
+            Err(error) => Err(Refusal::Api(ApiError::from(error))),
         };
         let _ = answer_tx.send(answer);
     });
-    answer_rx.await.map_err(|_| ApiError::from(StoreError::Closed))?
+    match answer_rx.await.map_err(|_| ApiError::from(StoreError::Closed))? {
+        Ok(admitted) => Ok(admitted),
+        Err(Refusal::UnknownToken) => Err(auth::failed(state, peer)),
+        Err(Refusal::Api(error)) => Err(error),
+    }
+}
+
+/// Why the store did not admit a session.
+enum Refusal {
+    /// No usage token has the hash presented: a failure of the caller's
+    /// address, counted once the answer is back.
+    UnknownToken,
+    Api(ApiError),
 }
 
 fn admitted(
@@ -211,29 +223,33 @@ fn admitted(
     public_id: String,
     kind: SessionKind,
     meter: MeterHandle,
-) -> Result<Admitted, ApiError> {
-    match admission {
-        Admission::Admitted { key, remaining, revocation_epoch } => {
-            Ok(Admitted { ticket: Ticket::new(key, meter), public_id, remaining, revocation_epoch })
+) -> Result<(Admitted, Human), Refusal> {
+    let refused = match admission {
+        Admission::Admitted { key, human, remaining, revocation_epoch } => {
+            let ticket = Ticket::new(key, meter);
+            return Ok((Admitted { ticket, public_id, remaining, revocation_epoch }, human));
         }
-        Admission::LimitExhausted => Err(ApiError::UsageLimitExceeded(kind.limit_type().as_str())),
-        Admission::TooManySessions => Err(ApiError::TooManySessions),
-        Admission::TokenRevoked => Err(ApiError::TokenRevoked),
-        Admission::TokenExpired => Err(ApiError::TokenExpired),
-    }
+        Admission::UnknownToken => return Err(Refusal::UnknownToken),
+        Admission::LimitExhausted => ApiError::UsageLimitExceeded(kind.limit_type().as_str()),
+        Admission::TooManySessions => ApiError::TooManySessions,
+        Admission::TokenRevoked => ApiError::TokenRevoked,
+        Admission::TokenExpired => ApiError::TokenExpired,
+    };
+    Err(Refusal::Api(refused))
 }
 
-/// The human a session is for, and the token it was opened with.
+/// Who is opening the session: a usage token, looked up by the admission,
+/// or the human an API key's caller named, found or made now.
 async fn caller(
     state: &AppState,
     peer: Peer,
     headers: &HeaderMap,
     query_token: Option<&str>,
-) -> Result<(Human, Option<i64>), ApiError> {
-    Ok(match auth::human(state, peer, headers, query_token).await? {
-        HumanCredential::Token(token) => (token.human, Some(token.id)),
-        HumanCredential::Key { project, human } => {
-            (state.store.find_or_create_human(project, &human).await?, None)
+) -> Result<SessionCaller, ApiError> {
+    Ok(match auth::presented(state, peer, headers, query_token).await? {
+        Presented::Token(hash) => SessionCaller::Token(hash),
+        Presented::Key { project, human } => {
+            SessionCaller::Human(state.store.find_or_create_human(project, &human).await?)
         }
     })
 }

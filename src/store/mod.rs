@@ -77,14 +77,38 @@ pub struct MintRequest {
 /// transaction, so that concurrent upgrades cannot slip past a cap.
 #[derive(Clone, Debug)]
 pub struct NewSession {
-    pub human: HumanId,
+    pub caller: SessionCaller,
     pub kind: SessionKind,
     pub public_id: String,
-    /// The token the session was opened with, re-checked in the
-    /// transaction; `None` for a session opened with an API key.
-    pub token: Option<i64>,
     pub max_sessions_per_human: Option<u32>,
     pub now: UnixMillis,
+}
+
+/// Who opens a session, as its admission checks it.
+#[derive(Clone, Debug)]
+pub enum SessionCaller {
+    /// A usage token, by the hash it is looked up by: found and checked
+    /// live inside the admission's transaction, with no lookup before it
+    /// (which cost every upgrade a trip to the store and back).
+    Token(SecretHash),
+    /// The human an API key's caller named in `x-human-id`.
+    Human(Human),
+}
+
+impl SessionCaller {
+    /// The human and the token a session is opened for, given the token
+    /// the admission found by its hash; or why no session may be opened.
+    pub fn with_token(
+        found: Option<UsageTokenRecord>,
+        now: UnixMillis,
+    ) -> Result<(Human, Option<i64>), Admission> {
+        match found {
+            None => Err(Admission::UnknownToken),
+            Some(token) if token.revoked => Err(Admission::TokenRevoked),
+            Some(token) if token.expires_at <= now => Err(Admission::TokenExpired),
+            Some(token) => Ok((token.human, Some(token.id))),
+        }
+    }
 }
 
 /// The store's answer to [`NewSession`].
@@ -92,10 +116,13 @@ pub struct NewSession {
 pub enum Admission {
     Admitted {
         key: SessionKey,
+        human: Human,
         /// The remaining amount of the kind's limit, `None` when unlimited.
         remaining: Option<i64>,
         revocation_epoch: i64,
     },
+    /// No usage token has the hash presented.
+    UnknownToken,
     LimitExhausted,
     TooManySessions,
     TokenRevoked,

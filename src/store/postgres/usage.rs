@@ -14,8 +14,8 @@ use super::query::{all, one, run};
 use crate::close::EndReason;
 use crate::limits::{LimitType, SessionKind};
 use crate::store::{
-    Admission, BatchId, Charge, Foreign, HumanId, NewSession, PoolState, SessionKey, StoreError,
-    StoreResult, UnixMillis, UsageBatch, UsageRecorded,
+    Admission, BatchId, Charge, Foreign, Human, HumanId, NewSession, PoolState, SessionCaller,
+    SessionKey, StoreError, StoreResult, UnixMillis, UsageBatch, UsageRecorded,
 };
 
 type PoolKey = (HumanId, LimitType);
@@ -35,26 +35,29 @@ pub async fn open_session(
 ) -> StoreResult<Admission> {
     let tx = client.transaction().await?;
     instances::check_live(&tx, instance).await?;
+    let (human, token) = match caller(&tx, &session.caller, session.now).await? {
+        Ok(caller) => caller,
+        Err(refusal) => return Ok(refusal),
+    };
     // The human's row is locked next: admissions of one human then run one
     // after another, on every server, and the cap counts them all. A
-    // revocation changes that row too, so the token is read after the
-    // lock: either the revocation committed before it, and the token is
-    // seen revoked, or it waits for this admission and then changes the
+    // revocation changes that row too, so the token is read again after
+    // the lock: either the revocation committed before it, and the token
+    // is seen revoked, or it waits for this admission and then changes the
     // epoch the meter closes the new session on.
     let sql = "SELECT revocation_epoch FROM humans WHERE id = $1 FOR NO KEY UPDATE";
-    let revocation_epoch: i64 = one(&tx, sql, &[&session.human.0]).await?.get(0);
-    if let Some(refusal) = check_token(&tx, session.token, session.now).await? {
+    let revocation_epoch: i64 = one(&tx, sql, &[&human.id.0]).await?.get(0);
+    if let Some(refusal) = check_token(&tx, token, session.now).await? {
         return Ok(refusal);
     }
 
     let limit_type = session.kind.limit_type();
-    let (balance, limited) =
-        accounts::ensure_pool(&tx, session.human, limit_type, session.now).await?;
+    let (balance, limited) = accounts::ensure_pool(&tx, human.id, limit_type, session.now).await?;
     if limited && balance <= 0 {
         return Ok(Admission::LimitExhausted);
     }
     if let Some(cap) = session.max_sessions_per_human
-        && open_sessions(&tx, session.human).await? >= i64::from(cap)
+        && open_sessions(&tx, human.id).await? >= i64::from(cap)
     {
         return Ok(Admission::TooManySessions);
     }
@@ -65,9 +68,9 @@ pub async fn open_session(
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         &[
             &session.public_id,
-            &session.human.0,
+            &human.id.0,
             &session.kind.as_str(),
-            &session.token,
+            &token,
             &session.now,
             &instance.map(|instance| instance.id),
         ],
@@ -75,14 +78,29 @@ pub async fn open_session(
     .await?
     .get(0);
     let started = Event::SessionStarted { session: &session.public_id, kind: session.kind };
-    outbox::emit(&tx, session.human, &started, session.now).await?;
+    outbox::emit(&tx, human.id, &started, session.now).await?;
     tx.commit().await?;
     let remaining = limited.then_some(balance);
-    Ok(Admission::Admitted { key: SessionKey(key), remaining, revocation_epoch })
+    Ok(Admission::Admitted { key: SessionKey(key), human, remaining, revocation_epoch })
 }
 
-/// Refuses a session whose token was revoked or expired since the caller
-/// looked it up.
+/// The human a session is for and the token it is opened with (`None` for
+/// an API key), or why it may not be opened.
+async fn caller(
+    db: &impl GenericClient,
+    caller: &SessionCaller,
+    now: UnixMillis,
+) -> StoreResult<Result<(Human, Option<i64>), Admission>> {
+    Ok(match caller {
+        SessionCaller::Human(human) => Ok((human.clone(), None)),
+        SessionCaller::Token(hash) => {
+            SessionCaller::with_token(accounts::find_usage_token(db, *hash).await?, now)
+        }
+    })
+}
+
+/// Refuses a session whose token was revoked or expired since it was
+/// looked up.
 async fn check_token(
     db: &impl GenericClient,
     token: Option<i64>,

@@ -116,7 +116,7 @@ mod tests {
     use crate::limits::{ChangeMode, Limit, LimitType, SessionKind};
     use crate::secret::{Secret, SecretKind};
     use crate::store::sqlite::SqliteStore;
-    use crate::store::{HumanId, ProjectId, Store};
+    use crate::store::{Human, HumanId, ProjectId, SessionCaller, Store};
 
     const SECONDS: LimitType = LimitType::ConversationalSeconds;
 
@@ -132,12 +132,14 @@ mod tests {
         (store, project, human)
     }
 
-    fn session(human: HumanId, n: usize, cap: Option<u32>) -> NewSession {
+    /// A session of the human `id` opened with an API key. The admission
+    /// reads only the id of the human it is given.
+    fn session(id: HumanId, n: usize, cap: Option<u32>) -> NewSession {
+        let human = Human { id, project: ProjectId(0), name: String::new(), revocation_epoch: 0 };
         NewSession {
-            human,
+            caller: SessionCaller::Human(human),
             kind: SessionKind::Conversational,
             public_id: format!("ses_{n}"),
-            token: None,
             max_sessions_per_human: cap,
             now: 1,
         }

@@ -11,8 +11,8 @@ use super::outbox::{self, Hooks, PoolMarks};
 use crate::close::EndReason;
 use crate::limits::{LimitType, SessionKind};
 use crate::store::{
-    Admission, Charge, Foreign, HumanId, NewSession, PoolState, ProjectId, SessionKey, StoreError,
-    StoreResult, UnixMillis, UsageBatch, UsageRecorded,
+    Admission, Charge, Foreign, Human, HumanId, NewSession, PoolState, ProjectId, SessionCaller,
+    SessionKey, StoreError, StoreResult, UnixMillis, UsageBatch, UsageRecorded,
 };
 use crate::webhooks::events::{Event, UsageSource};
 
@@ -33,17 +33,18 @@ pub struct Segment {
 /// refusal it has written only what the caller then rolls back (see
 /// `admissions`, which commits many of these together).
 pub fn admit(conn: &Connection, hooks: &Hooks, session: &NewSession) -> StoreResult<Admission> {
-    if let Some(refusal) = check_token(conn, session.token, session.now)? {
-        return Ok(refusal);
-    }
+    let (human, token) = match caller(conn, &session.caller, session.now)? {
+        Ok(caller) => caller,
+        Err(refusal) => return Ok(refusal),
+    };
 
     let limit_type = session.kind.limit_type();
-    let (balance, limited) = accounts::ensure_pool(conn, session.human, limit_type, session.now)?;
+    let (balance, limited) = accounts::ensure_pool(conn, human.id, limit_type, session.now)?;
     if limited && balance <= 0 {
         return Ok(Admission::LimitExhausted);
     }
     if let Some(cap) = session.max_sessions_per_human
-        && open_sessions(conn, session.human)? >= u64::from(cap)
+        && open_sessions(conn, human.id)? >= u64::from(cap)
     {
         return Ok(Admission::TooManySessions);
     }
@@ -54,31 +55,34 @@ pub fn admit(conn: &Connection, hooks: &Hooks, session: &NewSession) -> StoreRes
     )?
     .execute(params![
         session.public_id,
-        session.human.0,
+        human.id.0,
         session.kind.as_str(),
-        session.token,
+        token,
         session.now
     ])?;
     let key = SessionKey(conn.last_insert_rowid());
     let revocation_epoch: i64 = conn
         .prepare_cached("SELECT revocation_epoch FROM humans WHERE id = ?1")?
-        .query_row([session.human.0], |row| row.get(0))?;
+        .query_row([human.id.0], |row| row.get(0))?;
     let started = Event::SessionStarted { session: &session.public_id, kind: session.kind };
-    outbox::emit(conn, hooks, session.human, &started, session.now)?;
-    Ok(Admission::Admitted { key, remaining: limited.then_some(balance), revocation_epoch })
+    outbox::emit(conn, hooks, human.id, &started, session.now)?;
+    let remaining = limited.then_some(balance);
+    Ok(Admission::Admitted { key, human, remaining, revocation_epoch })
 }
 
-/// Refuses a session whose token was revoked or expired since the caller
-/// looked it up.
-fn check_token(
+/// The human a session is for and the token it is opened with (`None` for
+/// an API key), or why it may not be opened.
+fn caller(
     conn: &Connection,
-    token: Option<i64>,
+    caller: &SessionCaller,
     now: UnixMillis,
-) -> StoreResult<Option<Admission>> {
-    Ok(accounts::token_refusal(conn, token, now)?.map(|refusal| match refusal {
-        accounts::TokenRefusal::Revoked => Admission::TokenRevoked,
-        accounts::TokenRefusal::Expired => Admission::TokenExpired,
-    }))
+) -> StoreResult<Result<(Human, Option<i64>), Admission>> {
+    Ok(match caller {
+        SessionCaller::Human(human) => Ok((human.clone(), None)),
+        SessionCaller::Token(hash) => {
+            SessionCaller::with_token(accounts::find_usage_token(conn, *hash)?, now)
+        }
+    })
 }
 
 fn open_sessions(conn: &Connection, human: HumanId) -> StoreResult<u64> {
