@@ -150,6 +150,17 @@ async fn no_credential_and_stale_tokens_are_not_counted_as_failures() {
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         let (status, _, body) = limits_with(&server, &server.http, &token).await;
         assert_eq!((status, &body["type"]), (StatusCode::UNAUTHORIZED, &json!("token_revoked")));
+        // An empty credential is none, wherever it is sent.
+        let limits = server.url("/v1/usage/limits");
+        let empty_key = server.http.get(&limits).header("x-api-key", " ").header("x-human-id", "a");
+        let empty_bearer = server.http.get(&limits).header("authorization", "Bearer ");
+        let backend = server.http.post(server.url("/v1/usage/token")).header("x-api-key", "");
+        for request in [empty_key, empty_bearer, backend.json(&json!({ "human": "bob" }))] {
+            assert_eq!(request.send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+        }
+        let (status, body) =
+            server.refused("/v1/realtime/session?kind=conversational&token=").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     }
     let fresh = server.mint_seconds("ada", 30.0).await;
     let (status, _, body) = limits_with(&server, &server.http, &fresh).await;

@@ -62,7 +62,7 @@ impl FromRequestParts<AppState> for Backend {
 /// token, wherever it is put, is refused with 403.
 async fn backend(state: &AppState, peer: Peer, headers: &HeaderMap) -> Result<ProjectId, ApiError> {
     state.auth_failures.check(peer.0)?;
-    let key = extract::header(headers, API_KEY_HEADER)?;
+    let key = given(extract::header(headers, API_KEY_HEADER)?);
     let presented = [key, bearer(headers)?];
     if presented.into_iter().flatten().any(|c| secret::parse(c, SecretKind::UsageToken).is_some()) {
         return Err(ApiError::Forbidden(
@@ -106,7 +106,7 @@ pub async fn presented(
     query_token: Option<&str>,
 ) -> Result<Presented, ApiError> {
     state.auth_failures.check(peer.0)?;
-    if let Some(key) = extract::header(headers, API_KEY_HEADER)? {
+    if let Some(key) = given(extract::header(headers, API_KEY_HEADER)?) {
         let project = api_key(state, peer, key).await?;
         let Some(human) = extract::header(headers, HUMAN_HEADER)? else {
             return Err(ApiError::InvalidInput(format!(
@@ -118,7 +118,7 @@ pub async fn presented(
     }
     let token = match bearer(headers)? {
         Some(token) => token,
-        None => query_token.ok_or(ApiError::Unauthorized)?,
+        None => given(query_token).ok_or(ApiError::Unauthorized)?,
     };
     let hash = secret::parse(token, SecretKind::UsageToken).ok_or_else(|| failed(state, peer))?;
     Ok(Presented::Token(hash))
@@ -176,7 +176,13 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let credential = value
         .split_once(' ')
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, credential)| credential.trim())
-        .filter(|credential| !credential.is_empty());
+        .and_then(|(_, credential)| given(Some(credential)));
     Ok(credential)
+}
+
+/// A credential as sent, or `None` when it is empty or only spaces: an
+/// empty `x-api-key`, `token=` or Bearer sends no credential, guesses
+/// nothing, and is not counted as a failure.
+fn given(credential: Option<&str>) -> Option<&str> {
+    credential.map(str::trim).filter(|credential| !credential.is_empty())
 }
