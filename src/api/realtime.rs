@@ -239,7 +239,9 @@ fn admitted(
 }
 
 /// Who is opening the session: a usage token, looked up by the admission,
-/// or the human an API key's caller named, found or made now.
+/// or the human an API key's caller named, found or made now. A human is
+/// made only while usage can be recorded, so that an upgrade refused for
+/// that leaves nothing behind.
 async fn caller(
     state: &AppState,
     peer: Peer,
@@ -249,6 +251,7 @@ async fn caller(
     Ok(match auth::presented(state, peer, headers, query_token).await? {
         Presented::Token(hash) => SessionCaller::Token(hash),
         Presented::Key { project, human } => {
+            state.check_recording()?;
             SessionCaller::Human(state.store.find_or_create_human(project, &human).await?)
         }
     })
