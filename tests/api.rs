@@ -689,6 +689,11 @@ fn hostile_cases(key: &str, token: &str) -> Vec<Case> {
         ),
         bad_create("an unknown field", r#"{"human": "newbie", "colour": "red"}"#, "colour"),
         bad_create(
+            "human under both its names",
+            r#"{"human": "newbie", "human_id": "newbie"}"#,
+            "human: given more than once",
+        ),
+        bad_create(
             "an unknown field in a limit",
             &limit(r#"{"type": "token_cnt", "value": 5, "unit": "k"}"#),
             "unit",

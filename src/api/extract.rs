@@ -69,11 +69,25 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         // knew the field (truncated JSON, say).
         let path = error.path().to_string();
         let unnamed = path == "." || path.is_empty() || path.contains('?');
+        let message = error.into_inner().to_string();
+        if let Some(name) = duplicate_field(&message) {
+            // Said of the object that holds the field, so named here.
+            let field = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
+            return ApiError::InvalidInput(format!("{field}: given more than once"));
+        }
         let field = if unnamed { "request body".to_owned() } else { path };
-        ApiError::InvalidInput(format!("{field}: {}", error.into_inner()))
+        ApiError::InvalidInput(format!("{field}: {message}"))
     })?;
     deserializer.end().map_err(|error| ApiError::InvalidInput(format!("request body: {error}")))?;
     Ok(value)
+}
+
+/// The field serde's derived code names in its "duplicate field `name`"
+/// error, which it raises for a field given twice, or once under its name
+/// and once under an alias.
+fn duplicate_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("duplicate field `")?;
+    rest.split_once('`').map(|(name, _)| name)
 }
 
 /// A limit as a request carries it: `{"type", "value"}`.
@@ -247,6 +261,14 @@ mod tests {
         assert!(truncated.starts_with("request body: EOF"), "{truncated}");
         assert!(error_of(r#"{"human": "a", "limits": []} x"#).starts_with("request body:"));
         assert!(error_of("").starts_with("request body:"));
+    }
+
+    #[test]
+    fn a_field_given_twice_is_named_in_the_error() {
+        let message = error_of(r#"{"human": "a", "human": "b", "limits": []}"#);
+        assert_eq!(message, "human: given more than once");
+        let message = error_of(r#"{"human": "a", "limits": [{"type": "token_cnt", "type": 1}]}"#);
+        assert_eq!(message, "limits[0].type: given more than once");
     }
 
     #[derive(Debug, Deserialize)]

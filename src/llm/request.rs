@@ -34,8 +34,8 @@ impl ChatRequest {
     pub fn parse(bytes: &[u8]) -> Result<ChatRequest, LlmError> {
         let body = match serde_json::from_slice::<Value>(bytes) {
             Ok(Value::Object(body)) => body,
-            Ok(_) => return Err(invalid(None, "the request body must be a JSON object")),
-            Err(error) => return Err(invalid(None, &format!("the request body: {error}"))),
+            Ok(_) => return Err(invalid(None, "request body: must be a JSON object")),
+            Err(error) => return Err(invalid(None, &format!("request body: {error}"))),
         };
         let model = match body.get("model") {
             Some(Value::String(model)) if !model.is_empty() => model.clone(),
