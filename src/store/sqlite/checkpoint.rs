@@ -35,6 +35,12 @@
 //! [`LOG_SIZE_LIMIT_BYTES`] at a restart only when it grew past that, as it
 //! does while checkpoints cannot run.
 //!
+//! The log passes its line by what is written between this thread's look
+//! at it and the restart: under the soak's load (BENCHMARKS.md) it reached
+//! 138 MiB. The writer could restart it itself at the commit that takes it
+//! past the line, which SQLite's `wal_hook` would tell it of; it does not
+//! yet.
+//!
 //! When the store closes, the last of its connections to close
 //! checkpoints what is left and removes the log, as SQLite always does.
 //!
