@@ -118,11 +118,10 @@ fn run(conn: &Connection, running_rx: &mpsc::Receiver<()>, writer: &WeakSender<J
             _ => {}
         }
         failing = result.is_err();
-        if let Ok(frames) = result {
-            long.saw(frames);
-            if frames >= RESTART_AFTER_FRAMES {
-                ask_to_restart(writer, &long.asked);
-            }
+        if let Ok(log) = result
+            && long.saw(log)
+        {
+            ask_to_restart(writer, &long.asked);
         }
     }
 }
@@ -137,28 +136,35 @@ const LONG_LOG_TURNS: u32 = 10;
 #[derive(Default)]
 struct LongLog {
     turns: u32,
+    /// The frames the log held at the last turn.
+    last_frames: i64,
     /// Set while a restart waits in the writer's queue, so that one
     /// waiting long is not joined by another each turn.
     asked: Arc<AtomicBool>,
 }
 
 impl LongLog {
-    fn saw(&mut self, frames: i64) {
-        if frames < RESTART_AFTER_FRAMES {
+    /// Takes in what this turn's checkpoint left of the log, and answers
+    /// whether it needs a restart.
+    fn saw(&mut self, log: Log) -> bool {
+        let written = log.frames != self.last_frames;
+        self.last_frames = log.frames;
+        if !log.needs_restart(written) {
             if self.turns >= LONG_LOG_TURNS {
                 info!("the WAL is back within its limit");
             }
             self.turns = 0;
-            return;
+            return false;
         }
         self.turns += 1;
         if self.turns == LONG_LOG_TURNS {
             warn!(
-                frames,
+                frames = log.frames,
                 "the WAL cannot be started again, and grows meanwhile: is another \
                  process reading the database for long?"
             );
         }
+        true
     }
 }
 
@@ -190,12 +196,39 @@ fn restart(conn: &Connection) -> rusqlite::Result<()> {
     result.map(drop)
 }
 
-/// Runs a checkpoint in `mode` and answers how many frames the log held
-/// (-1 if the database is not in WAL mode). One that another connection's
-/// checkpoint or a reader is in the way of reports busy in its first column
-/// rather than failing: it has done what it could, and the next comes soon.
-fn run_checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<i64> {
-    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| row.get(1))
+/// The log as a checkpoint leaves it.
+#[derive(Clone, Copy, Debug)]
+struct Log {
+    /// The frames it holds (-1 if the database is not in WAL mode).
+    frames: i64,
+    /// How many of them are copied back into the database.
+    copied: i64,
+}
+
+impl Log {
+    /// Whether the log, past its line, needs a restart; `written` says
+    /// whether it changed since the last turn. A restart leaves the frame
+    /// count as it was until the next write starts the log from its
+    /// beginning, so a server that stops writing right after one still
+    /// sees a long log, but every frame of it copied back and none written
+    /// since: its next write, which begins with nothing left to copy, will
+    /// start the log again itself. A log copied back whole that is still
+    /// being written needs the restart all the same: a writer that writes
+    /// without pause has begun its next transaction before the copy ends,
+    /// and goes on appending.
+    fn needs_restart(self, written: bool) -> bool {
+        self.frames >= RESTART_AFTER_FRAMES && (written || self.copied < self.frames)
+    }
+}
+
+/// Runs a checkpoint in `mode` and answers what it left of the log. One
+/// that another connection's checkpoint or a reader is in the way of
+/// reports busy in its first column rather than failing: it has done what
+/// it could, and the next comes soon.
+fn run_checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<Log> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+        Ok(Log { frames: row.get(1)?, copied: row.get(2)? })
+    })
 }
 
 #[cfg(test)]
@@ -238,6 +271,21 @@ mod tests {
 
         assert!(restarts > 0, "the log never started again; it reached {longest} frames");
         assert!(longest < written / 2, "the log reached {longest} of {written} frames");
+    }
+
+    #[test]
+    fn a_long_log_copied_back_and_no_longer_written_needs_no_restart() {
+        let long = RESTART_AFTER_FRAMES + 9;
+        let mut turns = LongLog::default();
+        assert!(turns.saw(Log { frames: long, copied: long }), "written since the start");
+        assert!(!turns.saw(Log { frames: long, copied: long }), "idle, all copied back");
+        assert!(turns.saw(Log { frames: long, copied: 0 }), "a reader kept it from the copy");
+        assert!(!turns.saw(Log { frames: 9, copied: 0 }), "short");
+        assert!(!turns.saw(Log { frames: -1, copied: -1 }), "not in WAL mode");
+        for _ in 0..LONG_LOG_TURNS + 1 {
+            turns.saw(Log { frames: long, copied: long });
+        }
+        assert_eq!(turns.turns, 0, "an idle log was counted as one that cannot restart");
     }
 
     /// How long the test may take to write four times the frames that start
