@@ -10,6 +10,16 @@
 //! a dozen admissions share each commit; the upgrade figure moved by a few
 //! points only, so the writer's commits were not the most of an upgrade's
 //! cost.
+//!
+//! A session opened with a usage token has the token looked up here, in
+//! its admission's transaction, which spares every upgrade a trip to a
+//! reader thread first. The price: a made-up token of the right shape and
+//! checksum, which anyone can make, now costs the writer a lookup and a
+//! savepoint before it is refused, where it cost a reader before. The
+//! limit on failed authentications bounds how many one address sends, but
+//! counts them only once the writer has answered, so more of them are in
+//! flight past its check; with the limit off (behind a proxy, as API.md
+//! advises) a flood of them slows real admissions down.
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
