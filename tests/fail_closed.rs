@@ -15,10 +15,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::time::sleep;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 // On more than one thread: taking the lock blocks the test's thread until
 // it is held, and on PostgreSQL may wait for a transaction of the server's
@@ -42,7 +40,9 @@ async fn a_store_that_cannot_be_written_closes_sessions_and_refuses_new_ones_unt
     assert_eq!((status.as_u16(), body["type"].as_str()), (503, Some("unavailable")), "{body}");
     // A backend opening a session for a human not yet known is refused
     // before the human is made, not once making it has waited on the lock.
-    let (status, body) = refused_for_new_human(&server, "newcomer").await;
+    let Err((status, body)) = server.connect_request(server.key_request("newcomer")).await else {
+        panic!("a session for a new human was admitted");
+    };
     assert_eq!(status.as_u16(), 503, "{body}");
     let message = body["message"].as_str().unwrap();
     assert!(message.starts_with("usage cannot be recorded"), "{body}");
@@ -72,19 +72,6 @@ async fn a_store_that_cannot_be_written_closes_sessions_and_refuses_new_ones_unt
     assert_near(charged as f64 / 1000.0, closed.after, 0.1);
     let made = db.query_i64("SELECT COUNT(*) FROM humans WHERE external_id = 'newcomer'", &[]);
     assert_eq!(made, 0, "a refused upgrade made a human");
-}
-
-/// Tries to open a session with the API key for `human`, and returns the
-/// refusal.
-async fn refused_for_new_human(server: &TestServer, human: &str) -> (StatusCode, Value) {
-    let url = format!("{}/v1/realtime/session?kind=conversational", server.ws_base);
-    let mut request = url.into_client_request().unwrap();
-    request.headers_mut().insert("x-api-key", server.key.parse().unwrap());
-    request.headers_mut().insert("x-human-id", human.parse().unwrap());
-    match server.connect_request(request).await {
-        Ok(_) => panic!("the session for {human} was admitted"),
-        Err(refusal) => refusal,
-    }
 }
 
 #[tokio::test]

@@ -633,11 +633,7 @@ async fn shutting_down_closes_sessions_with_1001_and_records_their_usage() {
 
 /// Opens a session with the API key, for `human`.
 async fn connect_with_key(server: &TestServer, human: &str) -> Client {
-    let url = format!("{}/v1/realtime/session?kind=conversational", server.ws_base);
-    let mut request = url.into_client_request().unwrap();
-    request.headers_mut().insert("x-api-key", server.key.parse().unwrap());
-    request.headers_mut().insert("x-human-id", human.parse().unwrap());
-    server.connect_request(request).await.expect("key and human admitted")
+    server.connect_request(server.key_request(human)).await.expect("key and human admitted")
 }
 
 /// The next text or binary frame that is not a `usage.*` message.

@@ -213,6 +213,16 @@ impl Api {
             Err(refusal) => refusal,
         }
     }
+
+    /// The upgrade request of a conversational session opened with the API
+    /// key, for `human`.
+    pub fn key_request(&self, human: &str) -> tungstenite::handshake::client::Request {
+        let url = format!("{}/v1/realtime/session?kind=conversational", self.ws_base);
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert("x-api-key", self.key.parse().unwrap());
+        request.headers_mut().insert("x-human-id", human.parse().unwrap());
+        request
+    }
 }
 
 /// Asserts that every pool's balance is the sum of its ledger rows, and
